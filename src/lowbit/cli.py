@@ -1,0 +1,242 @@
+"""The `lowbit` command: generate, chat, info, convert-gguf.
+
+The only module that configures logging, reads the environment and picks devices. Sampling flags are
+derived from the `SamplingParams` dataclass. Every `LowbitError` becomes one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+SAMPLING_HELP = {
+    "temperature": "softmax temperature; 0 = greedy",
+    "top_k": "keep the k most likely tokens (0 = off)",
+    "top_p": "nucleus sampling: keep the smallest set with this probability mass",
+    "min_p": "drop tokens below min_p x the top probability",
+    "typical_p": "locally typical sampling mass (1 = off)",
+    "repetition_penalty": "HF/CTRL penalty on tokens seen in prompt or output (1 = off)",
+    "presence_penalty": "OpenAI presence penalty on generated tokens",
+    "frequency_penalty": "OpenAI frequency penalty on generated tokens",
+    "seed": "random seed for reproducible sampling",
+    "max_new_tokens": "most tokens to generate",
+    "stop": "stop when this string appears (repeatable)",
+}
+# The seeds' model cards sample with temperature 0.7, top_p 0.95, top_k 40.
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "top_k": 40}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    from lowbit.engine.sampling import SamplingParams
+
+    group = parser.add_argument_group("sampling")
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in SAMPLING_HELP:
+            continue
+        default = SAMPLING_DEFAULTS.get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "stop":
+            group.add_argument(flag, action="append", default=[], help=SAMPLING_HELP[f.name])
+            continue
+        kind = int if f.name in ("top_k", "seed", "max_new_tokens") else float
+        group.add_argument(flag, type=kind, default=default, help=f"{SAMPLING_HELP[f.name]} (default: {default})")
+
+
+def sampling_params(args: argparse.Namespace):
+    from lowbit.engine.sampling import SamplingParams
+
+    values = {k: getattr(args, k) for k in SAMPLING_HELP}
+    values["stop"] = tuple(values["stop"])
+    return SamplingParams(**values)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder, .safetensors/.gguf file, Hub id org/name[:branch], or 'smollm2'")
+    group = parser.add_argument_group("loading")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: float16 on GPU, float32 on CPU)")
+    group.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle weights (can run code)")
+
+
+def load_from_args(args: argparse.Namespace):
+    from lowbit.api import load
+
+    return load(args.model, args.device, args.dtype, args.allow_pickle, cache_dir(), progress=_progress())
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _engine(loaded, args, max_seq_len: int):
+    from lowbit.engine.engine import Engine, EngineConfig
+
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    loaded = load_from_args(args)
+    params = sampling_params(args)
+    if args.no_template:
+        ids = loaded.tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        template = loaded.chat_template(args.template)
+        params = dataclasses.replace(params, stop=params.stop + template.stop)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        text = template.render(messages, add_generation_prompt=True, **loaded.tokenizer.special_tokens)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    engine = _engine(loaded, args, len(ids) + params.max_new_tokens)
+    for out in engine.stream(ids, params):
+        sys.stdout.write(out.delta_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lowbit.chat.session import ChatSession
+
+    loaded = load_from_args(args)
+    template = loaded.chat_template(args.template)
+    engine = _engine(loaded, args, args.max_seq_len)
+    session = ChatSession(engine, template, sampling_params(args), args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lowbit chat: {loaded.folder.name} (template: {template.name}). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if not _chat_line(session, line.strip()):
+            return 0
+
+
+def _chat_line(session, line: str) -> bool:
+    """Handle one line of the REPL; False means quit."""
+    if not line:
+        return True
+    if line in ("/exit", "/quit"):
+        return False
+    if line == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=sys.stderr)
+    elif line.startswith("/system"):
+        session.set_system(line[len("/system"):].strip())
+        session.reset()
+        print("(system prompt set; conversation cleared)", file=sys.stderr)
+    elif line.startswith("/"):
+        print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+    else:
+        try:
+            for delta in session.send(line):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # stop this reply, keep the conversation
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return True
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lowbit.api import model_folder
+    from lowbit.model.info import describe
+
+    print(describe(model_folder(args.model, cache_dir(), _progress()), args.allow_pickle))
+    return 0
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from lowbit.api import DTYPES
+    from lowbit.model.gguf import convert_gguf
+
+    if args.dtype not in DTYPES:
+        raise LowbitError(f"unknown dtype {args.dtype!r}; choose {', '.join(DTYPES)}")
+    out = convert_gguf(Path(args.gguf), Path(args.out_dir), DTYPES[args.dtype], args.overwrite, _progress())
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLaMA-family models with GPTQ and run them.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="complete one prompt and print only the completion")
+    add_model_args(p)
+    p.add_argument("prompt", help="the prompt (wrapped in the chat template unless --no-template)")
+    p.add_argument("--no-template", action="store_true", help="feed the prompt raw, without a chat template")
+    p.add_argument("--template", help="a named fallback template instead of the model's own (vicuna_v1.1, "
+                                      "guanaco, llama-2-chat, alpaca, chatml)")
+    p.add_argument("--system", help="system prompt")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with streaming", description=CHAT_HELP)
+    add_model_args(p)
+    p.add_argument("--template", help="a named fallback template instead of the model's own")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context window used for the conversation")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, parameters, quantization and memory of a model")
+    p.add_argument("model", help="model folder, file, Hub id or built-in name")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt pickle weights")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert-gguf", help="import a llama.cpp GGUF file as an HF float checkpoint folder")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out_dir", help="the folder to write (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_convert_gguf)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

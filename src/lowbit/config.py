@@ -1,0 +1,150 @@
+"""Frozen configuration dataclasses: the single source of truth for model shape and quantization.
+
+`ModelConfig` is read from a Hugging Face `config.json` (old `rope_scaling` and new `rope_parameters`
+spellings alike); `QuantConfig` from `quantize_config.json`, `quant_config.json` or `config.json`'s
+`quantization_config`. Reading the files is left to `lowbit.model.weights`; this module parses dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `kind` is one of ROPE_TYPES."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
+        params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise LowbitError(f"unsupported rope type {kind!r}; lowbit supports {', '.join(ROPE_TYPES)}")
+        return cls(
+            theta=theta,
+            kind=kind,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise LowbitError(f"unsupported architecture {arch!r}; lowbit runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise LowbitError(f"unsupported hidden_act {d['hidden_act']!r}; LLaMA-family models use silu")
+        try:
+            num_heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+                head_dim=int(d.get("head_dim") or hidden // num_heads),
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope=RopeConfig.from_hf(d),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                architecture=arch,
+            )
+        except KeyError as e:
+            raise LowbitError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, embeddings included (tied embeddings counted once)."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        mlp = 3 * h * i
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+
+QUANT_FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """GPTQ settings, as every GPTQ tool writes them in quantize_config.json."""
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    checkpoint_format: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise LowbitError(f"unsupported GPTQ bits={self.bits}; lowbit handles 2, 3, 4, 8")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise LowbitError(f"group_size must be -1 or positive, got {self.group_size}")
+        if self.checkpoint_format not in QUANT_FORMATS:
+            raise LowbitError(
+                f"unsupported checkpoint_format {self.checkpoint_format!r}; expected one of {', '.join(QUANT_FORMATS)}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        method = str(d.get("quant_method", "gptq")).lower()
+        if method != "gptq":
+            raise LowbitError(f"unsupported quant_method {method!r}; lowbit reads GPTQ checkpoints")
+        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
+        known = {f.name for f in dataclasses.fields(cls)} - {"checkpoint_format"}
+        kwargs = {k: d[k] for k in known if d.get(k) is not None}
+        try:
+            return cls(**{**kwargs, "bits": int(d.get("bits", 4)), "checkpoint_format": str(fmt).lower()})
+        except (TypeError, ValueError) as e:
+            raise LowbitError(f"bad quantization config: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quant_method"] = "gptq"
+        return d

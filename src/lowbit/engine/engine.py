@@ -1,0 +1,194 @@
+"""The Engine: owns the model, the KV cache, the scheduler, and the step loop.
+
+One `step()` is schedule -> forward -> sample -> update. Requests join (prefill into a free cache slot) and
+leave (slot freed) at any step, so several prompts of different lengths decode together. Chat, the server
+and the benchmarks use only `add_request`, `step`, `abort`, `stream` and `generate`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from lowbit.engine.kv_cache import KVCache
+from lowbit.engine.request import FinishReason, Request, RequestOutput, StopStrings
+from lowbit.engine.sampling import PenaltyHistory, SamplingParams, make_generator, sample
+from lowbit.engine.scheduler import Scheduler
+from lowbit.errors import LowbitError
+from lowbit.model.llama import Transformer
+from lowbit.model.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime sizing. max_seq_len bounds prompt + output of one request (the KV cache length)."""
+
+    max_batch: int = 1
+    max_seq_len: int = 2048
+    max_waiting: int | None = None
+    kv_dtype: torch.dtype | None = None  # default: the model's dtype
+
+
+@dataclass
+class _Live:
+    """Per-request runtime state that is not part of the request's description."""
+
+    request: Request
+    decoder: StreamDecoder
+    stops: StopStrings
+    generator: torch.Generator | None
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_seq_len = min(config.max_seq_len, model.config.max_position_embeddings)
+        self.cache = KVCache(model.config, config.max_batch, self.max_seq_len, config.kv_dtype or self.dtype, self.device)
+        self.history = PenaltyHistory.empty(config.max_batch, model.config.vocab_size, self.device)
+        self.scheduler = Scheduler(config.max_waiting)
+        self.live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+
+    # ----- API -----
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a prompt; raises LowbitError when it cannot fit the context or the queue is full."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise LowbitError("the prompt is empty (no tokens)")
+        if len(prompt) >= self.max_seq_len:
+            raise LowbitError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} "
+                              "(prompt + at least one new token)")
+        if max(prompt) >= self.model.config.vocab_size or min(prompt) < 0:
+            raise LowbitError(f"token id out of range for vocab_size {self.model.config.vocab_size}")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.live:
+            raise LowbitError(f"request id {rid!r} is already in use")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_ids))
+        request = Request(rid, prompt, params, frozenset(stop_ids))
+        if not self.scheduler.add(rid, len(prompt)):
+            raise LowbitError("too many waiting requests; try again later")
+        self.live[rid] = _Live(request, StreamDecoder(self.tokenizer), StopStrings(params.stop),
+                               make_generator(params.seed, self.device))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now, freeing its slot (unknown or finished ids are ignored)."""
+        live = self.live.get(request_id)
+        if live is not None:
+            self._finish(live.request, FinishReason.ABORT)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: schedule -> forward -> sample -> update."""
+        plan = self.scheduler.schedule(self._allocate)
+        if not plan:
+            return []
+        requests = [self.live[rid].request for rid in plan]
+        logits = self._forward(requests, plan)
+        tokens = self._sample(requests, logits)
+        return self._update(requests, tokens)
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Run one request to the end, yielding its outputs (stops it if the caller stops iterating)."""
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while rid in self.live:
+                yield from (out for out in self.step() if out.request_id == rid)
+        finally:
+            self.abort(rid)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[tuple[str, list[int], FinishReason]]:
+        """Run prompts together to the end: (text, token ids, finish reason) per prompt, in order."""
+        rids = [self.add_request(p, params) for p in prompts]
+        text = {rid: "" for rid in rids}
+        ids: dict[str, list[int]] = {rid: [] for rid in rids}
+        reason: dict[str, FinishReason] = {}
+        while self.num_unfinished:
+            for out in self.step():
+                text[out.request_id] += out.delta_text
+                ids[out.request_id] += out.new_token_ids
+                if out.finished:
+                    reason[out.request_id] = out.finish_reason
+        return [(text[r], ids[r], reason[r]) for r in rids]
+
+    # ----- the step's parts -----
+    def _allocate(self, request_id: str) -> bool:
+        slot = self.cache.allocate()
+        if slot is None:
+            return False
+        request = self.live[request_id].request
+        request.slot = slot
+        self.history.start(slot, request.prompt_ids)
+        return True
+
+    @torch.inference_mode()
+    def _forward(self, requests: list[Request], plan: dict[str, int]) -> Tensor:
+        """Logits [len(requests), vocab] for the next token of each scheduled request."""
+        decode = [r for r in requests if plan[r.request_id] == 1 and r.output_ids]
+        order = {r.request_id: i for i, r in enumerate(decode)}
+        if decode:
+            tokens = torch.tensor([[r.output_ids[-1]] for r in decode], device=self.device)
+            pos = torch.tensor([[r.length - 1] for r in decode], device=self.device)
+            slots = torch.tensor([r.slot for r in decode], device=self.device)
+            decoded = self.model(tokens, pos, self.cache, slots)[:, -1]
+        out = []
+        for r in requests:
+            if r.request_id in order:
+                out.append(decoded[order[r.request_id]])
+                continue
+            tokens = torch.tensor([r.prompt_ids], device=self.device)
+            pos = torch.arange(len(r.prompt_ids), device=self.device)[None]
+            out.append(self.model(tokens, pos, self.cache, torch.tensor([r.slot], device=self.device), last_only=True)[0, -1])
+        return torch.stack(out)
+
+    def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        params = [r.params for r in requests]
+        generators = [self.live[r.request_id].generator for r in requests]
+        tokens = sample(logits, params, self.history.select(slots), generators)
+        self.history.append(tokens, slots)
+        return tokens.tolist()
+
+    def _update(self, requests: list[Request], tokens: list[int]) -> list[RequestOutput]:
+        outputs = []
+        for r, token in zip(requests, tokens):
+            live = self.live[r.request_id]
+            r.output_ids.append(token)
+            reason = self._finish_reason(r, token)
+            delta, hit = ("", False) if token in r.stop_ids else live.stops.feed(live.decoder.push(token))
+            if hit:
+                reason = FinishReason.STOP
+            elif reason is not None:
+                delta += live.stops.feed(live.decoder.flush())[0] + live.stops.flush()
+            new_ids = () if token in r.stop_ids else (token,)
+            if reason is not None:
+                self._finish(r, reason)
+            outputs.append(RequestOutput(r.request_id, delta, new_ids, len(r.prompt_ids), len(r.output_ids), reason))
+        return outputs
+
+    def _finish_reason(self, r: Request, token: int) -> FinishReason | None:
+        if token in r.stop_ids:
+            return FinishReason.STOP
+        if len(r.output_ids) >= r.params.max_new_tokens or r.length >= self.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.finish_reason = reason
+        self.scheduler.finish(request.request_id)
+        if request.slot is not None:
+            self.cache.free(request.slot)
+            request.slot = None
+        self.live.pop(request.request_id, None)

@@ -1,0 +1,188 @@
+"""The LLaMA-family decoder as a plain nn.Module: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+Covers LLaMA 1/2/3, Vicuna, Llama-2-70B-style GQA, SmolLM2 (tied embeddings) and optional biases. The
+linear layers are injected through `make_linear`, so the same module runs float and GPTQ weights; the
+KV cache is injected per call (any object with `update(layer, rows, input_pos, k, v)`), so the engine
+owns memory and scheduling. Checkpoint names and fusing live in `lowbit.model.weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.config import ModelConfig, RopeConfig
+
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """The default factory: a float nn.Linear (the name is for factories that need it)."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class Cache(Protocol):
+    def update(self, layer: int, rows: Tensor | None, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, n_kv, T, D] at input_pos [B, T]; return this layer's keys/values [B, n_kv, S, D]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len: int, max_positions: int) -> Tensor:
+    """Inverse frequencies [head_dim/2] for every rope kind; `seq_len` matters only for 'dynamic' (NTK)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    theta = rope.theta
+    if rope.kind == "dynamic" and seq_len > max_positions:
+        theta = theta * ((rope.factor * seq_len / max_positions) - (rope.factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / theta**exponents
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
+    if rope.kind == "llama3":
+        inv_freq = _llama3_scale(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: Tensor, rope: RopeConfig) -> Tensor:
+    """Llama 3.1 frequency scaling: long wavelengths divided by factor, a smooth ramp in between."""
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the positions of a forward call (half-split layout, as HF checkpoints expect)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        inv_freq = rope_inv_freq(config.rope, config.head_dim, 0, config.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq
+        if self.config.rope.kind == "dynamic":  # NTK: frequencies depend on the longest position (host sync)
+            seq_len = int(input_pos.max()) + 1
+            c = self.config
+            inv_freq = rope_inv_freq(c.rope, c.head_dim, seq_len, c.max_position_embeddings).to(inv_freq.device)
+        freqs = input_pos.float()[..., None] * inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear: LinearFactory):
+        super().__init__()
+        c = config
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        prefix = f"layers.{layer}.attention"
+        self.wqkv = make_linear(f"{prefix}.wqkv", c.hidden_size, q_dim + 2 * kv_dim, c.attention_bias)
+        self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
+                rows: Tensor | None, input_pos: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, rows, input_pos, k, v)
+        if self.n_kv != self.n_heads:  # GQA: each kv head serves n_heads / n_kv query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear: LinearFactory):
+        super().__init__()
+        c, prefix = config, f"layers.{layer}.mlp"
+        self.intermediate = c.intermediate_size
+        self.w13 = make_linear(f"{prefix}.w13", c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
+        self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.intermediate, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear: LinearFactory):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer, make_linear)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, layer, make_linear)
+
+    def forward(self, x: Tensor, rope, mask, cache, rows, input_pos) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, rows, input_pos)
+        return h + self.mlp(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory = dense_linear):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, make_linear) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: Cache | None = None,
+                rows: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """tokens, input_pos [B, T] -> logits [B, T or 1, vocab].
+
+        Without a cache, tokens attend causally among themselves (perplexity, calibration). With a cache,
+        row b writes its keys at input_pos[b] of cache slot rows[b] (all slots when rows is None) and
+        attends to every cached position <= its own; rows may sit at different lengths.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.tok_embeddings(tokens)
+        rope = self.rotary(input_pos, x.dtype)
+        mask = None
+        if cache is not None:
+            kv_len = cache.max_seq_len
+            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]  # [B, T, S]
+            mask = mask[:, None]
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, rows, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
