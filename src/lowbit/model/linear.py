@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         bits, groups = quant.bits, pack.num_groups(in_features, quant.group_size)
-        self.register_buffer("qweight", torch.empty(pack.packed_rows(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("qweight", torch.empty(pack.packed_words(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.empty(groups, pack.packed_words(out_features, bits), dtype=torch.int32))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
@@ -40,12 +40,12 @@ class QuantLinear(nn.Module):
     def tensors(self) -> pack.GPTQTensors:
         return pack.GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
 
-    def dequantize(self) -> Tensor:
-        """Float weight [out_features, in_features] in the dtype of the scales."""
-        return pack.dequantize(self.tensors, self.quant.bits, self.quant.checkpoint_format, self.in_features)
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Float weight [out_features, in_features], computed in `dtype` (default: the scales' dtype)."""
+        return pack.dequantize(self.tensors, self.quant.bits, self.quant.checkpoint_format, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantize().to(x.dtype)
+        w = self.dequantize(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -68,11 +68,24 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def fuse_gptq(parts: Sequence[pack.GPTQTensors], bits: int, in_features: int) -> pack.GPTQTensors | None:
+def canonical(t: pack.GPTQTensors, bits: int) -> pack.GPTQTensors:
+    """Re-pack words whose count differs from ours (writers pad odd widths differently); values unchanged."""
+    k, n = t.g_idx.numel(), t.scales.shape[1]
+    qweight, qzeros = t.qweight, t.qzeros
+    if qweight.shape[0] != pack.packed_words(k, bits):
+        qweight = pack.pack_rows(pack.unpack_rows(qweight, bits, k), bits)
+    if qzeros.shape[1] != pack.packed_words(n, bits):
+        qzeros = pack.pack_cols(pack.unpack_cols(qzeros, bits, n), bits)
+    return pack.GPTQTensors(qweight, qzeros, t.scales, t.g_idx, t.bias)
+
+
+def fuse_gptq(parts: Sequence[pack.GPTQTensors], bits: int) -> pack.GPTQTensors | None:
     """Concatenate GPTQ tensors along the output axis, or None when the parts disagree on g_idx."""
     first = parts[0]
     if any(not torch.equal(p.g_idx, first.g_idx) for p in parts[1:]):
         return None
+    if len(parts) == 1:
+        return canonical(first, bits)
     zeros = [pack.unpack_cols(p.qzeros, bits, p.scales.shape[1]) for p in parts]
     biases = [p.bias for p in parts]
     bias = None
@@ -80,7 +93,7 @@ def fuse_gptq(parts: Sequence[pack.GPTQTensors], bits: int, in_features: int) ->
         bias = torch.cat([b if b is not None else torch.zeros(p.scales.shape[1], dtype=p.scales.dtype)
                           for b, p in zip(biases, parts)])
     return pack.GPTQTensors(
-        qweight=torch.cat([p.qweight for p in parts], dim=1),
+        qweight=torch.cat([canonical(p, bits).qweight for p in parts], dim=1),
         qzeros=pack.pack_cols(torch.cat(zeros, dim=1), bits),
         scales=torch.cat([p.scales for p in parts], dim=1),
         g_idx=first.g_idx,

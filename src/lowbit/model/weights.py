@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import FormatError, LowbitError
-from lowbit.model.linear import ConcatLinear, QuantLinear, fuse_gptq
+from lowbit.model.linear import ConcatLinear, QuantLinear, canonical, fuse_gptq
 from lowbit.model.llama import Transformer
 from lowbit.model.source import TensorFiles, read_json, weight_files
 from lowbit.quant import pack
@@ -79,7 +79,8 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
     if quantized and ckpt.quant is None:
         raise FormatError(f"{folder}: weights are GPTQ-packed but no quantize_config.json / quantization_config")
     fused = {name: _gptq_parts(ckpt, name) for name in quantized}
-    fused = {name: (fuse_gptq(parts, ckpt.quant.bits, parts[0].g_idx.numel()) or parts) for name, parts in fused.items()}
+    fused = {name: (fuse_gptq(parts, ckpt.quant.bits) or [canonical(p, ckpt.quant.bits) for p in parts])
+             for name, parts in fused.items()}
 
     def make_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if name not in quantized:

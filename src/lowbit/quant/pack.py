@@ -84,6 +84,11 @@ def _word_counts(count: int, bits: int) -> tuple[int, int]:
     return -(-count * bits // _WORD), -(-count // _WORD) * bits
 
 
+def packed_words(count: int, bits: int) -> int:
+    """How many int32 words we write for `count` values (padded to a multiple of 32 values)."""
+    return _word_counts(count, bits)[1]
+
+
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
     """Codes int [K, N] in [0, 2^bits) -> int32 [ceil(K/32)*bits, N], packed along dim 0."""
     _check_bits(bits)
