@@ -87,18 +87,26 @@ def _engine(loaded, args, max_seq_len: int):
     return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len))
 
 
+def _named_template(args: argparse.Namespace):
+    """Check a --template name before the (slow) model load."""
+    from lowbit.chat import template
+
+    return template.get(args.template) if args.template else None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    loaded = load_from_args(args)
     params = sampling_params(args)
+    named = _named_template(args)
+    loaded = load_from_args(args)
     if args.no_template:
-        ids = loaded.tokenizer.encode(args.prompt, add_special_tokens=True)
+        ids = loaded.tokenizer.encode(args.prompt, add_bos=True)
     else:
-        template = loaded.chat_template(args.template)
+        template = named or loaded.chat_template()
         params = dataclasses.replace(params, stop=params.stop + template.stop)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
         text = template.render(messages, add_generation_prompt=True, **loaded.tokenizer.special_tokens)
-        ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+        ids = loaded.tokenizer.encode(text, add_bos=False)
     engine = _engine(loaded, args, len(ids) + params.max_new_tokens)
     for out in engine.stream(ids, params):
         sys.stdout.write(out.delta_text)
@@ -113,10 +121,12 @@ CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets the sys
 def cmd_chat(args: argparse.Namespace) -> int:
     from lowbit.chat.session import ChatSession
 
+    params = sampling_params(args)
+    named = _named_template(args)
     loaded = load_from_args(args)
-    template = loaded.chat_template(args.template)
+    template = named or loaded.chat_template()
     engine = _engine(loaded, args, args.max_seq_len)
-    session = ChatSession(engine, template, sampling_params(args), args.system)
+    session = ChatSession(engine, template, params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lowbit chat: {loaded.folder.name} (template: {template.name}). {CHAT_HELP}", file=sys.stderr)

@@ -40,7 +40,7 @@ class ChatSession:
         while True:
             text = self.template.render(self.messages(user_text), add_generation_prompt=True,
                                         **self.engine.tokenizer.special_tokens)
-            ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+            ids = self.engine.tokenizer.encode(text, add_bos=False)
             if len(ids) <= budget:
                 return ids
             if not self.turns:

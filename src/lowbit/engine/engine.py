@@ -76,7 +76,7 @@ class Engine:
         request = Request(rid, prompt, params, frozenset(stop_ids))
         if not self.scheduler.add(rid, len(prompt)):
             raise LowbitError("too many waiting requests; try again later")
-        self.live[rid] = _Live(request, StreamDecoder(self.tokenizer), StopStrings(params.stop),
+        self.live[rid] = _Live(request, StreamDecoder(self.tokenizer, context=prompt), StopStrings(params.stop),
                                make_generator(params.seed, self.device))
         return rid
 

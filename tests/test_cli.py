@@ -1,0 +1,120 @@
+"""Bad input through the CLI: one clear line on stderr, a non-zero exit, no traceback."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowbit.cli import main
+from tests.conftest import tiny_config, write_hf_checkpoint
+
+
+def run_error(capsys, argv, match):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("lowbit: error:"), err
+    assert match in err[0], err[0]
+    return err[0]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_hf_checkpoint(tmp_path / "m", tiny_config())
+    return tmp_path / "m"
+
+
+def test_truncated_safetensors(capsys, folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    run_error(capsys, ["info", str(folder)], "truncated")
+
+
+def test_garbage_safetensors(capsys, folder):
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    run_error(capsys, ["info", str(folder)], "model.safetensors")
+
+
+def test_missing_config(capsys, folder):
+    (folder / "config.json").unlink()
+    run_error(capsys, ["info", str(folder)], "missing config.json")
+
+
+def test_missing_folder(capsys, tmp_path):
+    run_error(capsys, ["info", str(tmp_path / "nope")], "no such file or folder")
+
+
+def test_bits_5(capsys, folder):
+    (folder / "quantize_config.json").write_text(json.dumps({"bits": 5, "group_size": 128}))
+    run_error(capsys, ["info", str(folder)], "bits=5")
+
+
+def test_pickle_needs_opt_in(capsys, folder):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    run_error(capsys, ["info", str(folder)], "--allow-pickle")
+    assert main(["info", str(folder), "--allow-pickle"]) == 0
+    assert "parameters" in capsys.readouterr().out
+
+
+def test_shape_mismatch(capsys, folder):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.norm.weight"] = torch.ones(7)
+    save_file(sd, str(folder / "model.safetensors"))
+    run_error(capsys, ["generate", str(folder), "hi", "--no-template"], "norm.weight")
+
+
+def test_unknown_template(capsys, folder):
+    run_error(capsys, ["generate", str(folder), "hi", "--template", "nonsense"], "nonsense")
+
+
+def test_bad_sampling_value(capsys, folder):
+    run_error(capsys, ["generate", str(folder), "hi", "--top-p", "1.5"], "top_p")
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_info_float(capsys, folder):
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "none (float)" in out
+
+
+@pytest.mark.slow
+def test_generate_prints_what_transformers_greedy_prints(capsys, smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "Gravity is the force that"
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = hf.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1]:]
+    expected = tok.decode(out, skip_special_tokens=True)
+    capsys.readouterr()
+    assert main(["generate", str(smollm2_dir), prompt, "--temperature", "0", "--no-template",
+                 "--max-new-tokens", "64", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.slow
+def test_chat_repl_multi_turn(capsys, monkeypatch, smollm2_dir):
+    import io
+
+    lines = "What is the capital of France?\n/system You answer in one word.\n/reset\nHello!\n/bogus\n/exit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    capsys.readouterr()
+    assert main(["chat", str(smollm2_dir), "--temperature", "0", "--max-new-tokens", "24", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "conversation cleared" in err and "unknown command /bogus" in err
