@@ -188,6 +188,99 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def quant_config(args: argparse.Namespace):
+    from lowbit.config import QuantConfig
+
+    return QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.no_sym,
+                       static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
+                       damp_percent=args.damp, checkpoint_format=args.format)
+
+
+def calibration_config(args: argparse.Namespace):
+    from lowbit.config import CalibrationConfig
+
+    return CalibrationConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.api import model_folder, pick_device
+    from lowbit.quant.job import quantize
+
+    quant, calib = quant_config(args), calibration_config(args)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not args.overwrite:
+        raise LowbitError(f"{out_dir} already exists; pass --overwrite to replace it")
+    source = model_folder(args.model, cache_dir(), _progress())
+    report = quantize(source, out_dir, quant, calib, args.method, args.mse, pick_device(args.device),
+                      args.resume, args.overwrite, progress=_progress())
+    q = report.quant
+    print(f"wrote {report.out_dir}: {q.bits}-bit group {q.group_size} desc_act={q.desc_act} sym={q.sym} "
+          f"format={q.checkpoint_format}, {report.size_bytes / 1024**2:.1f} MiB, {report.seconds:.1f} s"
+          + (f", peak GPU {report.peak_gpu_bytes / 1024**3:.2f} GiB" if report.peak_gpu_bytes else ""))
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import json
+
+    from lowbit.data import eval_tokens, load_texts
+    from lowbit.eval.perplexity import perplexity
+
+    loaded = load_from_args(args)
+    texts = load_texts(args.dataset, args.split, loaded.tokenizer)
+    tokens = eval_tokens(loaded.tokenizer, texts)
+    result = perplexity(loaded.model, tokens, seqlen=args.seqlen, progress=_progress())
+    if args.json:
+        print(json.dumps({"model": args.model, "dataset": args.dataset, "seqlen": args.seqlen,
+                          "perplexity": result.ppl, "nll": result.nll, "windows": result.windows,
+                          "tokens": result.tokens}))
+    else:
+        print(f"perplexity {result.ppl:.4f} ({result.windows} windows of {args.seqlen} tokens, "
+              f"{result.tokens} tokens, dataset {args.dataset})")
+    return 0
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="GPTQ-quantize a float model into a checkpoint every GPTQ loader reads",
+                       description="Quantize MODEL layer by layer with GPTQ (or round-to-nearest) and write OUT_DIR.")
+    p.add_argument("model", help="float model: folder, .gguf, Hub id or 'smollm2'")
+    p.add_argument("out_dir", help="output folder (written atomically; must not exist unless --overwrite)")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    g.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group; -1 = one group per row")
+    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action="store_true", help="fix groups before act-order (monotonic g_idx)")
+    g.add_argument("--no-sym", action="store_true", help="asymmetric quantization (zero point per group)")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean(diag H) (default 0.01)")
+    g.add_argument("--no-true-sequential", action="store_true", help="quantize a layer's linears from one pass")
+    g.add_argument("--method", default="gptq", help="gptq (default) or rtn round-to-nearest")
+    g.add_argument("--mse", action="store_true", help="search a clipping range for each group's scale (slower)")
+    g.add_argument("--format", default="gptq",
+                   help="checkpoint_format: gptq (v1, read everywhere) or gptq_v2")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, or a local .txt/.jsonl/.parquet file or folder")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per window, capped at the context (default 2048)")
+    g.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_quantize)
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="measure model quality")
+    esub = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    p = esub.add_parser("ppl", help="perplexity with the GPTQ-paper protocol (non-overlapping windows)")
+    add_model_args(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, or a local .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--split", default="test", help="dataset split for wikitext2/c4 (default test)")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval_ppl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLaMA-family models with GPTQ and run them.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -222,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_convert_gguf)
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -148,3 +148,17 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["quant_method"] = "gptq"
         return d
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text GPTQ sees: `dataset` is wikitext2, c4, or a local .txt/.jsonl/.parquet file or folder."""
+
+    dataset: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples <= 0 or self.seqlen <= 1:
+            raise LowbitError(f"nsamples and seqlen must be positive, got {self.nsamples} and {self.seqlen}")

@@ -11,7 +11,8 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -20,27 +21,34 @@ from lowbit.errors import LowbitError
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
-def write_folder(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any],
-                 tokenizer: Any = None, overwrite: bool = False, extra_files: dict[str, str] | None = None,
-                 max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Stream (name, tensor) pairs into shards of at most `max_shard_bytes`, then publish the folder."""
+@contextmanager
+def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces OUT_DIR, on failure it vanishes."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LowbitError(f"{out_dir} already exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        yield tmp
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_folder(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any],
+                 tokenizer: Any = None, overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Stream (name, tensor) pairs into shards of at most `max_shard_bytes`, then publish the folder."""
+    with staged_folder(out_dir, overwrite) as tmp:
         write_shards(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> list[Path]:

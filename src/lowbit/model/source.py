@@ -102,6 +102,15 @@ class TensorFiles:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for short files
             raise FormatError(f"{f}: cannot read tensor {name} (file truncated or corrupt: {e})") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading its data."""
+        if name not in self._where:
+            raise FormatError(f"checkpoint lacks tensor {name}")
+        handle = self._handle(self._where[name])
+        if isinstance(handle, _PickleFile):
+            return tuple(handle.get_tensor(name).shape)
+        return tuple(handle.get_slice(name).get_shape())
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 

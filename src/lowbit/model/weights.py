@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import FormatError, LowbitError
 from lowbit.model.linear import ConcatLinear, QuantLinear, canonical, fuse_gptq
-from lowbit.model.llama import Transformer
+from lowbit.model.llama import Block, Transformer
 from lowbit.model.source import TensorFiles, read_json, weight_files
 from lowbit.quant import pack
 
@@ -105,6 +105,29 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
         model.output.weight = model.tok_embeddings.weight
     model.rotary.to(device)
     return model.eval(), ckpt
+
+
+def load_float_block(ckpt: Checkpoint, layer: int, device, dtype: torch.dtype) -> Block:
+    """One decoder layer of a float checkpoint, alone on `device` (the quantizer streams layers this way)."""
+    with torch.device("meta"):
+        block = Block(ckpt.config, layer, lambda name, i, o, bias: nn.Linear(i, o, bias=bias))
+    state = {}
+    for name, t in block.state_dict(keep_vars=True).items():
+        full = f"layers.{layer}.{name}"
+        state[name] = _place(_our_tensor(ckpt, full, {}), t.shape, full, device, dtype)
+    block.load_state_dict(state, strict=True, assign=True)
+    return block.eval().requires_grad_(False)
+
+
+def hf_part_names(ckpt: Checkpoint, layer: int, ours: str) -> list[str]:
+    """The HF module names (with prefix) fused into our linear `ours` ("attention.wqkv", ...)."""
+    return [ckpt.hf_name(layer, hf) for hf in FUSED_LINEARS[ours]]
+
+
+def global_tensor_names(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint names of everything outside the decoder layers (embeddings, final norm, lm_head)."""
+    names = [ckpt.prefix + hf for hf in GLOBAL_TENSORS.values()]
+    return names + ([LM_HEAD] if LM_HEAD in ckpt.tensors else [])
 
 
 def _linear_names(config: ModelConfig) -> list[str]:

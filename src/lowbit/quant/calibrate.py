@@ -1,0 +1,136 @@
+"""The layer-by-layer GPTQ loop: capture layer inputs, hook each linear group, quantize, propagate.
+
+Only one decoder layer's float weights sit on the device at a time (streamed from the checkpoint's shards).
+For each layer, the linear groups are quantized in true-sequential order — q/k/v (one fused matrix: GPTQ
+treats rows independently, so one Hessian serves all three), then o, then gate/up, then down — each group
+seeing the inputs produced by the already-quantized groups before it. The quantized layer then produces the
+next layer's inputs. The math is `lowbit.quant.gptq`; writing files is `lowbit.quant.export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.config import QuantConfig
+from lowbit.model.llama import Block, Rotary
+from lowbit.model.weights import Checkpoint, load_float_block
+from lowbit.quant.gptq import GPTQ
+from lowbit.quant.quantizer import QuantResult, rtn
+
+
+log = logging.getLogger(__name__)
+
+# True-sequential order: each group's inputs depend on the groups before it.
+SEQUENTIAL_GROUPS = (("attention.wqkv",), ("attention.wo",), ("mlp.w13",), ("mlp.w2",))
+ALL_AT_ONCE = (("attention.wqkv", "attention.wo", "mlp.w13", "mlp.w2"),)
+TOKENS_PER_BATCH = 8192  # calibration samples run through a layer in batches of about this many tokens
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    results: dict[str, QuantResult]  # our linear name -> quantized weight
+    seconds: float
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a layer's forward once the inputs it needs are captured."""
+
+
+def embed_inputs(ckpt: Checkpoint, tokens: Tensor, device: torch.device, dtype: torch.dtype,
+                 store: torch.device) -> Tensor:
+    """Layer-0 inputs [n, T, hidden] for the calibration tokens, kept on `store`."""
+    name = ckpt.prefix + "embed_tokens.weight"
+    table = ckpt.tensors.get(name).to(device=device, dtype=dtype)
+    out = torch.empty(*tokens.shape, table.shape[1], dtype=dtype, device=store,
+                      pin_memory=store.type == "cpu" and device.type == "cuda")
+    for i in range(tokens.shape[0]):
+        out[i] = table[tokens[i].to(device)].to(store)
+    return out
+
+
+def quantize_layers(ckpt: Checkpoint, quant: QuantConfig, inputs: Tensor | None, device: torch.device,
+                    dtype: torch.dtype, method: str = "gptq", mse: bool = False, start: int = 0
+                    ) -> Iterator[LayerResult]:
+    """Quantize layers start..L-1; `inputs` (layer `start`'s inputs, None for RTN) is updated in place."""
+    rope = None
+    if inputs is not None:
+        positions = torch.arange(inputs.shape[1], device=device)[None]
+        rope = Rotary(ckpt.config).to(device)(positions, dtype)
+    for layer in range(start, ckpt.config.num_layers):
+        t0 = time.perf_counter()
+        block = load_float_block(ckpt, layer, device, dtype)
+        if method == "rtn":
+            results = {name: rtn(block.get_submodule(name).weight, quant.bits, quant.group_size, quant.sym, mse)
+                       for group in ALL_AT_ONCE for name in group}
+        else:
+            results = _gptq_layer(block, inputs, rope, quant, mse)
+            _propagate(block, inputs, rope)
+        del block
+        yield LayerResult(layer, results, time.perf_counter() - t0)
+
+
+def _gptq_layer(block: Block, inputs: Tensor, rope, quant: QuantConfig, mse: bool) -> dict[str, QuantResult]:
+    groups = SEQUENTIAL_GROUPS if quant.true_sequential else ALL_AT_ONCE
+    results: dict[str, QuantResult] = {}
+    for group in groups:
+        linears = {name: block.get_submodule(name) for name in group}
+        solvers = {name: GPTQ(m.weight) for name, m in linears.items()}
+        _capture(block, inputs, rope, linears, solvers, stop_after=group[-1] if len(groups) > 1 else None)
+        for name, solver in solvers.items():
+            result = solver.quantize(quant, mse=mse)
+            linears[name].weight.data.copy_(result.W_q.to(linears[name].weight.dtype))
+            results[name] = result
+            log.info("%s: loss %.4g%s", name, result.loss, f" (damp raised to {result.damp_used:g})"
+                     if result.damp_used > quant.damp_percent else "")
+        del solvers
+    return results
+
+
+def _capture(block: Block, inputs: Tensor, rope, linears: dict[str, nn.Module], solvers: dict[str, GPTQ],
+             stop_after: str | None) -> None:
+    """Run the calibration batches through the block, feeding each hooked linear's inputs to its solver."""
+    def hook(name):
+        def fn(module, args):
+            solvers[name].add_batch(args[0])
+            if name == stop_after:
+                raise _Stop
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for x, cos_sin in _batches(inputs, rope):
+            try:
+                block(x, cos_sin, None, None, None, None)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _propagate(block: Block, inputs: Tensor, rope) -> None:
+    """Replace `inputs` by the quantized layer's outputs (the next layer's inputs)."""
+    start = 0
+    for x, cos_sin in _batches(inputs, rope):
+        n = x.shape[0]
+        inputs[start:start + n] = block(x, cos_sin, None, None, None, None).to(inputs.device)
+        start += n
+
+
+def _batches(inputs: Tensor, rope):
+    """Calibration samples in device-sized batches, with the matching rope tables."""
+    n, seqlen = inputs.shape[:2]
+    step = max(1, TOKENS_PER_BATCH // seqlen)
+    device = rope[0].device
+    for i in range(0, n, step):
+        x = inputs[i:i + step].to(device, non_blocking=True)
+        b = x.shape[0]
+        yield x, (rope[0].expand(b, -1, -1), rope[1].expand(b, -1, -1))
