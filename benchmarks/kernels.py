@@ -1,0 +1,270 @@
+"""GPU check and timing of lowbit.kernels.qmatmul on one LLaMA-7B block of linears.
+
+Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/kernels.py
+1. correctness: max |y - reference| / max |reference| per case (bits, group size, act-order, dtype, M,
+   kernel), against lowbit.kernels.reference;
+2. a tile sweep for 4-bit g128 at each M (the fastest config is used in the table);
+3. the table: microseconds for the 7 linears of one block (q, k, v, o 4096x4096; gate, up 4096->11008;
+   down 11008->4096), CUDA-graph replays over distinct weights (4-bit: 101 MB, twice the 50 MB L2), for
+   fp16 cuBLAS, our kernels and torch's int4 tinygemm. Markdown to stdout and to $OUT/kernels.md.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from lowbit.kernels import qmatmul as qm
+from lowbit.kernels.reference import dequant_reference
+from lowbit.quant import pack
+
+SHAPES = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # (K, N) of q, k, v, o, gate, up, down
+MS = (1, 16, 64, 2048)
+DEADLINE = time.time() + float(os.environ.get("BENCH_SECONDS", "330"))
+LOG = []
+
+
+def say(*a):
+    line = " ".join(str(x) for x in a)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def random_weight(k, n, bits, group_size=128, act_order=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    groups = pack.num_groups(k, group_size)
+    codes = torch.randint(0, 1 << bits, (k, n), device="cuda", generator=g).to(torch.uint8)
+    zeros = torch.randint(0, 1 << bits, (groups, n), device="cuda", generator=g, dtype=torch.int32)
+    scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.02 + 0.002).half()
+    g_idx = pack.default_g_idx(k, group_size).cuda()
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, device="cuda", generator=g)]
+    return qm.repack(codes, zeros, scales, g_idx, bits)
+
+
+def graph_time(fn, reps=5, replays=30) -> float:
+    """Median microseconds of one fn() from CUDA-graph replays (fn captured `reps` times per graph)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / reps)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ correctness
+
+def correctness():
+    say("## correctness (max |y - ref| / max |ref|; fp16/bf16 limit 4e-3/2e-2, fp32 2e-5)\n")
+    say("| bits | group | act | dtype | M | kernel | config | rel err |")
+    say("|---|---|---|---|---|---|---|---|")
+    cases = []
+    for bits in (2, 3, 4, 8):
+        for gs, act in ((128, True), (32, False), (-1, False)):
+            cases.append((bits, gs, act, torch.float16))
+    cases += [(4, 128, True, torch.bfloat16), (8, 64, False, torch.bfloat16), (4, 128, False, torch.float32)]
+    calls = [("gemv", 1, None), ("dot", 1, None), ("dot", 16, None), ("dot", 16, {"host_gather": False}),
+             ("dot", 64, None), ("dot", 300, None), ("dot", 300, {"per_slot": True}), ("dequant", 300, None)]
+    worst = 0.0
+    for bits, gs, act, dtype in cases:
+        if time.time() > DEADLINE - 200:
+            say("| (correctness pass cut short by the time budget) |")
+            break
+        k, n = 4160 if gs == 32 else 4096 - 64, 1000  # partial last group, N not a tile multiple
+        w = random_weight(k, n, bits, gs, act, seed=bits)
+        W = dequant_reference(w).double()
+        bias = torch.randn(n, device="cuda").half()
+        for kernel, m, config in calls:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = x.double() @ W + bias.double()
+            try:
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                qm.qmatmul(x, w, bias, kernel=kernel, config=config, out=y)
+                torch.cuda.synchronize()
+                y2 = qm.qmatmul(x, w, bias, kernel=kernel, config=config)
+                err = float((y.double() - ref).abs().max() / ref.abs().max())
+                same = torch.equal(y, y2)
+                locks = int(w.locks.abs().sum())
+                flag = "" if same and not locks else f" NONDETERMINISTIC={not same} locks={locks}"
+                worst = max(worst, err) if dtype == torch.float16 else worst
+                say(f"| {bits} | {gs} | {act} | {str(dtype)[6:]} | {m} | {kernel} | {config or ''} | {err:.2e}{flag} |")
+            except Exception as e:  # report and go on: one broken case must not hide the others
+                say(f"| {bits} | {gs} | {act} | {str(dtype)[6:]} | {m} | {kernel} | {config or ''} | ERROR {e!r:.200} |")
+                traceback.print_exc()
+    say(f"\nworst fp16 relative error: {worst:.2e}\n")
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def block_fn(weights, xs, run):
+    def fn():
+        for w, x in zip(weights, xs):
+            run(x, w)
+    return fn
+
+
+def ours(weights, m, kernel=None, config=None, dtype=torch.float16):
+    xs = [torch.randn(m, w.in_features, device="cuda", dtype=dtype) for w in weights]
+    outs = [torch.empty(m, w.out_features, device="cuda", dtype=dtype) for w in weights]
+
+    def fn():
+        for w, x, o in zip(weights, xs, outs):
+            qm.qmatmul(x, w, kernel=kernel, config=config, out=o)
+    return fn
+
+
+def cublas(m):
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.01 for k, n in SHAPES]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for k, _ in SHAPES]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _, n in SHAPES]
+
+    def fn():
+        for x, w, o in zip(xs, ws, outs):
+            torch.matmul(x, w, out=o)
+    return fn
+
+
+def tinygemm(m):
+    """torch's int4 tinygemm (bf16 activations, g128), as gpt-fast uses it."""
+    packed, sz, xs = [], [], []
+    for k, n in SHAPES:
+        w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+        w8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
+        packed.append(torch.ops.aten._convert_weight_to_int4pack(w8, 8))
+        sz.append(torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16))
+        xs.append(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+
+    def fn():
+        for x, p, s in zip(xs, packed, sz):
+            torch.ops.aten._weight_int4pack_mm(x, p, 128, s)
+    return fn
+
+
+SWEEP = {  # M -> [(kernel, config)] for 4-bit g128; the fastest is used in the table
+    1: [("dot", {"BM": 16, "BN": 128, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 4}),
+        ("dot", {"BM": 16, "BN": 64, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
+        ("dot", {"BM": 16, "BN": 256, "num_warps": 4, "waves": 4}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "num_stages": 3}),
+        ("gemv", {"BN": 512, "num_warps": 4}), ("gemv", {"BN": 256, "num_warps": 2, "waves": 8})],
+    16: [("dot", {"BM": 16, "BN": 128, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 4}),
+         ("dot", {"BM": 16, "BN": 64, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
+         ("dot", {"BM": 16, "BN": 256, "num_warps": 4})],
+    64: [("dot", {"BM": 64, "BN": 64, "num_warps": 2}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4}),
+         ("dot", {"BM": 32, "BN": 128, "num_warps": 2}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 1}),
+         ("dot", {"BM": 64, "BN": 64, "num_warps": 4})],
+    2048: [("dot", {"BM": 128, "BN": 128, "num_warps": 8}), ("dot", {"BM": 128, "BN": 128, "num_warps": 8, "per_slot": True}),
+           ("dot", {"BM": 128, "BN": 256, "num_warps": 8}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4}),
+           ("dequant", None)],
+}
+
+
+def sweep(w4):
+    best = {}
+    say("## tile sweep, 4-bit g128, one 7B block (us)\n")
+    say("| M | kernel | config | us |")
+    say("|---|---|---|---|")
+    for m in MS:
+        for kernel, config in SWEEP[m]:
+            if time.time() > DEADLINE - 90:
+                say("| (sweep cut short by the time budget) |")
+                return best
+            try:
+                t = graph_time(ours(w4, m, kernel, config))
+                say(f"| {m} | {kernel} | {config} | {t:.1f} |")
+                if m not in best or t < best[m][0]:
+                    best[m] = (t, kernel, config)
+            except Exception as e:
+                say(f"| {m} | {kernel} | {config} | ERROR {e!r:.200} |")
+                traceback.print_exc()
+    say("")
+    return best
+
+
+def table(best):
+    weight_mb = {b: sum(k * n * b / 8 + (k // 128) * n * 4 for k, n in SHAPES) / 1e6 for b in (3, 4, 8)}
+    rows = {}
+    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(SHAPES)]
+    variants = [("fp16 cuBLAS", lambda m: cublas(m)),
+                ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m))),
+                ("ours 4-bit g128 act-order", lambda m: ours(w4a, m, *pick(m))),
+                ("ours 4-bit g128 act-order, in-kernel gather", lambda m: ours(w4a, m, *pick(m, host_gather=False))),
+                ("ours 8-bit g128", lambda m: ours(w8, m, *pick(m))),
+                ("ours 3-bit g128", lambda m: ours(w3, m, *pick(m))),
+                ("torch int4 tinygemm (bf16)", lambda m: tinygemm(m))]
+
+    def pick(m, **extra):
+        _, kernel, config = best.get(m, (0, None, None))
+        return kernel, {**(config or {}), **extra}
+
+    w4a = [random_weight(k, n, 4, act_order=True, seed=10 + i) for i, (k, n) in enumerate(SHAPES)]
+    w8 = [random_weight(k, n, 8, seed=20 + i) for i, (k, n) in enumerate(SHAPES)]
+    w3 = [random_weight(k, n, 3, seed=30 + i) for i, (k, n) in enumerate(SHAPES)]
+    for name, make in variants:
+        for m in MS:
+            if time.time() > DEADLINE:
+                rows.setdefault(name, {})[m] = "time"
+                continue
+            try:
+                rows.setdefault(name, {})[m] = f"{graph_time(make(m)):.1f}"
+            except Exception as e:
+                rows.setdefault(name, {})[m] = "n/a"
+                say(f"{name} M={m}: {e!r:.300}")
+            torch.cuda.empty_cache()
+    lines = ["## one LLaMA-7B block of linears (q,k,v,o 4096x4096; gate,up 4096->11008; down 11008->4096), us\n",
+             f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}; "
+             f"CUDA-graph replay, median; 4-bit weights {weight_mb[4]:.0f} MB -> "
+             f"{weight_mb[4] / 3.0:.1f} us at 3 TB/s\n",
+             "| variant | " + " | ".join(f"M={m}" for m in MS) + " |",
+             "|---|" + "---|" * len(MS)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(r.get(m, "") for m in MS) + " |")
+    lines.append("\nconfigs used for 'ours': " + "; ".join(f"M={m}: {k} {c}" for m, (_, k, c) in sorted(best.items())))
+    return w4, "\n".join(lines)
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    import triton
+
+    say(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}\n")
+    t0 = time.time()
+    correctness()
+    say(f"(correctness: {time.time() - t0:.0f} s)\n")
+    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(SHAPES)]
+    t0 = time.time()
+    best = sweep(w4)
+    say(f"(sweep: {time.time() - t0:.0f} s)\n")
+    del w4
+    torch.cuda.empty_cache()
+    _, text = table(best)
+    say(text)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "kernels.md"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()

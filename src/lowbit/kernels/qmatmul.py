@@ -1,0 +1,566 @@
+"""Triton kernels for GPTQ-quantized linears: the kernel weight layout (`QWeight`, `repack`) and `qmatmul`.
+
+Owns the packed layout the kernels read, its construction from codes/zeros/scales/g_idx, the four kernels
+(M=1 GEMV, split-K tensor-core kernel for M <= 16, tiled GEMM, dequantize) and the dispatch between them.
+Tensors in, tensors out: reading checkpoints (`lowbit.quant.pack`) and module wiring live elsewhere; the
+torch reference for every kernel is `lowbit.kernels.reference`.
+
+Layout. Input rows are first sorted by group (stable; act-order's `perm`), each group padded to a multiple
+of 16 rows, the total to whole blocks. A block holds 16*F rows (F fields per int32 word: 8 for 4-bit, 4 for
+8-bit, 16 for 2-bit and for the low two bits of 3-bit) in 16 words per column; field j of word w holds row
+16*j + w, so each field of a 16-word tile is 16 consecutive rows ("a slot") with one group. Dequantization
+needs no integer-to-float conversion: a field moved to the top of a float32 mantissa and or-ed with 1.0 is
+u = OFF + q/F exactly, and w = (q - z)*s = u*(F*s) - (OFF*F + z)*s is one exact FMA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SLOT = 16  # rows per field of a 16-word tile; also the K of one tensor-core step
+
+
+def fields_per_word(bits: int) -> int:
+    """Fields in one int32 word of `QWeight.qweight` (3-bit keeps its low 2 bits there, the high bit in qhigh)."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits={bits}: the kernels support 2, 3, 4, 8")
+    return 16 if bits == 3 else 32 // bits
+
+
+def _mantissa(bits: int) -> tuple[int, int]:
+    """(F, OFF) of u = OFF + q/F, the exact float a field unpacks to."""
+    return (4, 3) if bits == 3 else (1 << bits, 1)
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A GPTQ linear in the kernels' layout (see the module docstring). Kp = padded rows, G = groups."""
+
+    qweight: Tensor  # int32 [Kp/F, N]: block b, word w, field j -> packed row 16*F*b + 16*j + w
+    qhigh: Tensor | None  # int16 [Kp/16, N], 3-bit only: bit j of word 16b+w -> high bit of row 256b + 16j + w
+    scales: Tensor  # fp16 [G, N]
+    zeros: Tensor  # fp16 [G, N], true zero points (small integers, exact)
+    slot_group: Tensor  # int32 [Kp/16]: group of each slot of 16 packed rows
+    perm: Tensor | None  # int32 [Kp]: input channel of each packed row, -1 = padding; None = identity
+    locks: Tensor  # int32 [ceil(N/16)]: split-K tile counters, zero between launches (one stream at a time)
+    bits: int
+    in_features: int  # K
+    group_slots: int  # aligned runs of this many slots share a group (a power of 2 dividing F)
+    tail_perm: bool  # perm[:K] is a permutation of 0..K-1 and only rows >= K pad: callers may gather x
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def padded_rows(self) -> int:
+        return self.slot_group.shape[0] * SLOT
+
+    def to(self, device) -> "QWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QWeight(move(self.qweight), move(self.qhigh), move(self.scales), move(self.zeros),
+                       move(self.slot_group), move(self.perm), move(self.locks), self.bits,
+                       self.in_features, self.group_slots, self.tail_perm)
+
+
+def _pack_fields(codes: Tensor, width: int, fields: int) -> Tensor:
+    """codes int64 [Kp, N] -> int64 words [Kp/fields, N]: field j of word (b, w) = row fields*16*b + 16j + w."""
+    kp, n = codes.shape
+    c = codes.view(kp // (SLOT * fields), fields, SLOT, n)
+    words = torch.zeros(c.shape[0], SLOT, n, dtype=torch.int64, device=codes.device)
+    for j in range(fields):
+        words |= c[:, j] << (width * j)
+    return words.view(-1, n)
+
+
+def _wrap(words: Tensor, dtype: torch.dtype) -> Tensor:
+    """Reinterpret unsigned values held in int64 as the two's-complement `dtype`."""
+    width = torch.iinfo(dtype).bits
+    return torch.where(words >= 1 << (width - 1), words - (1 << width), words).to(dtype)
+
+
+def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> QWeight:
+    """codes uint8 [K, N], TRUE zero points int [G, N], scales [G, N], g_idx int [K] -> QWeight."""
+    fields = fields_per_word(bits)
+    k, n = codes.shape
+    dev = codes.device
+    groups = scales.shape[0]
+    g_idx = g_idx.to(device=dev, dtype=torch.int64)
+    order = torch.sort(g_idx, stable=True).indices
+    counts = torch.bincount(g_idx, minlength=groups)
+    padded = (counts + SLOT - 1) // SLOT * SLOT
+    start, pstart = torch.cumsum(counts, 0) - counts, torch.cumsum(padded, 0) - padded
+    g_sorted = g_idx[order]
+    dest = pstart[g_sorted] + torch.arange(k, device=dev) - start[g_sorted]
+    block = SLOT * fields
+    kp = max(block, -(-int(padded.sum()) // block) * block)
+    src = torch.full((kp,), -1, dtype=torch.int64, device=dev)
+    src[dest] = order
+    slot_group = torch.full((kp // SLOT,), groups - 1, dtype=torch.int64, device=dev)
+    slot_group[: int(padded.sum()) // SLOT] = torch.repeat_interleave(torch.arange(groups, device=dev), padded // SLOT)
+
+    rows = codes.to(torch.int64)[src.clamp(min=0)]
+    rows[src < 0] = 0
+    if bits == 3:
+        qweight = _wrap(_pack_fields(rows & 3, 2, fields), torch.int32)
+        qhigh = _wrap(_pack_fields(rows >> 2, 1, fields), torch.int16)
+    else:
+        qweight, qhigh = _wrap(_pack_fields(rows, bits, fields), torch.int32), None
+
+    group_slots = fields
+    while group_slots > 1 and not bool((slot_group.view(-1, group_slots) == slot_group.view(-1, group_slots)[:, :1]).all()):
+        group_slots //= 2
+    identity = torch.arange(k, device=dev)
+    tail = bool((src[k:] < 0).all()) and (src[:k].sort().values == identity).all().item()
+    in_order = tail and bool((src[:k] == identity).all())
+    return QWeight(
+        qweight=qweight, qhigh=qhigh,
+        scales=scales.to(device=dev, dtype=torch.float16).contiguous(),
+        zeros=zeros.to(device=dev, dtype=torch.float16).contiguous(),
+        slot_group=slot_group.to(torch.int32),
+        perm=None if in_order else src.to(torch.int32),
+        locks=torch.zeros(-(-n // 16), dtype=torch.int32, device=dev),
+        bits=bits, in_features=k, group_slots=group_slots, tail_perm=tail,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _field(words, hi, j: tl.constexpr, BITS: tl.constexpr):
+    """Field j of int32 `words` (and bit j of `hi` for 3-bit) -> float32 u = OFF + q/F, exactly."""
+    if BITS == 3:
+        if 2 * j <= 21:
+            t = words << (21 - 2 * j)
+        else:
+            t = words >> (2 * j - 21)
+        lo = ((t & 0x00600000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + lo/4
+        h = (((hi << (22 - j)) & 0x00400000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + hi/2
+        return lo + 2.0 * h
+    else:
+        if 23 - BITS - BITS * j >= 0:
+            t = words << (23 - BITS - BITS * j)
+        else:
+            t = words >> (BITS * j + BITS - 23)
+        return ((t & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _field_int(words, hi, j: tl.constexpr, BITS: tl.constexpr):
+    """Field j as an int32 holding q in bits 0..BITS-1 and nothing else (one or two ALU ops)."""
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    if LO * (j + 1) == 32:
+        q = words.to(tl.uint32, bitcast=True) >> (32 - LO)  # top field: a logical shift isolates it
+        q = q.to(tl.int32, bitcast=True)
+    elif j == 0:
+        q = words & ((1 << LO) - 1)
+    else:
+        q = (words >> (LO * j)) & ((1 << LO) - 1)
+    if BITS == 3:
+        if j == 2:
+            q |= hi & 4
+        elif j < 2:
+            q |= (hi << (2 - j)) & 4
+        else:
+            q |= (hi >> (j - 2)) & 4
+    return q
+
+
+@triton.jit
+def _pow2(e: tl.constexpr):
+    """2.0**e as a float32 constant (|e| < 127)."""
+    return tl.full((), (e + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.constexpr):
+    """2^-38 * x * q for field j (HIGH: 3-bit's high bit j, counted as 4 * bit): the code is read as the
+    float32 subnormal q * 2^(p - 149), left in place where it fits (one AND), and x is pre-scaled by
+    2^(111 - p). Exact for float16 x, whose range keeps every product normal."""
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    if HIGH:
+        v = hi & (1 << j)
+        xs = xj * _pow2(113 - j)
+    elif LO * (j + 1) <= 23:
+        v = words & (((1 << LO) - 1) << (LO * j))
+        xs = xj * _pow2(111 - LO * j)
+    elif LO * (j + 1) == 32:
+        v = (words.to(tl.uint32, bitcast=True) >> (32 - LO)).to(tl.int32, bitcast=True)
+        xs = xj * _pow2(111)
+    else:
+        v = (words >> 12) & (((1 << LO) - 1) << (LO * j - 12))
+        xs = xj * _pow2(123 - LO * j)
+    return xs * v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fence(t):
+    """Make this thread's earlier global stores visible GPU-wide (split-K partials before the tile counter)."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k,
+            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FENCE: tl.constexpr):
+    """Write the [BM, BN] fp32 tile `out` (+ bias) to y; with SPLIT > 1 the last of the K-splits to arrive
+    sums all partials (fixed order, so results are deterministic) and resets the tile's counter."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    mn = offs_m[:, None] * N + offs_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros((1, out.shape[1]), tl.float32)
+    if SPLIT == 1:
+        tl.store(y_ptr + mn, (out + bias).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
+        if FENCE:
+            _fence(offs_n)
+        tl.debug_barrier()
+        count = tl.atomic_add(lock_ptr + lock_id, 1)
+        if count == SPLIT - 1:
+            total = bias + tl.load(ws_ptr + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT):
+                total += tl.load(ws_ptr + s * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + mn, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + lock_id, 0)
+
+
+@triton.jit
+def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
+    """x values (float32) of packed rows `row` (any shape); 0 for padding rows."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + row, mask=ok, other=-1)
+        return tl.load(x_ptr + src, mask=ok & (src >= 0), other=0.0).to(tl.float32)
+    else:
+        return tl.load(x_ptr + row, mask=ok & (row < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
+                 N, K, num_blocks, blocks_per_split,
+                 BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BPI: tl.constexpr, SPLIT: tl.constexpr,
+                 FENCE: tl.constexpr, SUB: tl.constexpr):
+    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores. Per group: F*s*(sum_k x u - c * sum_k x)."""
+    F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
+    OFF: tl.constexpr = 3 if BITS == 3 else 1
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    bi, wi = tl.arange(0, BPI), tl.arange(0, 16)
+    acc = tl.zeros((BPI, 16, BN), tl.float32)
+    b_start = pid_k * blocks_per_split
+    for i in range(0, blocks_per_split, BPI):
+        blk = b_start + i + bi
+        b_ok = (blk < num_blocks) & (i + bi < blocks_per_split)
+        wptr = (blk[:, None, None] * 16 + wi[None, :, None]) * N + offs_n[None, None, :]
+        wmask = b_ok[:, None, None] & n_ok[None, None, :]
+        words = tl.load(qw_ptr + wptr, mask=wmask, other=0)
+        hi = words
+        if BITS == 3:
+            hi = tl.load(qh_ptr + wptr, mask=wmask, other=0).to(tl.int32)
+        for a in tl.static_range(FIELDS // GROUP_SLOTS):
+            g = tl.load(sg_ptr + blk * FIELDS + a * GROUP_SLOTS, mask=b_ok, other=0)
+            sz = g[:, None, None] * N + offs_n[None, None, :]
+            szmask = b_ok[:, None, None] & n_ok[None, None, :]
+            s = tl.load(s_ptr + sz, mask=szmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz, mask=szmask, other=0.0).to(tl.float32)
+            # this group's fields, summed per word row: no cross-thread work in the loop
+            for jj in tl.static_range(GROUP_SLOTS):
+                j = a * GROUP_SLOTS + jj
+                row = blk[:, None] * (16 * FIELDS) + j * 16 + wi[None, :]
+                xj = _load_x(x_ptr, row, b_ok[:, None], perm_ptr, K, HAS_PERM)[:, :, None]
+                if SUB:
+                    t = _sub_term(words, hi, xj, j, BITS, False)
+                    if BITS == 3:
+                        t += _sub_term(words, hi, xj, j, BITS, True)
+                else:
+                    t = xj * _field(words, hi, j, BITS)
+                if jj == 0:
+                    part = t
+                    xs = xj
+                else:
+                    part += t
+                    xs += xj
+            if SUB:  # part = 2^-38 sum x q
+                acc += (s * _pow2(38)) * part - (s * z) * xs
+            else:  # part = sum x u, u = OFF + q/F
+                acc += (s * F) * part - (s * (OFF * F + z)) * xs
+    out = tl.sum(tl.sum(acc, axis=1), axis=0)
+    _finish(out[None, :], tl.arange(0, 1), offs_n, 1, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
+            HAS_BIAS, SPLIT, FENCE)
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_m, m_ok, stride_xm, row, perm_ptr, K, HAS_PERM: tl.constexpr):
+    """x[offs_m, rows] [BM, len(row)] in x's dtype for packed rows `row` (gathered through perm)."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + row)
+        ok = src >= 0
+    else:
+        src = row
+        ok = row < K
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
+                M, N, K, stride_xm, num_blocks, blocks_per_split,
+                BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
+                HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                GROUP_M: tl.constexpr, SPLIT: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
+                SUB: tl.constexpr, PER_SLOT: tl.constexpr):
+    """y = x W on tensor cores, the K loop optionally split over grid axis 1 (SPLIT > 1 needs M <= BM).
+
+    SUB (fp16 x): B is the exact fp16 subnormal (q - z) * 2^-24 and the scale is applied per group to
+    the fp32 dot. PER_SLOT: one K=16 dot per field on the [16, BN] word tile; else one dot per group on
+    the group's [GROUP_SLOTS*16, BN] rows (a 3D unpack, reshaped)."""
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    RG: tl.constexpr = 16 * GROUP_SLOTS
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_m
+    pid_n = (pid % width) // rows_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    wi, ji, ri = tl.arange(0, 16), tl.arange(0, GROUP_SLOTS), tl.arange(0, RG)
+    acc = tl.zeros((BM, BN), tl.float32)
+    b_start = pid_k * blocks_per_split
+    for i in range(0, blocks_per_split):
+        blk = tl.minimum(b_start + i, num_blocks - 1)  # past the end: block re-read, all of x masked
+        m_live = offs_m < tl.where(b_start + i < num_blocks, M, 0)
+        wptr = (blk * 16 + wi[:, None]) * N + offs_n[None, :]
+        words = tl.load(qw_ptr + wptr, mask=n_ok[None, :], other=0)
+        hi = words
+        if BITS == 3:
+            hi = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32)
+        for a in tl.static_range(FIELDS // GROUP_SLOTS):
+            g = tl.load(sg_ptr + blk * FIELDS + a * GROUP_SLOTS)
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+            base = blk * (16 * FIELDS) + a * RG  # the group's fields are consecutive packed rows
+            if PER_SLOT:
+                zs = z.to(tl.int16).to(tl.float16, bitcast=True)[None, :]
+                for jj in tl.static_range(GROUP_SLOTS):
+                    xj = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + jj * 16 + wi, perm_ptr, K, HAS_PERM)
+                    qj = _field_int(words, hi, a * GROUP_SLOTS + jj, BITS)
+                    bj = qj.to(tl.int16).to(tl.float16, bitcast=True) - zs
+                    if jj == 0:
+                        part = tl.dot(xj, bj)
+                    else:
+                        part = tl.dot(xj, bj, part)
+                acc += part * (s * 16777216.0)[None, :]
+            else:
+                xg = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + ri, perm_ptr, K, HAS_PERM)
+                j = (a * GROUP_SLOTS + ji)[:, None, None]
+                q = (words[None, :, :] >> (j * LO)) & ((1 << LO) - 1)  # [GROUP_SLOTS, 16, BN]: row 16j+w
+                if BITS == 3:
+                    q |= ((hi[None, :, :] >> j) & 1) << 2
+                if SUB:
+                    zs = z.to(tl.int16).to(tl.float16, bitcast=True)[None, None, :]
+                    w = tl.reshape(q.to(tl.int16).to(tl.float16, bitcast=True) - zs, (RG, BN))
+                    acc += tl.dot(xg, w) * (s * 16777216.0)[None, :]
+                else:
+                    f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exact
+                    w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
+                    acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
+    _finish(acc, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, HAS_BIAS, SPLIT, FENCE)
+
+
+@triton.jit
+def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, BITS: tl.constexpr,
+                  FIELDS: tl.constexpr):
+    """W[rows, offs_n] in float32, for any packed rows (each word is read once per field it holds)."""
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    within = rows % (16 * FIELDS)
+    field = within // 16
+    wptr = ((rows // (16 * FIELDS)) * 16 + within % 16)[:, None] * N + offs_n[None, :]
+    q = (tl.load(qw_ptr + wptr, mask=n_ok[None, :], other=0) >> (field * LO)[:, None]) & ((1 << LO) - 1)
+    if BITS == 3:
+        h = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32)
+        q |= ((h >> field[:, None]) & 1) << 2
+    g = tl.load(sg_ptr + rows // 16)
+    sz = g[:, None] * N + offs_n[None, :]
+    s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
+    return (f - (z + 8388608.0)) * s
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
+                    BITS: tl.constexpr, FIELDS: tl.constexpr, HAS_PERM: tl.constexpr,
+                    BK: tl.constexpr, BN: tl.constexpr):
+    """W [K, N] in input-channel order (rows scattered back through perm)."""
+    rows = tl.program_id(0) * BK + tl.arange(0, BK)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    w = _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, BITS, FIELDS)
+    dst = tl.load(perm_ptr + rows) if HAS_PERM else rows
+    mask = ((dst >= 0) & (dst < K))[:, None] & n_ok[None, :]
+    tl.store(w_ptr + dst[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ launch
+
+GEMV_MAX_M = 0  # M up to this: CUDA-core GEMV (else the tensor-core kernel, split over K for small M)
+DEQUANT_MIN_M = 1 << 30  # from this M on (CUDA only): dequantize to a float weight, then cuBLAS
+HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs, but split-K still exercised
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(getattr(knobs.runtime, "interpret", False))
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _split(num_blocks: int, tiles: int, target: int, step: int = 1) -> tuple[int, int]:
+    """(splits, blocks per split): about `target` programs over `tiles` output tiles, whole `step`s each."""
+    split = max(1, min(round(target / tiles), -(-num_blocks // step)))
+    per = -(-num_blocks // split)
+    per = -(-per // step) * step
+    return -(-num_blocks // per), per
+
+
+def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
+    qh = w.qhigh if w.qhigh is not None else w.qweight
+    perm = w.perm if w.perm is not None else w.slot_group
+    b = bias if bias is not None else w.scales
+    fence = x2.is_cuda and not _interpreting()
+    return qh, perm, b, fence
+
+
+def _gemv(x2, w, bias, y, BN=512, BPI=1, split=None, num_warps=4, denorm=True, waves=4):
+    n, fields = w.out_features, fields_per_word(w.bits)
+    num_blocks = w.padded_rows // (SLOT * fields)
+    tiles = -(-n // BN)
+    splits, per = _split(num_blocks, tiles, waves * _sm_count(x2.device), BPI) if split is None else (
+        split, -(-num_blocks // split))
+    qh, perm, b, fence = _common(w, x2, bias)
+    ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
+    _gemv_kernel[(tiles, splits)](
+        x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
+        n, w.in_features, num_blocks, per,
+        BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
+        HAS_BIAS=bias is not None, BN=BN, BPI=BPI, SPLIT=splits, FENCE=fence,
+        SUB=x2.dtype == torch.float16 and denorm, num_warps=num_warps)
+
+
+def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
+         per_slot=None, waves=2):
+    m, n, fields = x2.shape[0], w.out_features, fields_per_word(w.bits)
+    num_blocks = w.padded_rows // (SLOT * fields)
+    BM = BM or (16 if m <= 16 else 64 if m <= 64 else 128)
+    BN = BN or (64 if BM == 64 else 128)
+    num_warps = num_warps or (2 if BM <= 64 else 8)
+    num_stages = num_stages or (2 if BM <= 16 else 3)
+    tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN)
+    if split is None:  # split K only while the output tiles leave SMs idle, and only for one M tile
+        split = 1 if m > BM else _split(num_blocks, tiles, waves * _sm_count(x2.device))[0]
+    if split > 1 and m > BM:
+        raise ValueError(f"split-K needs M <= BM, got M={m}, BM={BM}")
+    splits, per = (split, -(-num_blocks // split))
+    qh, perm, b, fence = _common(w, x2, bias)
+    sub = x2.dtype == torch.float16 and denorm
+    ws = torch.empty(splits * m * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
+    _dot_kernel[(tiles, splits)](
+        x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
+        m, n, w.in_features, x2.stride(0), num_blocks, per,
+        BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
+        HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SPLIT=splits, FENCE=fence,
+        IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot),
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN: int = 128) -> Tensor:
+    """-> W [K, N] in `dtype`, rows in input-channel order: y = x @ W."""
+    n, k = w.out_features, w.in_features
+    out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
+    perm = w.perm if w.perm is not None else w.slot_group
+    qh = w.qhigh if w.qhigh is not None else w.qweight
+    grid = (triton.cdiv(w.padded_rows, BK), triton.cdiv(n, BN))
+    _dequant_kernel[grid](w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, out, n, k,
+                          BITS=w.bits, FIELDS=fields_per_word(w.bits), HAS_PERM=w.perm is not None,
+                          BK=BK, BN=BN, num_warps=4)
+    return out
+
+
+KERNELS = ("gemv", "dot", "dequant")
+
+
+def pick_kernel(m: int, device: torch.device) -> str:
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "dequant" if device.type == "cuda" and m >= DEQUANT_MIN_M else "dot"
+
+
+def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
+            config: dict | None = None, out: Tensor | None = None) -> Tensor:
+    """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
+
+    `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
+    tests and benchmarks use them."""
+    k, n = w.in_features, w.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    kernel = kernel or pick_kernel(m, x.device)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    if kernel == "gemv" and m > 1:
+        raise ValueError("the gemv kernel takes one row")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
+    if m == 0:
+        return y.view(*lead, n)
+    if kernel == "dequant":
+        W = dequantize(w, x.dtype)
+        if bias is None:
+            torch.matmul(x2, W, out=y)
+        else:
+            torch.addmm(bias.to(x.dtype), x2, W, out=y)
+        return y.view(*lead, n)
+    config = dict(config or {})
+    gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
+    if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
+        x2 = x2.index_select(1, w.perm[:k].long())
+        w = QWeight(w.qweight, w.qhigh, w.scales, w.zeros, w.slot_group, None, w.locks, w.bits, k,
+                    w.group_slots, True)
+    elif x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    launch = {"gemv": _gemv, "dot": _dot}[kernel]
+    launch(x2, w, bias, y, **config)
+    return y.view(*lead, n)

@@ -1,0 +1,58 @@
+"""Torch references for the kernels in this package: slow, obvious, and run on any device.
+
+Owns `unpack_layout` / `dequant_reference` / `qmatmul_reference` for the `QWeight` layout of
+`lowbit.kernels.qmatmul` (read through its fields, so this file imports no Triton). Tests compare every
+kernel with these, and these with the GPTQ on-disk dequantization of `lowbit.quant.pack`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lowbit.kernels.qmatmul import QWeight
+
+SLOT = 16
+
+
+def _unpack_fields(words: Tensor, width: int, fields: int) -> Tensor:
+    """int words [Kp/fields, N] -> codes int64 [Kp, N]: field j of word (b, w) is row 16*fields*b + 16j + w."""
+    n = words.shape[1]
+    w = words.to(torch.int64).view(-1, 1, SLOT, n)
+    shifts = (torch.arange(fields, device=words.device) * width).view(1, fields, 1, 1)
+    return ((w >> shifts) & ((1 << width) - 1)).view(-1, n)
+
+
+def unpack_layout(w: "QWeight") -> tuple[Tensor, Tensor]:
+    """-> (codes int64 [Kp, N] in packed row order, group int64 [Kp] of each packed row)."""
+    if w.bits == 3:
+        codes = _unpack_fields(w.qweight, 2, 16) | (_unpack_fields(w.qhigh, 1, 16) << 2)
+    else:
+        codes = _unpack_fields(w.qweight, w.bits, 32 // w.bits)
+    return codes, w.slot_group.to(torch.int64).repeat_interleave(SLOT)
+
+
+def dequant_reference(w: "QWeight", dtype: torch.dtype = torch.float32) -> Tensor:
+    """W [K, N] in input-channel order: W[k, n] = (q - z[g]) * s[g], computed in float32, rounded once."""
+    codes, group = unpack_layout(w)
+    s = w.scales.float()[group]
+    z = w.zeros.float()[group]
+    rows = (codes.float() - z) * s
+    k = w.in_features
+    src = torch.arange(rows.shape[0], device=rows.device) if w.perm is None else w.perm.long()
+    keep = (src >= 0) & (src < k)
+    out = torch.zeros(k, rows.shape[1], dtype=torch.float32, device=rows.device)
+    out[src[keep]] = rows[keep]
+    return out.to(dtype)
+
+
+def qmatmul_reference(x: Tensor, w: "QWeight", bias: Tensor | None = None) -> Tensor:
+    """x [..., K] -> x @ W + bias [..., N], accumulated in float64 from W in x's dtype, returned in x's dtype."""
+    W = dequant_reference(w, x.dtype).double()
+    y = x.double() @ W
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)

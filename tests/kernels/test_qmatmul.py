@@ -1,0 +1,167 @@
+"""lowbit.kernels.qmatmul against lowbit.kernels.reference, and the reference against lowbit.quant.pack.
+
+Weights go through the on-disk format first (pack.pack -> pack.unpack -> repack), so every bit width,
+group size, act-order, sym/asym and v1/v2 zero convention reaches the kernels as a checkpoint would.
+Kernels run on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) and
+on CUDA when present; outputs are poisoned with NaN before each run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+pytest.importorskip("triton")
+
+from lowbit.kernels.qmatmul import dequantize, qmatmul, repack  # noqa: E402
+from lowbit.kernels.reference import dequant_reference, qmatmul_reference  # noqa: E402
+from lowbit.quant import pack  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_weight(k: int, n: int, bits: int, group_size: int, act_order: bool, sym: bool, fmt: str, seed: int = 0):
+    """Random GPTQ layer -> (QWeight on DEVICE, on-disk tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = pack.num_groups(k, group_size)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=g).to(torch.uint8)
+    lo, hi = (1, 1 << bits) if fmt == "gptq" else (0, (1 << bits) - 1)
+    if sym:
+        zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(lo, hi + 1, (groups, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.002).half()
+    g_idx = pack.default_g_idx(k, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    disk = pack.pack(codes, zeros, scales, g_idx, bits, fmt)
+    c, z, s, gi = pack.unpack(disk, bits, fmt)
+    return repack(c.to(DEVICE), z.to(DEVICE), s.to(DEVICE), gi.to(DEVICE), bits), disk
+
+
+def check(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """y against a float64 reference, at the precision of y's dtype (relative to the output's scale)."""
+    tol = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}[y.dtype]
+    assert not y.isnan().any(), "unwritten (NaN-poisoned) outputs"
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def run(x, w, bias=None, **kw):
+    out = torch.full((*x.shape[:-1], w.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    y = qmatmul(x, w, bias, out=out, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    assert not w.locks.any(), "split-K counters must be left at zero"
+    return y
+
+
+def reference(x, w, bias=None):
+    y = x.double() @ dequant_reference(w).double()
+    return y if bias is None else y + bias.double()
+
+
+# ------------------------------------------------------------------------------- layout (torch only)
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym,fmt", [(True, "gptq"), (False, "gptq"), (False, "gptq_v2")])
+def test_layout_reference_is_gptq_dequant(bits, group_size, act_order, sym, fmt):
+    k, n = (576 if group_size != 32 else 96), 40
+    w, disk = make_weight(k, n, bits, group_size, act_order, sym, fmt)
+    expected = pack.dequantize(disk, bits, fmt, dtype=torch.float32).t()
+    torch.testing.assert_close(dequant_reference(w).cpu(), expected, rtol=0, atol=0)
+    assert w.padded_rows % (16 * (16 if bits == 3 else 32 // bits)) == 0
+
+
+def test_irregular_groups_are_padded():
+    """Act-order groups of unequal sizes (not multiples of 16) still give the GPTQ weight."""
+    k, n, bits = 100, 24, 4
+    g_idx = torch.tensor([0] * 37 + [1] * 20 + [2] * 43)[torch.randperm(k)]
+    codes = torch.randint(0, 16, (k, n), dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (3, n), dtype=torch.int32)
+    scales = torch.rand(3, n).half() + 0.01
+    w = repack(codes, zeros, scales, g_idx, bits)
+    expected = (codes.float() - zeros.float()[g_idx.long()]) * scales.float()[g_idx.long()]
+    torch.testing.assert_close(dequant_reference(w), expected, rtol=0, atol=0)
+    assert w.perm is not None and not w.tail_perm and w.group_slots == 1
+    x = torch.randn(1, k).half()
+    check(run(x.to(DEVICE), w.to(DEVICE), kernel="gemv").cpu(), reference(x, w))
+
+
+# --------------------------------------------------------------------------------- kernels
+
+WEIGHTS = [  # bits, K, N, group_size, act_order, sym, fmt
+    (4, 576, 192, 128, False, False, "gptq"),  # partial last group, N not a multiple of the tile
+    (4, 576, 192, 128, True, True, "gptq"),
+    (4, 96, 200, 32, True, False, "gptq_v2"),
+    (4, 4096, 136, 128, True, False, "gptq"),
+    (8, 576, 72, 64, False, False, "gptq_v2"),
+    (8, 320, 48, -1, True, True, "gptq"),
+    (3, 576, 40, 128, True, False, "gptq"),
+    (3, 288, 72, 32, False, True, "gptq_v2"),
+    (2, 576, 56, 64, True, False, "gptq_v2"),
+    (2, 96, 40, -1, False, False, "gptq"),
+]
+CALLS = [  # kernel, M, config
+    ("gemv", 1, None),
+    ("gemv", 1, {"BN": 64, "BPI": 2, "split": 2}),
+    ("dot", 1, None),
+    ("dot", 3, {"split": 3}),
+    ("dot", 16, None),
+    ("dot", 17, {"host_gather": False, "per_slot": False}),
+    ("dot", 127, {"BM": 64, "BN": 64}),
+]
+
+
+@pytest.mark.parametrize("bits,k,n,group_size,act_order,sym,fmt", WEIGHTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_qmatmul(bits, k, n, group_size, act_order, sym, fmt, dtype):
+    w, _ = make_weight(k, n, bits, group_size, act_order, sym, fmt)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
+    for kernel, m, config in CALLS:
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+        y = run(x, w, bias, kernel=kernel, config=config)
+        check(y, reference(x, w, bias))
+
+
+def test_leading_dims_and_reference():
+    w, _ = make_weight(576, 192, 4, 128, True, False, "gptq")
+    x = torch.randn(2, 3, 576).half().to(DEVICE)
+    y = run(x, w)
+    assert y.shape == (2, 3, 192)
+    check(y, reference(x, w))
+    torch.testing.assert_close(qmatmul_reference(x, w).double(), reference(x, w), rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("bits,k,n,group_size,act_order", [(4, 576, 192, 128, True), (3, 288, 72, 32, False),
+                                                           (8, 320, 48, -1, True)])
+def test_dequantize_kernel(bits, k, n, group_size, act_order):
+    w, _ = make_weight(k, n, bits, group_size, act_order, False, "gptq_v2")
+    torch.testing.assert_close(dequantize(w, torch.float32), dequant_reference(w), rtol=0, atol=0)
+    x = torch.randn(5, k).half().to(DEVICE)
+    check(run(x, w, kernel="dequant"), reference(x, w))
+
+
+def test_split_k_is_deterministic():
+    w, _ = make_weight(4096, 136, 4, 128, False, False, "gptq")
+    x = torch.randn(1, 4096).half().to(DEVICE)
+    a = run(x, w, kernel="dot", config={"split": 4})
+    b = run(x, w, kernel="dot", config={"split": 4})
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 16, 64, 2048])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qmatmul_gpu_large(bits, m, dtype):
+    w, _ = make_weight(4096, 1000, bits, 128, True, False, "gptq")
+    x = torch.randn(m, 4096, device="cuda").to(dtype)
+    for kernel in ("gemv", "dot", "dequant") if m == 1 else ("dot", "dequant"):
+        check(run(x, w, kernel=kernel), reference(x, w))
