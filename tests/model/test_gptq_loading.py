@@ -93,7 +93,7 @@ CASES = [
 def test_gptq_variant_logits(tmp_path, bits, group_size, desc_act, sym, fmt):
     cfg = tiny_config(hidden_size=160, intermediate_size=224, num_attention_heads=5, num_key_value_heads=5)
     hf = write_gptq_checkpoint(tmp_path, cfg, bits, group_size, desc_act, sym, fmt)
-    model, ckpt = load_model(tmp_path)
+    model, ckpt = load_model(tmp_path, backend="reference")
     assert ckpt.quant.bits == bits and ckpt.quant.checkpoint_format == fmt
     tokens = torch.randint(0, cfg["vocab_size"], (2, 16))
     with torch.no_grad():
@@ -162,3 +162,14 @@ def test_bits_5_is_refused(tmp_path):
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 5, "group_size": 32}))
     with pytest.raises(LowbitError, match="bits=5"):
         load_model(tmp_path)
+
+
+def test_dense_backend_equals_reference(tmp_path):
+    cfg = tiny_config()
+    write_gptq_checkpoint(tmp_path, cfg, 3, 32, True, False, "gptq_v2")
+    dense, _ = load_model(tmp_path, backend="dense")
+    reference, _ = load_model(tmp_path, backend="reference")
+    assert dense.layers[0].mlp.w2.backend == "dense" and reference.layers[0].mlp.w2.backend == "reference"
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(tokens), reference(tokens), atol=0, rtol=0)

@@ -17,8 +17,16 @@ from lowbit.config import QuantConfig
 from lowbit.quant import pack
 
 
+BACKENDS = ("reference", "dense")
+
+
 class QuantLinear(nn.Module):
-    """y = x @ dequantize(W).T + b for one GPTQ-packed weight."""
+    """y = x @ dequantize(W).T + b for one GPTQ-packed weight.
+
+    Backends: "reference" dequantizes on every call (least memory, any device); "dense" keeps the
+    dequantized weight in the compute dtype (CPU speed at float memory cost). The checkpoint's tensors
+    stay the source of truth either way.
+    """
 
     SUPPORTS_BITS = pack.SUPPORTED_BITS
     SUPPORTS_FORMATS = pack.FORMATS
@@ -35,6 +43,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
+        self.backend = "reference"
+        self.dense_weight: Tensor | None = None
+
+    def use_backend(self, backend: str, dtype: torch.dtype) -> None:
+        """Switch how forward computes; called once after the weights are loaded."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown QuantLinear backend {backend!r}")
+        self.dense_weight = self.dequantize(dtype) if backend == "dense" else None
+        self.backend = backend
 
     @property
     def tensors(self) -> pack.GPTQTensors:
@@ -45,13 +62,13 @@ class QuantLinear(nn.Module):
         return pack.dequantize(self.tensors, self.quant.bits, self.quant.checkpoint_format, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         q = self.quant
         return (f"in={self.in_features}, out={self.out_features}, bits={q.bits}, group_size={q.group_size}, "
-                f"desc_act={q.desc_act}, sym={q.sym}, format={q.checkpoint_format}")
+                f"desc_act={q.desc_act}, sym={q.sym}, format={q.checkpoint_format}, backend={self.backend}")
 
 
 class ConcatLinear(nn.Module):

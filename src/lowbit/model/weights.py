@@ -72,8 +72,13 @@ def read_quant_config(folder: Path, config_json: dict) -> QuantConfig | None:
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               allow_pickle: bool = False, progress: bool = False) -> tuple[Transformer, Checkpoint]:
-    """Build the Transformer for a checkpoint folder with its weights on `device`."""
+               allow_pickle: bool = False, progress: bool = False, backend: str = "auto"
+               ) -> tuple[Transformer, Checkpoint]:
+    """Build the Transformer for a checkpoint folder with its weights on `device`.
+
+    `backend` picks how GPTQ linears compute (see QuantLinear); "auto" keeps dequantized weights on a CPU
+    when they take under a quarter of the machine's memory, and dequantizes on the fly otherwise.
+    """
     ckpt = open_checkpoint(folder, allow_pickle)
     quantized = {name for name in _linear_names(ckpt.config) if _is_quantized(ckpt, name)}
     if quantized and ckpt.quant is None:
@@ -104,7 +109,26 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
     if tied:
         model.output.weight = model.tok_embeddings.weight
     model.rotary.to(device)
+    _choose_backend(model, torch.device(device), dtype, backend)
     return model.eval(), ckpt
+
+
+def _choose_backend(model: Transformer, device: torch.device, dtype: torch.dtype, backend: str) -> None:
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not linears:
+        return
+    if backend == "auto":
+        dense_bytes = sum(m.in_features * m.out_features for m in linears) * torch.finfo(dtype).bits // 8
+        backend = "dense" if device.type == "cpu" and dense_bytes < _memory_bytes() / 4 else "reference"
+    for m in linears:
+        m.use_backend(backend, dtype)
+    log.info("GPTQ linears use the %s backend", backend)
+
+
+def _memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def load_float_block(ckpt: Checkpoint, layer: int, device, dtype: torch.dtype) -> Block:
