@@ -12,3 +12,7 @@ class LowbitError(Exception):
 
 class FormatError(LowbitError):
     """A checkpoint or tensor that does not follow the format it claims."""
+
+
+class Overloaded(LowbitError):
+    """Valid input that cannot be taken now (the engine's waiting queue is full); retrying later may work."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,7 +20,7 @@ from lowbit.engine.kv_cache import KVCache
 from lowbit.engine.request import FinishReason, Request, RequestOutput, StopStrings
 from lowbit.engine.sampling import PenaltyHistory, SamplingParams, make_generator, sample
 from lowbit.engine.scheduler import Scheduler
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, Overloaded
 from lowbit.model.llama import Transformer
 from lowbit.model.tokenizer import StreamDecoder, Tokenizer
 
@@ -32,7 +33,8 @@ class EngineConfig:
 
     max_batch: int = 1
     max_seq_len: int = 2048
-    max_waiting: int | None = None
+    max_waiting: int | None = None  # add_request raises Overloaded beyond this many queued requests
+    max_wait_s: float | None = None  # a request still queued after this long finishes with TIMEOUT
     kv_dtype: torch.dtype | None = None  # default: the model's dtype
 
 
@@ -54,13 +56,13 @@ class Engine:
         self.max_seq_len = min(config.max_seq_len, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, config.max_batch, self.max_seq_len, config.kv_dtype or self.dtype, self.device)
         self.history = PenaltyHistory.empty(config.max_batch, model.config.vocab_size, self.device)
-        self.scheduler = Scheduler(config.max_waiting)
+        self.scheduler = Scheduler(config.max_waiting, config.max_wait_s)
         self.live: dict[str, _Live] = {}
         self._ids = itertools.count()
 
     # ----- API -----
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a prompt; raises LowbitError when it cannot fit the context or the queue is full."""
+        """Queue a prompt; raises LowbitError when it cannot fit the context, Overloaded when the queue is full."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise LowbitError("the prompt is empty (no tokens)")
@@ -74,8 +76,8 @@ class Engine:
             raise LowbitError(f"request id {rid!r} is already in use")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_ids))
         request = Request(rid, prompt, params, frozenset(stop_ids))
-        if not self.scheduler.add(rid, len(prompt)):
-            raise LowbitError("too many waiting requests; try again later")
+        if not self.scheduler.add(rid, len(prompt), time.monotonic()):
+            raise Overloaded(f"{self.scheduler.num_waiting} requests are already waiting; try again later")
         self.live[rid] = _Live(request, StreamDecoder(self.tokenizer, context=prompt), StopStrings(params.stop),
                                make_generator(params.seed, self.device))
         return rid
@@ -88,17 +90,23 @@ class Engine:
 
     @property
     def num_unfinished(self) -> int:
+        """Requests added and not yet finished: running plus waiting (0 when the engine is idle)."""
         return self.scheduler.num_unfinished
 
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
     def step(self) -> list[RequestOutput]:
-        """One engine step: schedule -> forward -> sample -> update."""
+        """One engine step: schedule -> forward -> sample -> update (plus the requests that waited too long)."""
+        expired = self._expire()
         plan = self.scheduler.schedule(self._allocate)
         if not plan:
-            return []
+            return expired
         requests = [self.live[rid].request for rid in plan]
         logits = self._forward(requests, plan)
         tokens = self._sample(requests, logits)
-        return self._update(requests, tokens)
+        return expired + self._update(requests, tokens)
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Run one request to the end, yielding its outputs (stops it if the caller stops iterating)."""
@@ -124,6 +132,15 @@ class Engine:
         return [(text[r], ids[r], reason[r]) for r in rids]
 
     # ----- the step's parts -----
+    def _expire(self) -> list[RequestOutput]:
+        """Finish, with TIMEOUT, the requests that waited longer than max_wait_s without getting a slot."""
+        outputs = []
+        for rid in self.scheduler.expire(time.monotonic()):
+            request = self.live[rid].request
+            self._finish(request, FinishReason.TIMEOUT)
+            outputs.append(RequestOutput(rid, "", (), len(request.prompt_ids), 0, FinishReason.TIMEOUT))
+        return outputs
+
     def _allocate(self, request_id: str) -> bool:
         slot = self.cache.allocate()
         if slot is None:

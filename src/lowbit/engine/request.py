@@ -17,6 +17,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id, or a stop string
     LENGTH = "length"  # max_new_tokens or the context window
     ABORT = "abort"
+    TIMEOUT = "timeout"  # waited longer than EngineConfig.max_wait_s for a slot; never started
 
 
 @dataclass(frozen=True)
