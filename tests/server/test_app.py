@@ -234,3 +234,28 @@ def test_disconnect_aborts_at_once(slow_server):
         httpx.post(url + "/v1/completions", json=LONG, timeout=0.3)
     wait_for(lambda: runner.num_active == 0, timeout=2.0)
     assert runner.engine.cache.num_free == 1
+
+
+class FlakyEngine(Engine):
+    """The real engine, whose next step raises when told to (a stand-in for a CUDA error or a bug)."""
+
+    fail_next = False
+
+    def step(self):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return super().step()
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(tiny_chat):
+    from lowbit.server.app import ServerConfig, create_app
+
+    engine = FlakyEngine(tiny_chat.model, tiny_chat.tokenizer, EngineConfig(max_batch=2, max_seq_len=64))
+    app = create_app(engine, tiny_chat.tokenizer, tiny_chat.chat_template(), ServerConfig(model_name="tiny"))
+    with live_server(app) as live:
+        engine.fail_next = True
+        r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4})
+        assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]["message"]
+        ok = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4})
+        assert ok.status_code == 200 and httpx.get(live.url + "/health").json()["active_requests"] == 0

@@ -200,7 +200,7 @@ class _Translator:
                                type="server_error", code="overloaded")
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chunks(rid, body.model, _chain(first, stream), include_usage)
+                events = chunks(rid, body.model, _chain(first, stream, request.state.log), include_usage)
                 return _EventStream(self._sse(stream, events), stream)
             text, last = await _unless_disconnected(request, _collect(first, stream))
         except BaseException:
@@ -296,10 +296,14 @@ def _data(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
 
-async def _chain(first: RequestOutput, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+async def _chain(first: RequestOutput, stream: RequestStream, log: dict) -> AsyncIterator[RequestOutput]:
+    """`first`, then the rest of the stream; the last output's counts go to the access log."""
+    last = first
     yield first
     async for out in stream:
+        last = out
         yield out
+    log.update(completion_tokens=last.num_output_tokens, finish_reason=_finish(last))
 
 
 async def _collect(first: RequestOutput, stream: RequestStream) -> tuple[str, RequestOutput]:
@@ -361,6 +365,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LowbitError)
     async def bad_input(request, e: LowbitError):
         return _error(400, str(e))
+
+    @app.exception_handler(EngineFailed)
+    async def engine_failed(request, e: EngineFailed):
+        return _error(500, str(e), type="server_error")
 
     @app.exception_handler(ClientGone)
     async def gone(request, e: ClientGone):
