@@ -282,7 +282,7 @@ def add_eval_parser(sub) -> None:
 
 
 def add_serve_parser(sub) -> None:
-    from lowbit.server.app import ServerConfig
+    from lowbit.config import ServerConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible API (/v1/chat/completions, /v1/completions) and a chat page at /",
                        description="Serve MODEL over HTTP with continuous batching; open http://HOST:PORT/ to chat.")
@@ -303,10 +303,14 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from lowbit.server.app import create_app
+    except ImportError as e:
+        raise LowbitError(f"lowbit serve needs the serve extra ({e.name} is missing): pip install 'lowbit[serve]'") from None
+    from lowbit.config import ServerConfig
     from lowbit.engine.engine import Engine, EngineConfig
-    from lowbit.server.app import ServerConfig, create_app
 
     if args.max_batch < 1 or args.max_model_len < 2 or args.max_waiting < 0 or args.max_wait <= 0:
         raise LowbitError("--max-batch must be >= 1, --max-model-len >= 2, --max-waiting >= 0 and --max-wait > 0")

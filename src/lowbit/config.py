@@ -3,6 +3,7 @@
 `ModelConfig` is read from a Hugging Face `config.json` (old `rope_scaling` and new `rope_parameters`
 spellings alike); `QuantConfig` from `quantize_config.json`, `quant_config.json` or `config.json`'s
 `quantization_config`. Reading the files is left to `lowbit.model.weights`; this module parses dicts.
+`ServerConfig` holds the HTTP server's settings (`lowbit serve` derives its flags from it).
 """
 
 from __future__ import annotations
@@ -162,3 +163,14 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.nsamples <= 0 or self.seqlen <= 1:
             raise LowbitError(f"nsamples and seqlen must be positive, got {self.nsamples} and {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `lowbit.server.app` needs besides the engine (whose sizing is `EngineConfig`); no fastapi here,
+    so that the CLI can build its flags without the serve extra installed."""
+
+    model_name: str = field(default="lowbit", metadata={"help": "the model id clients send (default: MODEL's name)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on /v1/* and /info (default: $LOWBIT_API_KEY, else none)"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (default 1 MiB)"})

@@ -12,7 +12,8 @@ import uvicorn
 
 from lowbit.api import load
 from lowbit.engine.engine import Engine, EngineConfig
-from lowbit.server.app import ServerConfig, create_app
+from lowbit.config import ServerConfig
+from lowbit.server.app import create_app
 from tests.chat_model import write_tiny_chat_model
 
 

@@ -14,8 +14,10 @@ import httpx
 import openai
 import pytest
 
+from lowbit.config import ServerConfig
 from lowbit.engine.engine import Engine, EngineConfig
 from lowbit.engine.sampling import SamplingParams
+from lowbit.server.app import create_app
 from tests.server.conftest import live_server, make_app
 
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
@@ -189,8 +191,6 @@ class SlowEngine(Engine):
 def slow_server(tiny_chat):
     engine = SlowEngine(tiny_chat.model, tiny_chat.tokenizer,
                         EngineConfig(max_batch=1, max_seq_len=256, max_waiting=1, max_wait_s=1.0))
-    from lowbit.server.app import ServerConfig, create_app
-
     app = create_app(engine, tiny_chat.tokenizer, tiny_chat.chat_template(), ServerConfig(model_name="tiny"))
     with live_server(app) as live:
         yield live
@@ -249,8 +249,6 @@ class FlakyEngine(Engine):
 
 
 def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(tiny_chat):
-    from lowbit.server.app import ServerConfig, create_app
-
     engine = FlakyEngine(tiny_chat.model, tiny_chat.tokenizer, EngineConfig(max_batch=2, max_seq_len=64))
     app = create_app(engine, tiny_chat.tokenizer, tiny_chat.chat_template(), ServerConfig(model_name="tiny"))
     with live_server(app) as live:
@@ -259,3 +257,13 @@ def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(tiny_cha
         assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]["message"]
         ok = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4})
         assert ok.status_code == 200 and httpx.get(live.url + "/health").json()["active_requests"] == 0
+
+
+def test_sse_events_survive_splitlines():
+    from lowbit.server import protocol as P
+    from lowbit.server.app import _data
+
+    text = "a\u2028b\u2029c\x85d\re\nf\x0bg\x0ch\x1ci\x1dj\x1ek"
+    event = _data(P.ChatCompletionChunk(id="x", model="m", choices=[P.ChatChunkChoice(delta=P.Delta(content=text))]))
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[6:])["choices"][0]["delta"]["content"] == text

@@ -14,7 +14,6 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
@@ -24,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from lowbit.chat.template import ChatTemplate
+from lowbit.config import ServerConfig
 from lowbit.engine.engine import Engine
 from lowbit.engine.request import FinishReason, RequestOutput
 from lowbit.engine.sampling import SamplingParams
@@ -37,17 +37,6 @@ log = logging.getLogger(__name__)
 
 STATIC = resources.files("lowbit.server") / "static"
 _DISCONNECT_POLL_S = 0.5
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the HTTP side needs (the `lowbit serve` flags come from these fields); the engine's sizing lives
-    in EngineConfig."""
-
-    model_name: str = field(default="lowbit", metadata={"help": "the model id clients send (default: MODEL's name)"})
-    api_key: str | None = field(default=None, metadata={
-        "help": "require 'Authorization: Bearer KEY' on /v1/* and /info (default: $LOWBIT_API_KEY, else none)"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (default 1 MiB)"})
 
 
 class ApiError(Exception):
@@ -292,8 +281,13 @@ def _usage(out: RequestOutput) -> P.Usage:
                    total_tokens=out.num_prompt_tokens + out.num_output_tokens)
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _data(model) -> str:
-    return f"data: {model.model_dump_json()}\n\n"
+    """One SSE event. JSON leaves U+0085/U+2028/U+2029 raw; they are escaped, since clients that split the
+    stream with str.splitlines() (requests, httpx) would otherwise cut an event in two."""
+    return f"data: {model.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 async def _chain(first: RequestOutput, stream: RequestStream, log: dict) -> AsyncIterator[RequestOutput]:
