@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from lowbit.cli import main
 from tests.conftest import tiny_config, write_hf_checkpoint
+from tests.quant.tiny import one_thread  # noqa: F401 (fixture)
 
 
 def run_error(capsys, argv, match):
@@ -118,3 +119,84 @@ def test_chat_repl_multi_turn(capsys, monkeypatch, smollm2_dir):
     out, err = capsys.readouterr()
     assert "Paris" in out
     assert "conversation cleared" in err and "unknown command /bogus" in err
+
+
+# ----------------------------------------------------------------------------- quantize, apply-delta
+
+PROSE = "The quick brown fox jumps over the lazy dog. A rose is a rose, isn't it?\n" * 40
+
+
+@pytest.fixture
+def quant_setup(tmp_path, one_thread):
+    from tests.quant.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m")
+    (tmp_path / "prose.txt").write_text(PROSE)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text((model / "config.json").read_text())
+    (tmp_path / "exists").mkdir()
+    return tmp_path
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--variants", "4bit-128g,4bit-128g-fast"], "unknown variant '4bit-128g-fast'"),
+    (["--variants", "4bit-128g,5bit-128g"], "bits=5"),
+    (["--bits", "5"], "bits=5"),
+    (["--dataset", "{tmp}/empty.txt"], "no text found"),
+    (["--model", "{tmp}/no-weights"], "no weights found"),
+    (["--out", "{tmp}/exists"], "already exists; pass --overwrite"),
+    (["--out", "{tmp}/exists", "--variants", "4bit-32g"], "already exists; pass --overwrite"),
+    (["--variants", "4bit-32g", "--bits", "3"], "drop --bits"),
+    (["--lora", "{tmp}/nowhere"], "no such adapter folder"),
+    (["--method", "awq"], "unknown method"),
+])
+def test_quantize_bad_input(capsys, quant_setup, extra, match):
+    tmp = quant_setup
+    extra = [e.format(tmp=tmp) for e in extra]
+    model, out = str(tmp / "m"), str(tmp / "out")
+    if "--model" in extra:
+        model = extra.pop(extra.index("--model") + 1)
+        extra.remove("--model")
+    if "--out" in extra:
+        out = extra.pop(extra.index("--out") + 1)
+        extra.remove("--out")
+    before = snapshot(tmp)
+    run_error(capsys, ["quantize", model, out, "--dataset", str(tmp / "prose.txt"), "--nsamples", "2",
+                       "--seqlen", "16", "--device", "cpu", *extra], match)
+    assert snapshot(tmp) == before
+
+
+def test_quantize_variants_then_eval(capsys, quant_setup):
+    tmp = quant_setup
+    capsys.readouterr()
+    assert main(["quantize", str(tmp / "m"), str(tmp / "out"), "--variants", "4bit-32g,8bit--1g-actorder",
+                 "--dataset", str(tmp / "prose.txt"), "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "gptq-4bit-32g-actorder_False: wrote" in out and "gptq-8bit--1g-actorder_True: wrote" in out
+    card = (tmp / "out" / "README.md").read_text()
+    assert "| gptq-8bit--1g-actorder_True | 8 | None | Yes | 0.01 |" in card and str(tmp / "prose.txt") in card
+    assert main(["eval", "ppl", str(tmp / "out" / "gptq-8bit--1g-actorder_True"), "--dataset",
+                 str(tmp / "prose.txt"), "--seqlen", "32", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] > 0 and result["perplexity"] > 1
+
+
+def test_apply_delta_cli(capsys, quant_setup):
+    from tests.quant.tiny import write_tiny_model
+
+    tmp = quant_setup
+    other = write_tiny_model(tmp / "wider", hidden_size=32, tokenizer=False)
+    before = snapshot(tmp)
+    run_error(capsys, ["apply-delta", str(tmp / "m"), str(other), str(tmp / "out")], "the base has shape")
+    assert snapshot(tmp) == before
+    assert main(["apply-delta", str(tmp / "m"), str(tmp / "m"), str(tmp / "doubled")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp / "m" / "model.safetensors"), load_file(tmp / "doubled" / "model.safetensors")
+    assert all(torch.equal(b[k], 2 * a[k]) for k in a)
