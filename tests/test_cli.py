@@ -200,3 +200,27 @@ def test_apply_delta_cli(capsys, quant_setup):
 
     a, b = load_file(tmp / "m" / "model.safetensors"), load_file(tmp / "doubled" / "model.safetensors")
     assert all(torch.equal(b[k], 2 * a[k]) for k in a)
+
+
+def test_quantize_full_disk_then_resume(capsys, quant_setup, monkeypatch):
+    import errno
+
+    from lowbit.model import checkpoint
+
+    tmp = quant_setup
+    argv = ["quantize", str(tmp / "m"), str(tmp / "out"), "--dataset", str(tmp / "prose.txt"), "--nsamples", "2",
+            "--seqlen", "16", "--device", "cpu", "--group-size", "32"]
+    model_files = {p.name: p.read_bytes() for p in (tmp / "m").iterdir()}
+    real_save = checkpoint._save
+
+    def full_disk(folder, i, tensors, save_file):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"shard-{i}.partial"))
+
+    monkeypatch.setattr(checkpoint, "_save", full_disk)
+    run_error(capsys, argv, "No space left on device")
+    assert {p.name: p.read_bytes() for p in (tmp / "m").iterdir()} == model_files
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))  # no half-written folder
+    assert json.loads((tmp / ".out.partial" / "progress.json").read_text())["layers_done"] == 2
+    monkeypatch.setattr(checkpoint, "_save", real_save)
+    assert main(argv + ["--resume"]) == 0
+    assert (tmp / "out" / "model.safetensors").exists() and not (tmp / ".out.partial").exists()

@@ -225,11 +225,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         return _run_quantize(source, out_dir, specs, quant, calib, kwargs)
     except KeyboardInterrupt:
-        raise LowbitError(f"interrupted; finished layers are kept beside {out_dir}: "
-                          "run the same command with --resume to continue") from None
-    except OSError as e:
-        raise LowbitError(f"writing {out_dir} failed ({e.strerror or e}); the model folder is untouched and "
-                          "finished layers are kept: free space, then run again with --resume") from None
+        print(f"lowbit: interrupted; finished layers are kept beside {out_dir}: run the same command with "
+              "--resume to continue", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a lost mount: the run's own files, never the model's
+        where = f" ({e.filename})" if e.filename else ""
+        raise LowbitError(f"quantization stopped: {e.strerror or e}{where}; {source} is untouched and finished "
+                          "layers are kept: fix the cause and run the same command with --resume") from None
 
 
 def _run_quantize(source: Path, out_dir: Path, specs, quant, calib, kwargs: dict) -> int:
