@@ -127,7 +127,7 @@ PROSE = "The quick brown fox jumps over the lazy dog. A rose is a rose, isn't it
 
 
 @pytest.fixture
-def quant_setup(tmp_path, one_thread):
+def quant_setup(tmp_path):
     from tests.quant.tiny import write_tiny_model
 
     model = write_tiny_model(tmp_path / "m")
@@ -143,6 +143,7 @@ def snapshot(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("extra,match", [
     (["--variants", "4bit-128g,4bit-128g-fast"], "unknown variant '4bit-128g-fast'"),
     (["--variants", "4bit-128g,5bit-128g"], "bits=5"),
@@ -171,6 +172,7 @@ def test_quantize_bad_input(capsys, quant_setup, extra, match):
     assert snapshot(tmp) == before
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_quantize_variants_then_eval(capsys, quant_setup):
     tmp = quant_setup
     capsys.readouterr()
@@ -186,6 +188,7 @@ def test_quantize_variants_then_eval(capsys, quant_setup):
     assert result["windows"] > 0 and result["perplexity"] > 1
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_apply_delta_cli(capsys, quant_setup):
     from tests.quant.tiny import write_tiny_model
 
@@ -202,6 +205,7 @@ def test_apply_delta_cli(capsys, quant_setup):
     assert all(torch.equal(b[k], 2 * a[k]) for k in a)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_quantize_full_disk_then_resume(capsys, quant_setup, monkeypatch):
     import errno
 

@@ -187,11 +187,13 @@ def test_bad_adapters_are_refused_before_any_work(tmp_path, base):
     cases.append((half, "lacks one of its LoRA factors"))
 
     ranks = _adapter(tmp_path / "ranks", base)
-    _retensor(ranks, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 3)}))
+    q_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    _retensor(ranks, lambda t: t.update({q_b: torch.zeros(64, 3)}))
     cases.append((ranks, "do not share a rank"))
 
     named = _adapter(tmp_path / "named", base)  # keys with the adapter name left in are not PEFT's saved layout
-    _retensor(named, lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight": torch.zeros(4, 64)}))
+    up_a = "base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"
+    _retensor(named, lambda t: t.update({up_a: torch.zeros(4, 64)}))
     cases.append((named, "unsupported adapter tensor"))
 
     cases.append((tmp_path / "nowhere", "no such adapter folder"))

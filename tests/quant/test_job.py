@@ -19,7 +19,7 @@ from lowbit.model.weights import load_model
 from lowbit.quant import job
 from lowbit.quant.card import format_size
 from lowbit.quant.job import quantize
-from tests.quant.tiny import CALIB, VOCAB, calib_tokens, one_thread, tiny_model, write_tiny_model  # noqa: F401
+from tests.quant.tiny import CALIB, VOCAB, calib_tokens, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,13 +97,15 @@ def test_output_folder_contents(tmp_path, tiny_model):
     run(tiny_model, tmp_path / "q", QuantConfig(bits=4, group_size=32, desc_act=True), max_shard_bytes=20_000)
     out = tmp_path / "q"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "quantize_config.json", "README.md", "tokenizer.json", "model.safetensors.index.json"} <= names
+    assert {"config.json", "quantize_config.json", "README.md", "tokenizer.json",
+            "model.safetensors.index.json"} <= names
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["desc_act"]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    assert f"| gptq-4bit-32g-actorder_True | 4 | 32 | Yes | 0.01 | {CALIB.dataset} | 32 | {format_size(size)} | Yes | gptq |" \
-        in (out / "README.md").read_text()
+    row = (f"| gptq-4bit-32g-actorder_True | 4 | 32 | Yes | 0.01 | {CALIB.dataset} | 32 | {format_size(size)} "
+           "| Yes | gptq |")
+    assert row in (out / "README.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no hidden partial or temp folder left beside it
 
 

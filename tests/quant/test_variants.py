@@ -15,7 +15,7 @@ from lowbit.quant import job, variants
 from lowbit.quant.card import format_size
 from lowbit.quant.job import quantize
 from lowbit.quant.variants import SEEDS_VARIANTS, VariantSpec, parse_variants, quantize_variants
-from tests.quant.tiny import CALIB, calib_tokens, one_thread, tiny_model  # noqa: F401
+from tests.quant.tiny import CALIB, calib_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +82,8 @@ def test_variants_folders_card_and_one_calibration(tmp_path, tiny_model, monkeyp
         ref, got = load_file(single / "model.safetensors"), load_file(folder / "model.safetensors")
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
         assert (single / "quantize_config.json").read_text() == (folder / "quantize_config.json").read_text()
-    assert set(report.reports) == set(branches) and all(r is not None for r in report.reports.values())
+    assert set(report.reports) == set(branches)
+    assert all(r.out_dir == out / branch for branch, r in report.reports.items())
 
 
 class Interrupt(Exception):
@@ -119,7 +120,8 @@ def test_interrupted_variants_resume(tmp_path, tiny_model, monkeypatch):
     fresh = tmp_path / "fresh"
     quantize_variants(tiny_model, fresh, names, QuantConfig(), CALIB)
     for branch in ("gptq-4bit-32g-actorder_False", "gptq-2bit-32g-actorder_True"):
-        ref, got = load_file(fresh / branch / "model.safetensors"), load_file(tmp_path / "out" / branch / "model.safetensors")
+        ref = load_file(fresh / branch / "model.safetensors")
+        got = load_file(tmp_path / "out" / branch / "model.safetensors")
         assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert (fresh / "README.md").read_text() == (tmp_path / "out" / "README.md").read_text()
     assert not stage.exists() and not (tmp_path / "out" / variants.STATE).exists()

@@ -2,11 +2,12 @@
 
 Owns reading an adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors, keys
 `base_model.model.<module>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r], embeddings
-`.lora_embedding_A` [r, vocab] / `.lora_embedding_B` [dim, r], optional `.lora_B.bias`, and whole tensors
-saved for `modules_to_save`, `bias="all"` or targeted embeddings), checking it against the checkpoint before any work, and
-`MergedTensors`, a drop-in for `TensorFiles` whose `get` returns merged weights. The merge follows PEFT's
-`LoraLayer.get_delta_weight` / `merge`: scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora),
-alpha_pattern per module, and fan_in_fan_out ignored for nn.Linear targets, as PEFT itself does for LLaMA.
+`.lora_embedding_A` [r, vocab] / `.lora_embedding_B` [dim, r], optional `.lora_B.bias`, and whole
+tensors saved for `modules_to_save`, `bias="all"` or targeted embeddings), checking it against the
+checkpoint before any work, and `MergedTensors`, a drop-in for `TensorFiles` whose `get` returns merged
+weights. The merge follows PEFT's `LoraLayer.get_delta_weight` / `merge`: scaling = lora_alpha / r
+(lora_alpha / sqrt(r) with use_rslora), alpha_pattern per module, and fan_in_fan_out ignored for nn.Linear
+targets, as PEFT itself does for LLaMA.
 """
 
 from __future__ import annotations

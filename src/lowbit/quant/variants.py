@@ -117,7 +117,8 @@ def quantize_variants(source: Path, out_dir: Path, variants: list[VariantSpec] |
         (target / "README.md").write_text(card)
     publish(stage, out_dir)
     (out_dir / STATE).unlink()
-    return VariantsReport(out_dir, reports, listed)
+    published = {b: r and dataclasses.replace(r, out_dir=out_dir / b) for b, r in reports.items()}
+    return VariantsReport(out_dir, published, listed)
 
 
 def _stage(out_dir: Path, settings: dict, resume: bool) -> Path:
