@@ -121,6 +121,21 @@ def test_chat_repl_multi_turn(capsys, monkeypatch, smollm2_dir):
     assert "conversation cleared" in err and "unknown command /bogus" in err
 
 
+@pytest.mark.slow
+def test_demo_walks_the_whole_path(capsys, tmp_path, smollm2_dir):
+    """The README's main command, shrunk: quantize with 2 windows, 2 perplexity windows, a short reply."""
+    from lowbit import demo
+
+    lines = []
+    settings = demo.DemoSettings(model=str(smollm2_dir), nsamples=2, eval_windows=2, max_new_tokens=8)
+    demo.run(settings, tmp_path, "cpu", say=lines.append)
+    text = "\n".join(lines)
+    assert "[4/4]" in text and "assistant:" in text
+    float_ppl, quant_ppl = (float(line.split()[-3]) for line in lines if line.strip().startswith(("float", "GPTQ")))
+    assert 1 < float_ppl < quant_ppl < 3 * float_ppl
+    assert (tmp_path / "demo" / f"{smollm2_dir.name}-gptq-4bit-128g" / "quantize_config.json").exists()
+
+
 # ----------------------------------------------------------------------------- quantize, apply-delta
 
 PROSE = "The quick brown fox jumps over the lazy dog. A rose is a rose, isn't it?\n" * 40

@@ -11,8 +11,8 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lowbit.errors import LowbitError
 
@@ -290,6 +290,26 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit import demo
+
+    settings = demo.DemoSettings(nsamples=args.nsamples, eval_windows=args.eval_windows, dataset=args.dataset)
+    demo.run(settings, cache_dir(), args.device, args.overwrite, progress=_progress())
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole path on the built-in SmolLM2: import, quantize, perplexity, chat",
+                       description="Import SmolLM2-135M-Instruct, quantize it to 4-bit GPTQ, compare float and "
+                                   "quantized perplexity and size, and answer one chat turn with the 4-bit model.")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
+    p.add_argument("--eval-windows", type=int, default=24, help="perplexity windows of 512 tokens (default 24)")
+    p.add_argument("--dataset", help="text for calibration and evaluation (default: the Python docs split)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="quantize again even if the demo checkpoint exists")
+    p.set_defaults(func=cmd_demo)
+
+
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="GPTQ-quantize a float model into a checkpoint every GPTQ loader reads",
                        description="Quantize MODEL layer by layer with GPTQ (or round-to-nearest) and write OUT_DIR.")
@@ -388,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_apply_delta_parser(sub)
     add_eval_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
