@@ -13,5 +13,5 @@ fi
 # The chat page test drives Debian's Chromium through Playwright (no browser download: it runs /usr/bin/chromium).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "setup: chromium not installed (the chat page test will be skipped)" >&2
+    || echo "setup: chromium not installed (tests/server/test_page.py needs /usr/bin/chromium)" >&2
 fi

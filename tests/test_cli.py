@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from lowbit.cli import main
 from tests.conftest import tiny_config, write_hf_checkpoint
+from tests.quant.tiny import one_thread  # noqa: F401 (fixture)
 
 
 def run_error(capsys, argv, match):
@@ -118,3 +119,127 @@ def test_chat_repl_multi_turn(capsys, monkeypatch, smollm2_dir):
     out, err = capsys.readouterr()
     assert "Paris" in out
     assert "conversation cleared" in err and "unknown command /bogus" in err
+
+
+@pytest.mark.slow
+def test_demo_walks_the_whole_path(capsys, tmp_path, smollm2_dir):
+    """The README's main command, shrunk: quantize with 2 windows, 2 perplexity windows, a short reply."""
+    from lowbit import demo
+
+    lines = []
+    settings = demo.DemoSettings(model=str(smollm2_dir), nsamples=2, eval_windows=2, max_new_tokens=8)
+    demo.run(settings, tmp_path, "cpu", say=lines.append)
+    text = "\n".join(lines)
+    assert "[4/4]" in text and "assistant:" in text
+    float_ppl, quant_ppl = (float(line.split()[-3]) for line in lines if line.strip().startswith(("float", "GPTQ")))
+    assert 1 < float_ppl < quant_ppl < 3 * float_ppl
+    assert (tmp_path / "demo" / f"{smollm2_dir.name}-gptq-4bit-128g" / "quantize_config.json").exists()
+
+
+# ----------------------------------------------------------------------------- quantize, apply-delta
+
+PROSE = "The quick brown fox jumps over the lazy dog. A rose is a rose, isn't it?\n" * 40
+
+
+@pytest.fixture
+def quant_setup(tmp_path):
+    from tests.quant.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m")
+    (tmp_path / "prose.txt").write_text(PROSE)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text((model / "config.json").read_text())
+    (tmp_path / "exists").mkdir()
+    return tmp_path
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("extra,match", [
+    (["--variants", "4bit-128g,4bit-128g-fast"], "unknown variant '4bit-128g-fast'"),
+    (["--variants", "4bit-128g,5bit-128g"], "bits=5"),
+    (["--bits", "5"], "bits=5"),
+    (["--dataset", "{tmp}/empty.txt"], "no text found"),
+    (["--model", "{tmp}/no-weights"], "no weights found"),
+    (["--out", "{tmp}/exists"], "already exists; pass --overwrite"),
+    (["--out", "{tmp}/exists", "--variants", "4bit-32g"], "already exists; pass --overwrite"),
+    (["--variants", "4bit-32g", "--bits", "3"], "drop --bits"),
+    (["--lora", "{tmp}/nowhere"], "no such adapter folder"),
+    (["--method", "awq"], "unknown method"),
+])
+def test_quantize_bad_input(capsys, quant_setup, extra, match):
+    tmp = quant_setup
+    extra = [e.format(tmp=tmp) for e in extra]
+    model, out = str(tmp / "m"), str(tmp / "out")
+    if "--model" in extra:
+        model = extra.pop(extra.index("--model") + 1)
+        extra.remove("--model")
+    if "--out" in extra:
+        out = extra.pop(extra.index("--out") + 1)
+        extra.remove("--out")
+    before = snapshot(tmp)
+    run_error(capsys, ["quantize", model, out, "--dataset", str(tmp / "prose.txt"), "--nsamples", "2",
+                       "--seqlen", "16", "--device", "cpu", *extra], match)
+    assert snapshot(tmp) == before
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quantize_variants_then_eval(capsys, quant_setup):
+    tmp = quant_setup
+    capsys.readouterr()
+    assert main(["quantize", str(tmp / "m"), str(tmp / "out"), "--variants", "4bit-32g,8bit--1g-actorder",
+                 "--dataset", str(tmp / "prose.txt"), "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "gptq-4bit-32g-actorder_False: wrote" in out and "gptq-8bit--1g-actorder_True: wrote" in out
+    card = (tmp / "out" / "README.md").read_text()
+    assert "| gptq-8bit--1g-actorder_True | 8 | None | Yes | 0.01 |" in card and str(tmp / "prose.txt") in card
+    assert main(["eval", "ppl", str(tmp / "out" / "gptq-8bit--1g-actorder_True"), "--dataset",
+                 str(tmp / "prose.txt"), "--seqlen", "32", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] > 0 and result["perplexity"] > 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_apply_delta_cli(capsys, quant_setup):
+    from tests.quant.tiny import write_tiny_model
+
+    tmp = quant_setup
+    other = write_tiny_model(tmp / "wider", hidden_size=32, tokenizer=False)
+    before = snapshot(tmp)
+    run_error(capsys, ["apply-delta", str(tmp / "m"), str(other), str(tmp / "out")], "the base has shape")
+    assert snapshot(tmp) == before
+    assert main(["apply-delta", str(tmp / "m"), str(tmp / "m"), str(tmp / "doubled")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp / "m" / "model.safetensors"), load_file(tmp / "doubled" / "model.safetensors")
+    assert all(torch.equal(b[k], 2 * a[k]) for k in a)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_quantize_full_disk_then_resume(capsys, quant_setup, monkeypatch):
+    import errno
+
+    from lowbit.model import checkpoint
+
+    tmp = quant_setup
+    argv = ["quantize", str(tmp / "m"), str(tmp / "out"), "--dataset", str(tmp / "prose.txt"), "--nsamples", "2",
+            "--seqlen", "16", "--device", "cpu", "--group-size", "32"]
+    model_files = {p.name: p.read_bytes() for p in (tmp / "m").iterdir()}
+    real_save = checkpoint._save
+
+    def full_disk(folder, i, tensors, save_file):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"shard-{i}.partial"))
+
+    monkeypatch.setattr(checkpoint, "_save", full_disk)
+    run_error(capsys, argv, "No space left on device")
+    assert {p.name: p.read_bytes() for p in (tmp / "m").iterdir()} == model_files
+    assert not (tmp / "out").exists() and not list(tmp.glob(".out.tmp-*"))  # no half-written folder
+    assert json.loads((tmp / ".out.partial" / "progress.json").read_text())["layers_done"] == 2
+    monkeypatch.setattr(checkpoint, "_save", real_save)
+    assert main(argv + ["--resume"]) == 0
+    assert (tmp / "out" / "model.safetensors").exists() and not (tmp / ".out.partial").exists()

@@ -11,8 +11,8 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lowbit.errors import LowbitError
 
@@ -191,7 +191,9 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 def quant_config(args: argparse.Namespace):
     from lowbit.config import QuantConfig
 
-    return QuantConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.no_sym,
+    bits = 4 if args.bits is None else args.bits
+    group_size = 128 if args.group_size is None else args.group_size
+    return QuantConfig(bits=bits, group_size=group_size, desc_act=args.desc_act, sym=not args.no_sym,
                        static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
                        damp_percent=args.damp, checkpoint_format=args.format)
 
@@ -204,19 +206,67 @@ def calibration_config(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import model_folder, pick_device
-    from lowbit.quant.job import quantize
+    from lowbit.quant.variants import parse_variants
 
+    specs = parse_variants(args.variants) if args.variants is not None else None
+    if specs is not None and (args.bits is not None or args.group_size is not None or args.desc_act):
+        raise LowbitError("--variants sets bits, group size and act-order per variant; drop --bits, "
+                          "--group-size and --desc-act")
     quant, calib = quant_config(args), calibration_config(args)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not args.overwrite:
         raise LowbitError(f"{out_dir} already exists; pass --overwrite to replace it")
+    lora = Path(args.lora) if args.lora else None
+    if lora is not None and not lora.is_dir():
+        raise LowbitError(f"{lora}: no such adapter folder (expected adapter_config.json + adapter_model.safetensors)")
     source = model_folder(args.model, cache_dir(), _progress())
-    report = quantize(source, out_dir, quant, calib, args.method, args.mse, pick_device(args.device),
-                      args.resume, args.overwrite, progress=_progress())
+    kwargs = dict(method=args.method, mse=args.mse, device=pick_device(args.device), resume=args.resume,
+                  overwrite=args.overwrite, progress=_progress(), lora=lora)
+    try:
+        return _run_quantize(source, out_dir, specs, quant, calib, kwargs)
+    except KeyboardInterrupt:
+        print(f"lowbit: interrupted; finished layers are kept beside {out_dir}: run the same command with "
+              "--resume to continue", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a lost mount: the run's own files, never the model's
+        where = f" ({e.filename})" if e.filename else ""
+        raise LowbitError(f"quantization stopped: {e.strerror or e}{where}; {source} is untouched and finished "
+                          "layers are kept: fix the cause and run the same command with --resume") from None
+
+
+def _run_quantize(source: Path, out_dir: Path, specs, quant, calib, kwargs: dict) -> int:
+    from lowbit.quant.job import quantize
+    from lowbit.quant.variants import quantize_variants
+
+    if specs is None:
+        _print_quantized(quantize(source, out_dir, quant, calib, **kwargs))
+        return 0
+    result = quantize_variants(source, out_dir, specs, quant, calib, **kwargs)
+    for branch, report in result.reports.items():
+        if report is None:
+            print(f"{branch}: finished by the interrupted run")
+        else:
+            _print_quantized(report, f"{branch}: ")
+    print(f"wrote {out_dir}: {len(result.variants)} variants, model card {out_dir / 'README.md'}")
+    return 0
+
+
+def _print_quantized(report, prefix: str = "") -> None:
     q = report.quant
-    print(f"wrote {report.out_dir}: {q.bits}-bit group {q.group_size} desc_act={q.desc_act} sym={q.sym} "
+    print(f"{prefix}wrote {report.out_dir}: {q.bits}-bit group {q.group_size} desc_act={q.desc_act} sym={q.sym} "
           f"format={q.checkpoint_format}, {report.size_bytes / 1024**2:.1f} MiB, {report.seconds:.1f} s"
           + (f", peak GPU {report.peak_gpu_bytes / 1024**3:.2f} GiB" if report.peak_gpu_bytes else ""))
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> int:
+    from lowbit.api import model_folder
+    from lowbit.model.delta import apply_delta
+
+    base = model_folder(args.base, cache_dir(), _progress())
+    delta = model_folder(args.delta, cache_dir(), _progress())
+    report = apply_delta(base, delta, Path(args.out_dir), args.overwrite, args.allow_pickle, progress=_progress())
+    grown = f"; rows added to {', '.join(report.grown)}" if report.grown else ""
+    print(f"wrote {report.out_dir}: {report.tensors} tensors{grown}")
     return 0
 
 
@@ -240,14 +290,35 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit import demo
+
+    settings = demo.DemoSettings(nsamples=args.nsamples, eval_windows=args.eval_windows, dataset=args.dataset)
+    demo.run(settings, cache_dir(), args.device, args.overwrite, progress=_progress())
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole path on the built-in SmolLM2: import, quantize, perplexity, chat",
+                       description="Import SmolLM2-135M-Instruct, quantize it to 4-bit GPTQ, compare float and "
+                                   "quantized perplexity and size, and answer one chat turn with the 4-bit model.")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
+    p.add_argument("--eval-windows", type=int, default=24, help="perplexity windows of 512 tokens (default 24)")
+    p.add_argument("--dataset", help="text for calibration and evaluation (default: the Python docs split)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="quantize again even if the demo checkpoint exists")
+    p.set_defaults(func=cmd_demo)
+
+
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="GPTQ-quantize a float model into a checkpoint every GPTQ loader reads",
                        description="Quantize MODEL layer by layer with GPTQ (or round-to-nearest) and write OUT_DIR.")
     p.add_argument("model", help="float model: folder, .gguf, Hub id or 'smollm2'")
     p.add_argument("out_dir", help="output folder (written atomically; must not exist unless --overwrite)")
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
-    g.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group; -1 = one group per row")
+    g.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale/zero group; -1 = one group per row (default 128)")
     g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="fix groups before act-order (monotonic g_idx)")
     g.add_argument("--no-sym", action="store_true", help="asymmetric quantization (zero point per group)")
@@ -257,6 +328,13 @@ def add_quantize_parser(sub) -> None:
     g.add_argument("--mse", action="store_true", help="search a clipping range for each group's scale (slower)")
     g.add_argument("--format", default="gptq",
                    help="checkpoint_format: gptq (v1, read everywhere) or gptq_v2")
+    g.add_argument("--variants", metavar="LIST",
+                   help="several quantizations in one go, one folder each, named like the Hub's branches: "
+                        "comma-separated BITSbit-GROUPg[-actorder] names, e.g. 4bit-128g,4bit-32g-actorder,"
+                        "8bit--1g-actorder (other flags apply to all)")
+    g.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="merge this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the "
+                        "float weights before quantizing")
     g = p.add_argument_group("calibration")
     g.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, or a local .txt/.jsonl/.parquet file or folder")
     g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -267,6 +345,18 @@ def add_quantize_parser(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     g.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_quantize)
+
+
+def add_apply_delta_parser(sub) -> None:
+    p = sub.add_parser("apply-delta", help="rebuild a model released as delta weights: OUT = BASE + DELTA",
+                       description="Add DELTA's tensors to BASE's (Vicuna v0 style delta weights, as FastChat's "
+                                   "apply_delta does) and write OUT_DIR with the delta's config and tokenizer.")
+    p.add_argument("base", help="the base float model (e.g. LLaMA): folder, Hub id")
+    p.add_argument("delta", help="the delta weights: folder, Hub id")
+    p.add_argument("out_dir", help="the folder to write (atomically; must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin pickle weights (can run code)")
+    p.set_defaults(func=cmd_apply_delta)
 
 
 def add_eval_parser(sub) -> None:
@@ -380,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_convert_gguf)
     add_quantize_parser(sub)
+    add_apply_delta_parser(sub)
     add_eval_parser(sub)
+    add_demo_parser(sub)
     add_serve_parser(sub)
     return parser
 

@@ -31,7 +31,7 @@ def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        _publish(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -95,8 +95,9 @@ def _name_shards(folder: Path, paths: list[Path], shards: list[dict], total: int
     return finals
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename into place; an existing folder (only with overwrite) is moved aside first, removed last."""
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Rename a filled sibling folder into place; an existing OUT_DIR (callers checked overwrite) is moved
+    aside first and removed last, so OUT_DIR is always either the old folder or the complete new one."""
     _make_readable(tmp)
     old = None
     if out_dir.exists():
@@ -112,7 +113,8 @@ def _make_readable(folder: Path) -> None:
     umask = _umask()
     folder.chmod(0o777 & ~umask)
     for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _umask() -> int:

@@ -13,7 +13,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -40,17 +40,26 @@ class PartialRun:
     fingerprint: str
 
     @classmethod
-    def for_output(cls, out_dir: Path, fingerprint: str, resume: bool) -> PartialRun:
+    def for_output(cls, out_dir: Path, fingerprint: str, resume: bool, settings: dict[str, Any] | None = None
+                   ) -> PartialRun:
+        """The partial folder for OUT_DIR: continued when `resume` and the settings match, else started afresh.
+
+        `settings` (JSON-able) is stored beside the fingerprint so that a refused resume can say what differs.
+        """
         folder = out_dir.with_name(f".{out_dir.name}.partial")
         run = cls(folder, fingerprint)
         state = run.state()
         if state and not resume:
             shutil.rmtree(folder)
         elif state and state["fingerprint"] != fingerprint:
-            raise LowbitError(f"{folder} belongs to a run with other settings; run without --resume to start over")
+            raise LowbitError(f"cannot resume {out_dir}: {settings_difference(state.get('settings'), settings)}; "
+                              "run without --resume to start over")
+        elif state:
+            log.info("resuming %s: %d layers already done", out_dir, state["layers_done"])
         folder.mkdir(parents=True, exist_ok=True)
         if not run.state():
-            run._write_state({"fingerprint": fingerprint, "layers_done": 0, "inputs_layer": None, "v1_overflow": False})
+            run._write_state({"fingerprint": fingerprint, "settings": settings, "layers_done": 0,
+                              "inputs_layer": None, "v1_overflow": False})
         return run
 
     def state(self) -> dict[str, Any] | None:
@@ -92,6 +101,25 @@ class PartialRun:
         return inputs, state["inputs_layer"]
 
 
+def settings_difference(before: dict[str, Any] | None, now: dict[str, Any] | None) -> str:
+    """'the interrupted run used bits=4, this one bits=3' for the first differing settings, flattened."""
+    a, b = _flatten(before or {}), _flatten(now or {})
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    if not keys:
+        return "the interrupted run used other calibration data or another model"
+    shown = keys[:3]
+    return (f"the interrupted run used {', '.join(f'{k}={a.get(k)}' for k in shown)}, "
+            f"this one {', '.join(f'{k}={b.get(k)}' for k in shown)}")
+
+
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """Nested settings as one level (the field names of QuantConfig and CalibrationConfig do not collide)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v) if isinstance(v, dict) else {k: v})
+    return out
+
+
 def layer_tensors(ckpt: Checkpoint, layer: int, results: dict[str, QuantResult], bits: int
                   ) -> tuple[dict[str, Tensor], bool]:
     """GPTQ tensors under HF names for one layer (fused results split back into q/k/v, gate/up)."""
@@ -130,7 +158,7 @@ def assembled_tensors(ckpt: Checkpoint, run: PartialRun, bits: int, fmt: str) ->
         for name in sorted(layer_files.keys()):
             t = layer_files.get(name)
             if name.endswith(".qzeros") and fmt == "gptq":
-                t = to_v1_zeros(t, bits)
+                t = to_v1_zeros(t, bits, layer_files.shape(name.removesuffix(".qzeros") + ".scales")[1])
             yield name, t
         yield from _float_layer_tensors(ckpt, layer)
 
@@ -141,10 +169,12 @@ def _float_layer_tensors(ckpt: Checkpoint, layer: int) -> Iterator[tuple[str, Te
         yield name, ckpt.tensors.get(name)
 
 
-def to_v1_zeros(qzeros_v2: Tensor, bits: int) -> Tensor:
-    """Re-pack v2 (true) zero points as v1 (stored minus one); callers checked that none is 0."""
-    n = qzeros_v2.shape[1] * 32 // bits
-    return pack.pack_cols(pack.unpack_cols(qzeros_v2, bits, n).to(torch.int32) - 1, bits)
+def to_v1_zeros(qzeros_v2: Tensor, bits: int, out_features: int) -> Tensor:
+    """Re-pack v2 (true) zero points as v1 (stored minus one); callers checked that none is 0.
+
+    Only the `out_features` real values are converted: the padding that fills the last word stays 0.
+    """
+    return pack.pack_cols(pack.unpack_cols(qzeros_v2, bits, out_features).to(torch.int32) - 1, bits)
 
 
 def quantized_config(ckpt: Checkpoint, quant: QuantConfig, meta: dict[str, Any]) -> dict[str, Any]:
@@ -153,17 +183,20 @@ def quantized_config(ckpt: Checkpoint, quant: QuantConfig, meta: dict[str, Any])
             "model_file_base_name": "model", **{k: v for k, v in meta.items() if k != "model_name_or_path"}}
 
 
-def assemble(ckpt: Checkpoint, run: PartialRun, quant: QuantConfig, out_dir: Path, card: str,
+def assemble(ckpt: Checkpoint, run: PartialRun, quant: QuantConfig, out_dir: Path, card: Callable[[int], str],
              meta: dict[str, Any], max_shard_bytes: int, overwrite: bool = False) -> Path:
-    """Publish OUT_DIR atomically from the finished layers; remove the partial folder."""
+    """Publish OUT_DIR atomically from the finished layers; remove the partial folder.
+
+    card(size of the weight files in bytes) -> the README.md text.
+    """
     qdict = quantized_config(ckpt, quant, meta)
     config = json.loads((ckpt.folder / "config.json").read_text())
     config["quantization_config"] = qdict
     with staged_folder(out_dir, overwrite) as tmp:
-        write_shards(tmp, assembled_tensors(ckpt, run, quant.bits, quant.checkpoint_format), max_shard_bytes)
+        shards = write_shards(tmp, assembled_tensors(ckpt, run, quant.bits, quant.checkpoint_format), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(qdict, indent=2) + "\n")
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(card(sum(f.stat().st_size for f in shards)))
         for name in TOKENIZER_FILES:
             if (ckpt.folder / name).exists():
                 shutil.copy2(ckpt.folder / name, tmp / name)
