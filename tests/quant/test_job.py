@@ -33,9 +33,12 @@ def run(src: Path, out: Path, quant: QuantConfig, **kwargs) -> dict[int, dict]:
 
 
 def fake_quantized(src: Path, results: dict[int, dict]) -> torch.nn.Module:
-    """The float model with every linear weight replaced by the quantizer's dequantized W_q."""
+    """The float model with every linear weight replaced by the quantizer's dequantized W_q, and the
+    unquantized tensors (embeddings, norms, lm_head) rounded to float16 as GPTQ files store them."""
     model, _ = load_model(src)
     with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
         for layer, linears in results.items():
             for name, r in linears.items():
                 model.layers[layer].get_submodule(name).weight.copy_(r.W_q)
@@ -193,3 +196,14 @@ def test_bad_requests_write_nothing(tmp_path, tiny_model):
     with pytest.raises(LowbitError, match="unknown method"):
         quantize(tiny_model, tmp_path / "out", quant, CALIB, method="awq")
     assert snapshot(tmp_path) == before
+
+
+def test_unquantized_tensors_are_written_in_float16(tmp_path, tiny_model):
+    """ExLlama and TGI read GPTQ checkpoints as float16 throughout, whatever the source's dtype."""
+    run(tiny_model, tmp_path / "q", QuantConfig(bits=4, group_size=32), method="rtn", tokens=None)
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "q").glob("*.safetensors"))), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {d for k, d in dtypes.items() if k.endswith(("norm.weight", "embed_tokens.weight", "scales"))} == {"F16"}
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["torch_dtype"] == "float16"

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,7 +153,7 @@ def assembled_tensors(ckpt: Checkpoint, run: PartialRun, bits: int, fmt: str) ->
     """Float tensors outside the layers, then every layer's GPTQ tensors with zeros in format `fmt`."""
     for name in global_tensor_names(ckpt):
         if not (name == "lm_head.weight" and ckpt.config.tie_word_embeddings):
-            yield name, ckpt.tensors.get(name)
+            yield name, as_float16(name, ckpt.tensors.get(name))
     for layer in range(ckpt.config.num_layers):
         layer_files = TensorFiles([run.layer_file(layer)])
         for name in sorted(layer_files.keys()):
@@ -166,7 +167,16 @@ def assembled_tensors(ckpt: Checkpoint, run: PartialRun, bits: int, fmt: str) ->
 def _float_layer_tensors(ckpt: Checkpoint, layer: int) -> Iterator[tuple[str, Tensor]]:
     for hf in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         name = ckpt.hf_name(layer, hf)
-        yield name, ckpt.tensors.get(name)
+        yield name, as_float16(name, ckpt.tensors.get(name))
+
+
+def as_float16(name: str, t: Tensor) -> Tensor:
+    """The unquantized tensors in float16, as every GPTQ loader expects (ExLlama and TGI read no other)."""
+    if not t.is_floating_point() or t.dtype == torch.float16:
+        return t
+    if not torch.isfinite(t).all() or t.abs().max() > torch.finfo(torch.float16).max:
+        raise LowbitError(f"{name} has values outside float16's range; GPTQ checkpoints store it in float16")
+    return t.to(torch.float16)
 
 
 def to_v1_zeros(qzeros_v2: Tensor, bits: int, out_features: int) -> Tensor:
@@ -192,6 +202,9 @@ def assemble(ckpt: Checkpoint, run: PartialRun, quant: QuantConfig, out_dir: Pat
     qdict = quantized_config(ckpt, quant, meta)
     config = json.loads((ckpt.folder / "config.json").read_text())
     config["quantization_config"] = qdict
+    config["torch_dtype"] = "float16"  # the GPTQ tensors' dtype; also what the unquantized ones are stored in
+    if "dtype" in config:
+        config["dtype"] = "float16"
     with staged_folder(out_dir, overwrite) as tmp:
         shards = write_shards(tmp, assembled_tensors(ckpt, run, quant.bits, quant.checkpoint_format), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
