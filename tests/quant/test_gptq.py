@@ -20,7 +20,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.quant import pack
-from lowbit.quant.gptq import GPTQ
+from lowbit.quant.gptq import GPTQ, accumulate_xtx, inverse_hessian_cholesky
 from lowbit.quant.quantizer import find_params, rtn
 from tests.quant.test_quantizer import ref_find_params
 
@@ -308,6 +308,36 @@ def test_h_is_running_mean_and_left_intact():
     assert torch.equal(g.H, H)
     b = g.quantize(QuantConfig(bits=4, group_size=8, desc_act=True))
     assert torch.equal(a.codes, b.codes) and a.W_q.dtype == torch.float32
+
+
+def test_inverse_factor_equals_the_references_three_steps():
+    """One Cholesky of the flipped H + a triangular inverse = cholesky(cholesky_inverse(cholesky(H)), upper)."""
+    torch.manual_seed(8)
+    X = correlated_inputs(2048, 96, seed=8)
+    H = 2 * X.t() @ X / 2048
+    H64 = H.double()
+    damped = H64 + 0.01 * H64.diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    three = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    U64, _ = inverse_hessian_cholesky(H64.clone(), 0.01)
+    torch.testing.assert_close(U64, three, rtol=1e-9, atol=1e-12)
+    assert torch.equal(U64, U64.triu()) and (U64.diagonal() > 0).all()
+    U32, damp = inverse_hessian_cholesky(H.clone(), 0.01)
+    assert damp == 0.01 and U32.dtype == torch.float32
+    assert float((U32.double() - three).norm() / three.norm()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_exactly(dtype):
+    """Half x half -> float32 on the tensor cores equals the float64 sum of the same half inputs."""
+    torch.manual_seed(9)
+    x = (correlated_inputs(4096, 256, seed=9) * 4).to(dtype).cuda()
+    H = torch.zeros(256, 256, device="cuda")
+    accumulate_xtx(H, x[:1000], beta=0.0, alpha=1.0)
+    accumulate_xtx(H, x[1000:], beta=1.0, alpha=1.0)
+    x64 = x.double()
+    ref = x64.t() @ x64
+    assert float((H.double() - ref).norm() / ref.norm()) < 1e-6
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ block updates, on-the-fly group parameters, g_idx); scale/zero search is `quant/
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ from torch import Tensor
 
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
-from lowbit.quant.quantizer import QuantResult, find_params, quantize_codes
+from lowbit.kernels.gptq_block import gptq_block
+from lowbit.quant.quantizer import QuantResult, find_params
 
-__all__ = ["GPTQ", "QuantResult", "inverse_hessian_cholesky"]
+__all__ = ["GPTQ", "QuantResult", "accumulate_xtx", "dequantize_codes", "inverse_hessian_cholesky"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +41,12 @@ class GPTQ:
         """x [..., K]: layer inputs; every row counts as one sample of the running mean H = 2/n sum x x^T."""
         if x.shape[-1] != self.H.shape[0]:
             raise LowbitError(f"input has {x.shape[-1]} features, the layer has in_features={self.H.shape[0]}")
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device)
         m = x.shape[0]
         if m == 0:
             return
         total = self.nsamples + m
-        self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2 / total)
+        accumulate_xtx(self.H, x, beta=self.nsamples / total, alpha=2 / total)
         self.nsamples = total
 
     def quantize(self, cfg: QuantConfig, blocksize: int = 128, mse: bool = False) -> QuantResult:
@@ -81,60 +83,91 @@ class GPTQ:
         del H
 
         position = torch.arange(k, device=W.device)
-        col_group = (perm if perm is not None and upfront else position) // gs  # group of column i of W
-        Q, C, loss = self._sweep(W, Hinv, col_group.tolist(), scales, zeros, cfg, blocksize, mse, upfront)
+        col_group = ((perm if perm is not None and upfront else position) // gs).to(torch.int32)
+        codes, loss = _sweep(W, Hinv, col_group, scales, zeros, cfg, blocksize, mse, upfront)
+        del W, Hinv
 
         if perm is not None:
             invperm = torch.argsort(perm)
-            Q, C, col_group = Q[:, invperm], C[:, invperm], col_group[invperm]
+            codes, col_group = codes[invperm], col_group[invperm]
         return QuantResult(
-            codes=C.t().contiguous(),
+            codes=codes,
             zeros=zeros.to(torch.int32),
             scales=scales.to(torch.float16),
-            g_idx=col_group.to(torch.int32),
+            g_idx=col_group,
             loss=loss,
             damp_used=damp,
-            W_q=Q,
+            W_q=dequantize_codes(codes, scales, zeros, col_group),
         )
 
-    @staticmethod
-    def _sweep(W: Tensor, Hinv: Tensor, col_group: list[int], scales: Tensor, zeros: Tensor,
-               cfg: QuantConfig, blocksize: int, mse: bool, upfront: bool) -> tuple[Tensor, Tensor, float]:
-        """Quantize the columns of W [N, K] in order, feeding each one's error forward through Hinv.
 
-        Fills scales/zeros [G, N] at group starts unless `upfront`. -> (Q float32 [N, K], codes uint8
-        [N, K], loss). Within a block of columns the update is column by column; the rest of W gets one
-        matmul per block (the references' lazy batch updates).
-        """
-        n, k = W.shape
-        maxq = (1 << cfg.bits) - 1
-        gs = k if cfg.group_size == -1 else cfg.group_size
-        Q = torch.empty_like(W)
-        C = torch.empty(n, k, dtype=torch.uint8, device=W.device)
-        loss = torch.zeros((), dtype=torch.float64, device=W.device)
-        for i1 in range(0, k, blocksize):
-            i2 = min(i1 + blocksize, k)
-            W1 = W[:, i1:i2].clone()
-            C1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if not upfront and col % gs == 0:  # parameters from W as it stands (block-lazy), as reference
-                    g = col // gs
-                    scales[g], zeros[g] = find_params(W[:, col:col + gs], cfg.bits, cfg.sym, mse)
-                s, z = scales[col_group[col]], zeros[col_group[col]]
-                w = W1[:, i]
-                c = quantize_codes(w, s, z, maxq)
-                q = (c - z) * s
-                C1[:, i] = c
-                Q[:, col] = q
-                err = (w - q) / Hinv1[i, i]
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err
-            C[:, i1:i2] = C1.to(torch.uint8)
-            loss += Err1.double().pow(2).sum() / 2
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-        return Q, C, float(loss)
+def _sweep(W: Tensor, Hinv: Tensor, col_group: Tensor, scales: Tensor, zeros: Tensor, cfg: QuantConfig,
+           blocksize: int, mse: bool, upfront: bool) -> tuple[Tensor, float]:
+    """Quantize the columns of W [N, K] (modified) in order, feeding each one's error forward through Hinv.
+
+    Fills scales/zeros [G, N] unless `upfront`. -> (codes uint8 [K, N], loss). A block of columns is one
+    `gptq_block` call (column by column inside); the rest of W gets one matmul per block (the references'
+    lazy batch updates). A group's grid comes from W as its first column's block starts: the references
+    compute it from W, which they update only between blocks, when the sweep reaches that column.
+    """
+    n, k = W.shape
+    maxq = (1 << cfg.bits) - 1
+    gs = k if cfg.group_size == -1 else cfg.group_size
+    codes = torch.empty(k, n, dtype=torch.uint8, device=W.device)
+    err = torch.empty(min(blocksize, k), n, dtype=torch.float32, device=W.device)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        if not upfront:
+            for start in range(-(-i1 // gs) * gs, i2, gs):
+                scales[start // gs], zeros[start // gs] = find_params(W[:, start:start + gs], cfg.bits, cfg.sym, mse)
+        E = err[:i2 - i1]
+        gptq_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales, zeros, col_group[i1:i2], maxq, codes[i1:i2], E)
+        loss += E.double().pow(2).sum() / 2
+        W[:, i2:].addmm_(E.t(), Hinv[i1:i2, i2:], alpha=-1)
+    return codes, float(loss)
+
+
+def dequantize_codes(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, chunk: int = 1024) -> Tensor:
+    """codes uint8 [K, N], scales/zeros [G, N], g_idx [K] -> W_q float32 [N, K] = (code - zero) * scale.
+
+    The same float32 operations as the sweep, so W_q equals the values the error feedback used; built
+    `chunk` input rows at a time to bound the temporaries for 65B-sized layers.
+    """
+    k, n = codes.shape
+    W_q = torch.empty(n, k, dtype=torch.float32, device=codes.device)
+    scales, zeros = scales.float(), zeros.float()
+    for r in range(0, k, chunk):
+        g = g_idx[r:r + chunk].long()
+        W_q[:, r:r + chunk] = ((codes[r:r + chunk].float() - zeros[g]) * scales[g]).t()
+    return W_q
+
+
+def accumulate_xtx(H: Tensor, x: Tensor, beta: float, alpha: float) -> None:
+    """H [K, K] float32 <- beta * H + alpha * x^T x for x [M, K].
+
+    fp16/bf16 inputs on CUDA multiply on the tensor cores with float32 output: products of 11-bit (8-bit)
+    mantissas are exact in float32 and summed in float32, so this equals the float32 product of the same
+    inputs up to summation order, at the half-precision rate. Elsewhere x is converted to float32.
+    """
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _half_mm_to_float():
+        torch.addmm(H, x.t(), x, out_dtype=torch.float32, beta=beta, alpha=alpha, out=H)
+    else:
+        x = x.float()
+        H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+
+
+@functools.cache
+def _half_mm_to_float() -> bool:
+    """Whether this torch has addmm(..., out_dtype=float32) for half inputs on CUDA (torch >= 2.8)."""
+    try:
+        a = torch.ones(16, 16, dtype=torch.float16, device="cuda")
+        out = torch.zeros(16, 16, dtype=torch.float32, device="cuda")
+        torch.addmm(out, a, a, out_dtype=torch.float32, beta=0.5, alpha=2.0, out=out)
+        return bool((out == 32).all())
+    except (RuntimeError, TypeError):
+        logger.info("this torch has no half x half -> float32 matmul; the Hessian is accumulated in float32")
+        return False
 
 
 def _damp_schedule(damp_percent: float) -> Iterator[float]:
@@ -151,19 +184,24 @@ def _damp_schedule(damp_percent: float) -> Iterator[float]:
 def inverse_hessian_cholesky(H: Tensor, damp_percent: float) -> tuple[Tensor, float]:
     """H [K, K] float32 (modified in place) -> (upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, damp).
 
-    Dampening starts at damp_percent and grows (see _damp_schedule) until both factorizations succeed;
-    one warning names the dampening that worked.
+    One Cholesky factorization and one triangular inverse instead of the references' three steps
+    (Cholesky, cholesky_inverse, Cholesky): with J the reversal permutation and JHJ = LL^T, H = (JLJ)(JLJ)^T
+    with JLJ upper triangular, so H^-1 = V^T V with V = (JLJ)^-1 = J L^-1 J upper triangular with a
+    positive diagonal, which makes V the (unique) upper Cholesky factor of H^-1. Half the flops, same
+    float32 accuracy. Dampening starts at damp_percent and grows (see _damp_schedule) until the
+    factorization succeeds; one warning names the dampening that worked.
     """
     diag = H.diagonal()
     base = diag.clone()
     mean = base.mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for damp in _damp_schedule(damp_percent):
         diag.copy_(base + damp * mean)
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
         if int(info) != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U.diagonal()).all()):
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        if bool(torch.isfinite(U.diagonal()).all()):
             if damp != damp_percent:
                 logger.warning("Hessian not positive definite at damp_percent=%g; used damp_percent=%g",
                                damp_percent, damp)
