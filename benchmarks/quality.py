@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.config import CalibrationConfig, QuantConfig
+from lowbit.config import RECOMMENDED_MSE, RECOMMENDED_QUANT, CalibrationConfig, QuantConfig
 from lowbit.data import DOCS_ROOT, calibration_windows, eval_tokens, python_docs_split
 from lowbit.eval.perplexity import perplexity
 from lowbit.model.tokenizer import Tokenizer
@@ -86,6 +86,10 @@ CANDIDATES = [  # 4-bit g128 settings past the peer's
 ]
 
 
+RECOMMENDED = Setting("asym, act-order + static + MSE (RECOMMENDED_QUANT)", RECOMMENDED_QUANT, mse=RECOMMENDED_MSE)
+FINAL = [RECOMMENDED, Setting("act-order + static groups + MSE", q(desc_act=True, static_groups=True), mse=True)]
+
+
 class Bench:
     def __init__(self, model: Path, docs: Path, device: torch.device, smoke: bool = False):
         self.folder, self.device, self.smoke = model, device, smoke
@@ -140,8 +144,10 @@ class Bench:
         report = quantize(self.folder, out, s.quant, calib, s.method, s.mse, self.device, overwrite=True,
                           tokens=self.tokens(s.nsamples))
         model, ckpt = load_model(out, self.device, torch.float32)
-        say(f"  files: {out.name} checkpoint_format={ckpt.quant.checkpoint_format}, "
-            f"{report.size_bytes / 2**20:.1f} MiB of safetensors")
+        g_idx = ckpt.tensors.get(ckpt.hf_name(0, "self_attn.q_proj") + ".g_idx")
+        monotonic = bool((g_idx[1:] >= g_idx[:-1]).all())
+        say(f"  files: checkpoint_format={ckpt.quant.checkpoint_format}, desc_act={ckpt.quant.desc_act}, "
+            f"sym={ckpt.quant.sym}, g_idx monotonic: {monotonic}, {report.size_bytes / 2**20:.1f} MiB of safetensors")
         return self.ppl(model)
 
 
@@ -155,7 +161,8 @@ def main() -> int:
     ap.add_argument("--docs", type=Path, default=DOCS_ROOT)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--skip-candidates", action="store_true")
+    ap.add_argument("--candidates", choices=("all", "final", "none"), default="all",
+                    help="all: the whole search; final: the recommended recipe and its sym twin")
     ap.add_argument("--smoke", action="store_true", help="a quick CPU check of this script: tiny data, few rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -163,7 +170,8 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     t_start = time.perf_counter()
     b = Bench(args.model, args.docs, device, args.smoke)
-    grid, candidates = (GRID[:1], CANDIDATES[:1]) if args.smoke else (GRID, CANDIDATES)
+    candidates = {"all": CANDIDATES, "final": FINAL, "none": []}[args.candidates]
+    grid, candidates = (GRID[:1], FINAL[:1]) if args.smoke else (GRID, candidates)
     float_ppl = b.ppl()
     ref = b.evals["reference"][0]
     say(f"# lowbit quantization quality: SmolLM2-135M-Instruct, {name}, torch {torch.__version__}\n")
@@ -186,7 +194,7 @@ def main() -> int:
     asym_rtn, _, _ = b.quantized(Setting("rtn asym", q(sym=False), method="rtn"))
     say(f"\nRTN 4-bit g128 asym (the issue measured 19.35 on this split): {asym_rtn['reference']:.2f}\n")
 
-    if not args.skip_candidates:
+    if candidates:
         base = results.get("4-bit g128 act-order", results["4-bit g128"])
         say("## 4-bit g128 candidates (sym unless asym; damp 0.01; 128 windows unless said)\n")
         say("| setting | reference | vs act-order | whatsnew | vs act-order | format | quantize s |")
@@ -202,8 +210,7 @@ def main() -> int:
     say("| setting | in memory | from files | whatsnew in memory / files |")
     say("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
-        for s in (Setting("4-bit g128 (default)", q()), Setting("4-bit g128 act-order + static + MSE",
-                                                               q(desc_act=True, static_groups=True), mse=True)):
+        for s in (Setting("4-bit g128 (QuantConfig defaults)", q()), RECOMMENDED):
             mem, _, _ = b.quantized(s)
             files = b.from_files(s, Path(work))
             ok = all(math.isclose(mem[k], files[k], rel_tol=1e-4) for k in mem)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.config import CalibrationConfig, QuantConfig
+from lowbit.config import RECOMMENDED_MSE, RECOMMENDED_QUANT, CalibrationConfig, QuantConfig
 from lowbit.quant import job as job_module
 from lowbit.quant.export import PartialRun
 
@@ -36,6 +36,10 @@ SHAPES = {  # hidden, intermediate, heads, layers, vocab
     "llama-7b": (4096, 11008, 32, 32, 32000),
     "llama-65b": (8192, 22016, 64, 80, 32000),
     "tiny": (64, 96, 4, 2, 96),  # a CPU smoke test of this script
+}
+RECIPES = {  # name -> (QuantConfig, mse)
+    "default": (QuantConfig(), False),  # 4-bit g128 sym, no act-order: the seeds' main branch
+    "recommended": (RECOMMENDED_QUANT, RECOMMENDED_MSE),  # asym, act-order + static groups, MSE clipping
 }
 LOG: list[str] = []
 
@@ -228,21 +232,24 @@ class PhaseTimer:
         return restore
 
 
-def end_to_end(folder: Path, out: Path, shape: str, layers: int, nsamples: int, seqlen: int, quant: QuantConfig,
+def end_to_end(folder: Path, out: Path, shape: str, layers: int, nsamples: int, seqlen: int, recipe: str,
                device: torch.device):
     vocab = SHAPES[shape][4]
     tokens = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    quant, mse = RECIPES[recipe]
     timer = PhaseTimer()
     restore = timer.install()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     try:
         t0 = time.perf_counter()
         report = job_module.quantize(folder, out, quant, CalibrationConfig("random", nsamples, seqlen, 0),
-                                     device=device, overwrite=True, tokens=tokens)
+                                     mse=mse, device=device, overwrite=True, tokens=tokens)
         wall = time.perf_counter() - t0
     finally:
         restore()
     reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else 0
-    say(f"## {shape}, {layers} layers, {nsamples} x {seqlen} tokens, {describe(quant)}\n")
+    say(f"## {shape}, {layers} layers, {nsamples} x {seqlen} tokens, {recipe}: {describe(quant, mse)}\n")
     say("| phase | seconds |")
     say("|---|---|")
     for name, sec in timer.phases.items():
@@ -265,8 +272,9 @@ def end_to_end(folder: Path, out: Path, shape: str, layers: int, nsamples: int, 
     return report
 
 
-def describe(q: QuantConfig) -> str:
-    return f"{q.bits}-bit g{q.group_size}{' act-order' if q.desc_act else ''}{' sym' if q.sym else ' asym'}"
+def describe(q: QuantConfig, mse: bool) -> str:
+    return (f"{q.bits}-bit g{q.group_size}{' act-order' if q.desc_act else ''}"
+            f"{' static groups' if q.static_groups else ''}{' sym' if q.sym else ' asym'}{' MSE' if mse else ''}")
 
 
 def main() -> int:
@@ -275,7 +283,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers to write and quantize (default: all)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--desc-act", action="store_true")
+    ap.add_argument("--recipes", default="default", help=f"comma-separated, from {', '.join(RECIPES)}")
     ap.add_argument("--micro", action="store_true", help="also check and time the parts")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lowbit-speed"))
     ap.add_argument("--out", type=Path, default=None)
@@ -294,8 +302,8 @@ def main() -> int:
         say(f"wrote the random checkpoint {src} in {time.perf_counter() - t0:.0f} s (not timed below)\n")
     if args.micro:
         micro()
-    end_to_end(src, args.workdir / "out", args.shape, layers, args.nsamples, args.seqlen,
-               QuantConfig(desc_act=args.desc_act), device)
+    for recipe in args.recipes.split(","):
+        end_to_end(src, args.workdir / "out", args.shape, layers, args.nsamples, args.seqlen, recipe, device)
     shutil.rmtree(args.workdir / "out", ignore_errors=True)
     if not args.keep:
         shutil.rmtree(src, ignore_errors=True)

@@ -79,7 +79,8 @@ def quantize_layers(ckpt: Checkpoint, quant: QuantConfig, inputs: Tensor | None,
             pending = pool.submit(_read_block, ckpt, layer + 1, device, dtype) if layer + 1 in layers else None
             t1 = _clock(device)
             phases = {"load": t1 - t0}
-            if method == "rtn":
+            if method == "rtn":  # the textbook baseline: zeros in [0, maxq], as every tool's RTN (export may
+                # then pick gptq_v2); GPTQ keeps zeros the requested format stores
                 results = {name: rtn(block.get_submodule(name).weight, quant.bits, quant.group_size, quant.sym, mse)
                            for group in ALL_AT_ONCE for name in group}
                 phases["quantize"] = _clock(device) - t1
@@ -124,8 +125,8 @@ def _gptq_layer(block: Block, inputs: Tensor, rope, quant: QuantConfig, mse: boo
         t1 = _clock(device)
         phases["forward"] += t1 - t0
         for name, solver in solvers.items():
-            result = solver.quantize(quant, mse=mse)
-            linears[name].weight.data.copy_(result.W_q.to(linears[name].weight.dtype))
+            result = solver.quantize(quant, mse=mse, keep_hessian=False)
+            linears[name].weight.data.copy_(result.W_q)  # W_q is built on demand: no copy is kept
             results[name] = result
             log.info("%s: loss %.4g%s", name, result.loss, f" (damp raised to {result.damp_used:g})"
                      if result.damp_used > quant.damp_percent else "")
