@@ -54,6 +54,7 @@ class Setting:
     method: str = "gptq"
     mse: bool = False
     nsamples: int = 128
+    seed: int = 0  # of the calibration windows
     dtype: torch.dtype | None = None  # calibration forwards; None: what `lowbit quantize` uses on the device
 
 
@@ -98,18 +99,18 @@ class Bench:
         tok = Tokenizer.from_pretrained(model)
         calib_texts, eval_texts = python_docs_split(docs)
         self.calib_texts, self.tok = calib_texts, tok
-        self.windows: dict[int, torch.Tensor] = {}
+        self.windows: dict[tuple[int, int], torch.Tensor] = {}
         other = [f.read_text(encoding="utf-8") for f in sorted(docs.glob("whatsnew/*.rst.txt"))]
         self.evals = {"reference": (eval_tokens(tok, eval_texts), 2 if smoke else None),
                       "whatsnew": (eval_tokens(tok, other), 2 if smoke else 200)}
         self.model, _ = load_model(model, device, torch.float32)
         self.float_weights = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
-    def tokens(self, n: int) -> torch.Tensor:
+    def tokens(self, n: int, seed: int = 0) -> torch.Tensor:
         n = 4 if self.smoke else n
-        if n not in self.windows:
-            self.windows[n] = calibration_windows(self.tok, self.calib_texts, n, 512, 0)
-        return self.windows[n]
+        if (n, seed) not in self.windows:
+            self.windows[n, seed] = calibration_windows(self.tok, self.calib_texts, n, 512, seed)
+        return self.windows[n, seed]
 
     def ppl(self, model=None) -> dict[str, float]:
         model = model or self.model
@@ -122,7 +123,7 @@ class Bench:
         t0 = time.perf_counter()
         inputs = None
         if s.method == "gptq":
-            inputs = embed_inputs(self.ckpt, self.tokens(s.nsamples), self.device, dtype, self.device)
+            inputs = embed_inputs(self.ckpt, self.tokens(s.nsamples, s.seed), self.device, dtype, self.device)
         overflow = False
         with torch.no_grad():
             for p, w in zip(self.model.parameters(), self.float_weights.values()):
@@ -163,6 +164,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--candidates", choices=("all", "final", "none"), default="all",
                     help="all: the whole search; final: the recommended recipe and its sym twin")
+    ap.add_argument("--seeds", default=None, help="instead of the tables: the spread over calibration seeds "
+                    "(comma-separated) of 4-bit g128, act-order and the recommended recipe, reference set only")
     ap.add_argument("--smoke", action="store_true", help="a quick CPU check of this script: tiny data, few rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -178,6 +181,9 @@ def main() -> int:
     say(f"evaluation: reference/ {ref.shape[1]} tokens -> {ref.shape[1] // 512} windows of 512; "
         f"calibration 128 x 512 (seed 0); calibration forwards in {str(b.calib_dtype)[6:]}; eval float32\n")
     say(f"float: {float_ppl['reference']:.4f} (whatsnew: {float_ppl['whatsnew']:.4f})\n")
+    if args.seeds:
+        seed_spread(b, [int(x) for x in args.seeds.split(",")])
+        return finish(args.out, t_start)
 
     say("## the issue's table (sym, damp 0.01, true-sequential; RTN on the same sym grid)\n")
     say("| setting | RTN sym | GPTQ | GPTQ vs peer | peer GPTQModel 7.7 | whatsnew RTN / GPTQ |")
@@ -216,10 +222,29 @@ def main() -> int:
             ok = all(math.isclose(mem[k], files[k], rel_tol=1e-4) for k in mem)
             say(f"| {s.label} | {mem['reference']:.4f} | {files['reference']:.4f} | "
                 f"{mem['whatsnew']:.4f} / {files['whatsnew']:.4f} {'' if ok else 'MISMATCH'} |")
+    return finish(args.out, t_start)
+
+
+def seed_spread(b: Bench, seeds: list[int]) -> None:
+    """Perplexity (reference set) over calibration seeds: how far one seed's number is from the typical."""
+    b.evals.pop("whatsnew")
+    rows = [Setting("4-bit g128", q()), Setting("4-bit g128 act-order", q(desc_act=True)), RECOMMENDED]
+    say("## spread over calibration seeds (reference set)\n")
+    say("| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |")
+    say("|---|" + "---|" * (len(seeds) + 2))
+    for row in rows:
+        vals = [b.quantized(Setting(row.label, row.quant, row.method, row.mse, row.nsamples, seed))[0]["reference"]
+                for seed in seeds]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+        say(f"| {row.label} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {mean:.2f} | {std:.2f} |")
+
+
+def finish(out: Path | None, t_start: float) -> int:
     say(f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(LOG) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(LOG) + "\n")
     return 0
 
 
