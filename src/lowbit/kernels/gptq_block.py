@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 BLOCK_N = 16  # rows per program (tuned on an H100, benchmarks/quantize_speed.py)
-NUM_WARPS = 2
+NUM_WARPS = 4
 
 
 def gptq_block(W1: Tensor, Hinv1: Tensor, scales: Tensor, zeros: Tensor, col_group: Tensor, maxq: int,
