@@ -83,9 +83,11 @@ class GPTQ:
         order = torch.arange(k, device=H.device) if perm is None else perm
         if perm is not None:
             W = W[:, perm]
-        Hf = _reversed_copy(H, order)  # J P^T H P J: the permuted H with rows and columns reversed
-        if not keep_hessian:
+        r = order.flip(0)  # Hf = J P^T H P J: the permuted H with rows and columns reversed
+        Hf = H.index_select(0, r)
+        if not keep_hessian:  # before the second gather: at most two [K, K] matrices live
             self.H = H = None
+        Hf = Hf.index_select(1, r)
         Hf.diagonal()[dead[order.flip(0)]] = 1
         Hinv, damp = inverse_hessian_cholesky(Hf, cfg.damp_percent, flipped=True)
         del Hf  # scratch now
@@ -106,12 +108,6 @@ class GPTQ:
             loss=loss,
             damp_used=damp,
         )
-
-
-def _reversed_copy(H: Tensor, order: Tensor) -> Tensor:
-    """H[r][:, r] with r = order reversed, as a new matrix (two gathers: at most two [K, K] live)."""
-    r = order.flip(0)
-    return H.index_select(0, r).index_select(1, r)
 
 
 def _sweep(W: Tensor, Hinv: Tensor, col_group: Tensor, scales: Tensor, zeros: Tensor, cfg: QuantConfig,
