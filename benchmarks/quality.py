@@ -14,6 +14,10 @@ Each setting is quantized by the same layer loop as `lowbit quantize` (`quant.ca
 fp16 calibration forwards on a GPU), and the dequantized weights W_q are put into the float32 model. For the
 default and the recommended setting the real command (`quant.job.quantize`) also writes a folder, which
 `lowbit.load_model` reads back: its perplexity must equal the in-memory one.
+
+--candidates all|final|none picks the 4-bit g128 search (all), or only the recommended recipe and its sym
+twin (final); --seeds 0,1,2,3 prints instead the spread over calibration seeds. Results and commands:
+benchmarks/results/quantize.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run from the repository root on a CUDA machine:
 
-    PYTHONPATH=src python benchmarks/quantize_speed.py --out $OUT/speed.md                 # LLaMA-7B, all 32 layers
+    PYTHONPATH=src python benchmarks/quantize_speed.py --recipes default,recommended --out $OUT/speed.md  # 7B
     PYTHONPATH=src python benchmarks/quantize_speed.py --shape llama-65b --layers 4 --out $OUT/speed65.md
 
 1. writes a random fp16 checkpoint of the shape (only `--layers` decoder layers; config says so) to --workdir
@@ -10,8 +10,9 @@ Run from the repository root on a CUDA machine:
 2. `--micro`: checks and times the parts: the GPTQ block kernel against its torch reference (and a tile
    sweep), half x half -> float32 Hessian accumulation against float64, the inverse Hessian factor, and
    GPTQ on each 7B linear shape;
-3. times `lowbit.quant.job.quantize` end to end (128 x 2048 random calibration tokens, 4-bit g128, the
-   defaults): load + calibrate + GPTQ + pack + write, with the split per phase and the peak GPU memory.
+3. times `lowbit.quant.job.quantize` end to end (128 x 2048 random calibration tokens, 4-bit g128;
+   --recipes: the defaults and/or the recommended recipe): load + calibrate + GPTQ + pack + write, with the
+   split per phase and the peak GPU memory.
    Markdown to stdout and to --out.
 """
 
@@ -111,11 +112,18 @@ def event_ms(fn, reps: int = 5) -> float:
 
 
 def micro() -> None:
-    from lowbit.kernels.gptq_block import gptq_block_reference, gptq_block_triton
-    from lowbit.quant.gptq import GPTQ, accumulate_xtx, inverse_hessian_cholesky
-
     say("## parts\n")
-    n, b = 4096, 128
+    micro_block_kernel()
+    micro_hessian()
+    micro_inverse()
+    micro_gptq()
+    say("")
+
+
+def micro_block_kernel(n: int = 4096, b: int = 128) -> None:
+    """The Triton block sweep against the torch loop, over tile shapes (codes must agree)."""
+    from lowbit.kernels.gptq_block import gptq_block_reference
+
     W1 = torch.randn(n, b, device="cuda")
     A = torch.randn(b, 4 * b, device="cuda")
     Hinv1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A @ A.t() / b)), upper=True)
@@ -125,47 +133,71 @@ def micro() -> None:
     c0 = torch.empty(b, n, dtype=torch.uint8, device="cuda")
     e0 = torch.empty(b, n, device="cuda")
     ref_ms = event_ms(lambda: gptq_block_reference(W1, Hinv1, scales, zeros, cg, 15, c0, e0), reps=3)
-    say(f"GPTQ block 4096 x 128, torch reference (per-column loop): {ref_ms:.2f} ms\n")
+    say(f"GPTQ block {n} x {b}, torch reference (per-column loop): {ref_ms:.2f} ms\n")
     say("| BLOCK_N | warps | ms per block | codes differing from reference | max rel err diff |")
     say("|---|---|---|---|---|")
     for block_n in (8, 16, 32, 64):
         for warps in (1, 2, 4, 8):
-            c1, e1 = torch.full_like(c0, 255), torch.full_like(e0, float("nan"))
-            try:
-                ms = event_ms(lambda: gptq_block_triton(W1, Hinv1, scales, zeros, cg, 15, c1, e1, block_n, warps))
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
-                say(f"| {block_n} | {warps} | failed: {e!r:.80} | | |")
-                continue
-            diff = float((c1 != c0).float().mean())
-            rel = float((e1 - e0).abs().max() / e0.abs().max())
-            say(f"| {block_n} | {warps} | {ms:.3f} | {diff:.2e} | {rel:.1e} |")
+            say(tile_row((W1, Hinv1, scales, zeros, cg), (c0, e0), block_n, warps))
 
+
+def tile_row(inputs, reference, block_n: int, warps: int) -> str:
+    from lowbit.kernels.gptq_block import gptq_block_triton
+
+    c0, e0 = reference
+    c1, e1 = torch.full_like(c0, 255), torch.full_like(e0, float("nan"))
+    try:
+        ms = event_ms(lambda: gptq_block_triton(*inputs, 15, c1, e1, block_n, warps))
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
+        return f"| {block_n} | {warps} | failed: {e!r:.80} | | |"
+    diff = float((c1 != c0).float().mean())
+    rel = float((e1 - e0).abs().max() / e0.abs().max())
+    return f"| {block_n} | {warps} | {ms:.3f} | {diff:.2e} | {rel:.1e} |"
+
+
+def micro_hessian() -> None:
     say("\n| Hessian accumulation, x [8192, K] | K | ms (half -> fp32) | ms (fp32) | rel err vs fp64 |")
     say("|---|---|---|---|---|")
     for k in (4096, 11008):
-        x = (torch.randn(8192, k, device="cuda") * torch.rand(k, device="cuda") * 4).half()
-        H = torch.zeros(k, k, device="cuda")
-        fast = event_ms(lambda: accumulate_xtx(H, x, 0.5, 0.5))
-        H32 = torch.zeros(k, k, device="cuda")
-        slow = event_ms(lambda: H32.addmm_(x.float().t(), x.float(), beta=0.5, alpha=0.5))
-        H.zero_()
-        accumulate_xtx(H, x, 0.0, 1.0)
-        ref = x.double().t() @ x.double()
-        say(f"| | {k} | {fast:.2f} | {slow:.2f} | {float((H.double() - ref).norm() / ref.norm()):.1e} |")
-        del x, H, H32, ref
+        say(hessian_row(k))
 
+
+def hessian_row(k: int) -> str:
+    from lowbit.quant.gptq import accumulate_xtx
+
+    x = (torch.randn(8192, k, device="cuda") * torch.rand(k, device="cuda") * 4).half()
+    H = torch.zeros(k, k, device="cuda")
+    fast = event_ms(lambda: accumulate_xtx(H, x, 0.5, 0.5))
+    H32 = torch.zeros(k, k, device="cuda")
+    slow = event_ms(lambda: H32.addmm_(x.float().t(), x.float(), beta=0.5, alpha=0.5))
+    H.zero_()
+    accumulate_xtx(H, x, 0.0, 1.0)
+    ref = x.double().t() @ x.double()
+    return f"| | {k} | {fast:.2f} | {slow:.2f} | {float((H.double() - ref).norm() / ref.norm()):.1e} |"
+
+
+def micro_inverse() -> None:
     say("\n| inverse Hessian factor | K | ms (one Cholesky + triangular inverse) | ms (references' three steps) |")
     say("|---|---|---|---|")
     for k in (4096, 11008):
-        X = torch.randn(2 * k, k, device="cuda")
-        H = X.t() @ X / (2 * k)
-        ours = event_ms(lambda: inverse_hessian_cholesky(H.clone(), 0.01), reps=3)
+        say(inverse_row(k))
 
-        def three():
-            Hd = H + 0.01 * H.diagonal().mean() * torch.eye(k, device="cuda")
-            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-        say(f"| | {k} | {ours:.1f} | {event_ms(three, reps=3):.1f} |")
-        del X, H
+
+def inverse_row(k: int) -> str:
+    from lowbit.quant.gptq import inverse_hessian_cholesky
+
+    X = torch.randn(2 * k, k, device="cuda")
+    H = X.t() @ X / (2 * k)
+    ours = event_ms(lambda: inverse_hessian_cholesky(H.clone(), 0.01), reps=3)
+
+    def three():
+        Hd = H + 0.01 * H.diagonal().mean() * torch.eye(k, device="cuda")
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    return f"| | {k} | {ours:.1f} | {event_ms(three, reps=3):.1f} |"
+
+
+def micro_gptq() -> None:
+    from lowbit.quant.gptq import GPTQ
 
     say("\n| GPTQ.quantize (4-bit g128) | N x K | seconds | seconds, act-order |")
     say("|---|---|---|---|")
@@ -182,8 +214,6 @@ def micro() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         say(f"| | {n} x {k} | {times[0]:.3f} | {times[1]:.3f} |")
-        del g
-    say("")
 
 
 # ------------------------------------------------------------------------------------------ end to end

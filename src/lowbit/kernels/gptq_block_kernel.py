@@ -17,7 +17,7 @@ def gptq_block_kernel(W, stride_wn, stride_wb, Hinv, stride_hi, stride_hj, S, Z,
     rows64 = rows.to(tl.int64)
     W1 = tl.load(W + rows64[:, None] * stride_wn + cols[None, :] * stride_wb,
                  mask=rmask[:, None] & (cols[None, :] < B), other=0.0)
-    for i in range(0, B):
+    for i in range(B):
         w = tl.sum(tl.where(cols[None, :] == i, W1, 0.0), axis=1)  # column i, as updated so far
         g = tl.load(G + i).to(tl.int64)
         s = tl.load(S + g * N + rows64, mask=rmask, other=1.0)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,6 @@ from lowbit.model.llama import Block, Rotary
 from lowbit.model.weights import Checkpoint, load_float_block
 from lowbit.quant.gptq import GPTQ
 from lowbit.quant.quantizer import QuantResult, rtn
-
 
 log = logging.getLogger(__name__)
 
