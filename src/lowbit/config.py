@@ -151,6 +151,15 @@ class QuantConfig:
         return d
 
 
+# lowbit's recommended 4-bit recipe, from the quality study (benchmarks/results/quantize.md): act-order with
+# static groups (g_idx in the file stays monotonic, so every kernel runs it at full speed), asymmetric zero
+# points (GPTQ keeps them in [1, 2^bits - 1], which v1 "gptq" files store) and the MSE clipping search for
+# each group's scale (mse=True in `quantize`). QuantConfig's own defaults stay the GPTQ tools' defaults: they
+# are also what a quantize_config.json that omits a key means.
+RECOMMENDED_QUANT = QuantConfig(desc_act=True, static_groups=True, sym=False)
+RECOMMENDED_MSE = True
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Which text GPTQ sees: `dataset` is wikitext2, c4, or a local .txt/.jsonl/.parquet file or folder."""

@@ -20,7 +20,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.quant import pack
-from lowbit.quant.gptq import GPTQ
+from lowbit.quant.gptq import GPTQ, accumulate_xtx, inverse_hessian_cholesky
 from lowbit.quant.quantizer import find_params, rtn
 from tests.quant.test_quantizer import ref_find_params
 
@@ -308,6 +308,76 @@ def test_h_is_running_mean_and_left_intact():
     assert torch.equal(g.H, H)
     b = g.quantize(QuantConfig(bits=4, group_size=8, desc_act=True))
     assert torch.equal(a.codes, b.codes) and a.W_q.dtype == torch.float32
+
+
+def test_inverse_factor_equals_the_references_three_steps():
+    """One Cholesky of the flipped H + a triangular inverse = cholesky(cholesky_inverse(cholesky(H)), upper)."""
+    torch.manual_seed(8)
+    X = correlated_inputs(2048, 96, seed=8)
+    H = 2 * X.t() @ X / 2048
+    H64 = H.double()
+    damped = H64 + 0.01 * H64.diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    three = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    U64, _ = inverse_hessian_cholesky(H64.clone(), 0.01)
+    torch.testing.assert_close(U64, three, rtol=1e-9, atol=1e-12)
+    assert torch.equal(U64, U64.triu()) and (U64.diagonal() > 0).all()
+    U32, damp = inverse_hessian_cholesky(H.clone(), 0.01)
+    assert damp == 0.01 and U32.dtype == torch.float32
+    assert float((U32.double() - three).norm() / three.norm()) < 1e-5
+
+
+def test_inverse_factor_in_place_on_the_flipped_hessian():
+    torch.manual_seed(10)
+    X = correlated_inputs(1024, 64, seed=10)
+    H = 2 * X.t() @ X / 1024
+    U, _ = inverse_hessian_cholesky(H.clone(), 0.01)
+    Hf = H.flip(0, 1)
+    U2, _ = inverse_hessian_cholesky(Hf, 0.01, flipped=True)
+    assert torch.equal(U, U2)
+
+
+def test_asym_zero_points_fit_the_requested_format():
+    """v1 files cannot store a zero point of 0: GPTQ keeps zeros >= 1 for "gptq", allows 0 for "gptq_v2"."""
+    torch.manual_seed(11)
+    W = torch.randn(32, 128)
+    W[:, 32:64] = W[:, 32:64].abs() + 0.01  # a group with no negative weight
+    g = gptq_for(W, correlated_inputs(512, 128, seed=11))
+    for static in (False, True):
+        v1 = g.quantize(QuantConfig(bits=4, group_size=32, sym=False, desc_act=static, static_groups=static))
+        v2 = g.quantize(QuantConfig(bits=4, group_size=32, sym=False, desc_act=static, static_groups=static,
+                                    checkpoint_format="gptq_v2"))
+        assert int(v1.zeros.min()) >= 1 and int(v2.zeros.min()) == 0
+        t = pack.pack(v1.codes, v1.zeros, v1.scales, v1.g_idx, 4, "gptq")
+        assert torch.equal(pack.dequantize(t, 4, "gptq", dtype=torch.float32), v1.W_q)
+        X = correlated_inputs(512, 128, seed=11, draw=1)
+        assert output_error(X, W, v1.W_q) < 1.1 * output_error(X, W, v2.W_q)
+
+
+def test_released_hessian_gives_the_same_result():
+    torch.manual_seed(12)
+    W = torch.randn(16, 96)
+    X = correlated_inputs(256, 96, seed=12)
+    cfg = QuantConfig(bits=3, group_size=32, desc_act=True)
+    kept = gptq_for(W, X).quantize(cfg)
+    g = gptq_for(W, X)
+    released = g.quantize(cfg, keep_hessian=False)
+    assert g.H is None and torch.equal(kept.codes, released.codes) and kept.loss == released.loss
+    with pytest.raises(LowbitError, match="released"):
+        g.quantize(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_exactly(dtype):
+    """Half x half -> float32 on the tensor cores equals the float64 sum of the same half inputs."""
+    torch.manual_seed(9)
+    x = (correlated_inputs(4096, 256, seed=9) * 4).to(dtype).cuda()
+    H = torch.zeros(256, 256, device="cuda")
+    accumulate_xtx(H, x[:1000], beta=0.0, alpha=1.0)
+    accumulate_xtx(H, x[1000:], beta=1.0, alpha=1.0)
+    x64 = x.double()
+    ref = x64.t() @ x64
+    assert float((H.double() - ref).norm() / ref.norm()) < 1e-6
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowbit.quant import pack
-from lowbit.quant.quantizer import fake_quantize, find_params, quantize_codes, rtn, to_storage_scale
+from lowbit.quant.quantizer import fake_quantize, find_params, group_params, quantize_codes, rtn, to_storage_scale
 
 FP16_2_15 = 0.13330078125  # 2/15 in float16 (1092 * 2^-13)
 FP16_3_15 = 0.199951171875  # 0.2 in float16 (1638 * 2^-13)
@@ -183,3 +183,39 @@ def test_rtn_pack_round_trip(bits, sym):
     r = rtn(W, bits, 32, sym, mse=True)
     t = pack.pack(r.codes, r.zeros, r.scales, r.g_idx, bits, "gptq_v2")
     assert torch.equal(pack.dequantize(t, bits, "gptq_v2", dtype=torch.float32), r.W_q)
+
+
+# ----------------------------------------------------------------------------- zero points for v1 files
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mse", [False, True])
+def test_zero_min_keeps_v1_storable_zeros_and_the_range(bits, mse):
+    """Rows with no negative weight get zero 0 from min-max; zero_min=1 gives 1 and a grid that still spans them."""
+    torch.manual_seed(bits)
+    x = torch.rand(16, 64) + 0.01  # all positive: min-max zero = 0
+    x[8:] -= 0.5  # rows with negative weights: unchanged by zero_min
+    maxq = (1 << bits) - 1
+    s0, z0 = find_params(x, bits, sym=False, mse=mse)
+    s1, z1 = find_params(x, bits, sym=False, mse=mse, zero_min=1)
+    assert (z0[:8] == 0).all() and (z1 >= 1).all() and (z1 <= maxq).all()
+    assert torch.equal(s1[8:], s0[8:]) and torch.equal(z1[8:], z0[8:])
+    assert torch.equal(s1, s1.half().float())
+    q = fake_quantize(x, s1[:, None], z1[:, None], maxq)
+    if not mse:  # the grid [-s, (maxq - 1) s] spans [0, xmax] up to the float16 rounding of s: error ~ s/2
+        assert ((q - x)[:8].abs() <= s1[:8, None] * (0.5 + maxq * 2 ** -11)).all()
+    r = rtn(x, bits, 32, sym=False, zero_min=1)
+    assert not pack.v1_zero_overflow(r.zeros, bits)
+    t = pack.pack(r.codes, r.zeros, r.scales, r.g_idx, bits, "gptq")
+    assert torch.equal(pack.dequantize(t, bits, "gptq", dtype=torch.float32), r.W_q)
+
+
+@pytest.mark.parametrize("group_size,k", [(32, 96), (32, 80), (-1, 50), (128, 576)])
+@pytest.mark.parametrize("mse", [False, True])
+def test_group_params_equals_per_group_search(group_size, k, mse):
+    torch.manual_seed(k)
+    W = torch.randn(12, k)
+    S, Z = group_params(W, group_size, 3, sym=False, mse=mse)
+    step = k if group_size == -1 else group_size
+    for g, g0 in enumerate(range(0, k, step)):
+        s, z = find_params(W[:, g0:g0 + step], 3, False, mse)
+        assert torch.equal(S[g], s) and torch.equal(Z[g], z)

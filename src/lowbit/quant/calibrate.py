@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,6 @@ from lowbit.model.llama import Block, Rotary
 from lowbit.model.weights import Checkpoint, load_float_block
 from lowbit.quant.gptq import GPTQ
 from lowbit.quant.quantizer import QuantResult, rtn
-
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class LayerResult:
     layer: int
     results: dict[str, QuantResult]  # our linear name -> quantized weight
     seconds: float
+    # seconds: load (waiting for the weights), forward (calibration forwards incl. Hessian accumulation), quantize
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -58,38 +60,77 @@ def embed_inputs(ckpt: Checkpoint, tokens: Tensor, device: torch.device, dtype: 
 def quantize_layers(ckpt: Checkpoint, quant: QuantConfig, inputs: Tensor | None, device: torch.device,
                     dtype: torch.dtype, method: str = "gptq", mse: bool = False, start: int = 0
                     ) -> Iterator[LayerResult]:
-    """Quantize layers start..L-1; `inputs` (layer `start`'s inputs, None for RTN) is updated in place."""
+    """Quantize layers start..L-1; `inputs` (layer `start`'s inputs, None for RTN) is updated in place.
+
+    The next layer's weights are read from disk (into pinned memory for a GPU) by a helper thread while
+    the current layer is quantized, so reading the shards overlaps the GPU work.
+    """
     rope = None
     if inputs is not None:
         positions = torch.arange(inputs.shape[1], device=device)[None]
         rope = Rotary(ckpt.config).to(device)(positions, dtype)
-    for layer in range(start, ckpt.config.num_layers):
-        t0 = time.perf_counter()
-        block = load_float_block(ckpt, layer, device, dtype)
-        if method == "rtn":
-            results = {name: rtn(block.get_submodule(name).weight, quant.bits, quant.group_size, quant.sym, mse)
-                       for group in ALL_AT_ONCE for name in group}
-        else:
-            results = _gptq_layer(block, inputs, rope, quant, mse)
-            _propagate(block, inputs, rope)
-        del block
-        yield LayerResult(layer, results, time.perf_counter() - t0)
+    layers = range(start, ckpt.config.num_layers)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch") as pool:
+        pending: Future | None = pool.submit(_read_block, ckpt, start, device, dtype) if layers else None
+        for layer in layers:
+            t0 = _clock(device)
+            block = pending.result().to(device, non_blocking=True)
+            pending = pool.submit(_read_block, ckpt, layer + 1, device, dtype) if layer + 1 in layers else None
+            t1 = _clock(device)
+            phases = {"load": t1 - t0}
+            if method == "rtn":  # the textbook baseline: zeros in [0, maxq], as every tool's RTN (export may
+                # then pick gptq_v2); GPTQ keeps zeros the requested format stores
+                results = {name: rtn(block.get_submodule(name).weight, quant.bits, quant.group_size, quant.sym, mse)
+                           for group in ALL_AT_ONCE for name in group}
+                phases["quantize"] = _clock(device) - t1
+            else:
+                results = _gptq_layer(block, inputs, rope, quant, mse, phases)
+                t2 = _clock(device)
+                _propagate(block, inputs, rope)
+                phases["forward"] += _clock(device) - t2
+            del block
+            yield LayerResult(layer, results, _clock(device) - t0, phases)
 
 
-def _gptq_layer(block: Block, inputs: Tensor, rope, quant: QuantConfig, mse: bool) -> dict[str, QuantResult]:
+def _read_block(ckpt: Checkpoint, layer: int, device: torch.device, dtype: torch.dtype) -> Block:
+    """One layer's float weights on the host (pinned when they go to a GPU), ready for `.to(device)`."""
+    block = load_float_block(ckpt, layer, torch.device("cpu"), dtype)
+    if device.type == "cuda":
+        for p in block.parameters():
+            p.data = p.data.pin_memory()
+    return block
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work, so that phase times are the phases' own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _gptq_layer(block: Block, inputs: Tensor, rope, quant: QuantConfig, mse: bool,
+                phases: dict[str, float]) -> dict[str, QuantResult]:
+    """Quantize the block's linears group by group; adds the seconds spent to phases' forward/quantize."""
     groups = SEQUENTIAL_GROUPS if quant.true_sequential else ALL_AT_ONCE
     results: dict[str, QuantResult] = {}
+    device = block.attention_norm.weight.device
+    phases.setdefault("forward", 0.0)
+    phases.setdefault("quantize", 0.0)
     for group in groups:
+        t0 = _clock(device)
         linears = {name: block.get_submodule(name) for name in group}
         solvers = {name: GPTQ(m.weight) for name, m in linears.items()}
         _capture(block, inputs, rope, linears, solvers, stop_after=group[-1] if len(groups) > 1 else None)
+        t1 = _clock(device)
+        phases["forward"] += t1 - t0
         for name, solver in solvers.items():
-            result = solver.quantize(quant, mse=mse)
-            linears[name].weight.data.copy_(result.W_q.to(linears[name].weight.dtype))
+            result = solver.quantize(quant, mse=mse, keep_hessian=False)
+            linears[name].weight.data.copy_(result.W_q)  # W_q is built on demand: no copy is kept
             results[name] = result
             log.info("%s: loss %.4g%s", name, result.loss, f" (damp raised to {result.damp_used:g})"
                      if result.damp_used > quant.damp_percent else "")
         del solvers
+        phases["quantize"] += _clock(device) - t1
     return results
 
 
