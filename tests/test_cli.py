@@ -243,3 +243,18 @@ def test_quantize_full_disk_then_resume(capsys, quant_setup, monkeypatch):
     monkeypatch.setattr(checkpoint, "_save", real_save)
     assert main(argv + ["--resume"]) == 0
     assert (tmp / "out" / "model.safetensors").exists() and not (tmp / ".out.partial").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("extra,expected", [
+    ([], {"desc_act": True, "static_groups": True, "sym": False}),  # the recommended recipe
+    (["--no-desc-act", "--sym", "--no-mse"], {"desc_act": False, "static_groups": False, "sym": True}),
+    (["--method", "rtn"], {"desc_act": False, "static_groups": False, "sym": True}),  # the plain baseline
+])
+def test_quantize_defaults_are_the_recommended_recipe(capsys, quant_setup, extra, expected):
+    tmp = quant_setup
+    assert main(["quantize", str(tmp / "m"), str(tmp / "out"), "--dataset", str(tmp / "prose.txt"),
+                 "--nsamples", "2", "--seqlen", "16", "--device", "cpu", *extra]) == 0
+    written = json.loads((tmp / "out" / "quantize_config.json").read_text())
+    assert {k: written[k] for k in expected} == expected
+    assert written["checkpoint_format"] == "gptq" and written["bits"] == 4 and written["group_size"] == 128

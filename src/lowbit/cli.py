@@ -188,14 +188,29 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def quant_defaults(args: argparse.Namespace) -> tuple:
+    """(QuantConfig, mse) that unset flags fall back to: lowbit's recommended recipe for a single GPTQ run
+    (act-order with static groups, asymmetric, clipping search: see BENCHMARKS.md), the seeds' settings for
+    --variants (the Hub's branch names promise them) and plain round-to-nearest for --method rtn."""
+    from lowbit.config import RECOMMENDED_MSE, RECOMMENDED_QUANT, QuantConfig
+
+    if args.method == "gptq" and args.variants is None:
+        return RECOMMENDED_QUANT, RECOMMENDED_MSE
+    return QuantConfig(), False
+
+
 def quant_config(args: argparse.Namespace):
     from lowbit.config import QuantConfig
 
+    base, _ = quant_defaults(args)
     bits = 4 if args.bits is None else args.bits
     group_size = 128 if args.group_size is None else args.group_size
-    return QuantConfig(bits=bits, group_size=group_size, desc_act=args.desc_act, sym=not args.no_sym,
-                       static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
-                       damp_percent=args.damp, checkpoint_format=args.format)
+    desc_act = base.desc_act if args.desc_act is None else args.desc_act
+    static = (base.static_groups and desc_act) if args.static_groups is None else args.static_groups
+    return QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act,
+                       sym=base.sym if args.sym is None else args.sym, static_groups=static,
+                       true_sequential=not args.no_true_sequential, damp_percent=args.damp,
+                       checkpoint_format=args.format)
 
 
 def calibration_config(args: argparse.Namespace):
@@ -209,7 +224,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.quant.variants import parse_variants
 
     specs = parse_variants(args.variants) if args.variants is not None else None
-    if specs is not None and (args.bits is not None or args.group_size is not None or args.desc_act):
+    if specs is not None and (args.bits is not None or args.group_size is not None or args.desc_act is not None):
         raise LowbitError("--variants sets bits, group size and act-order per variant; drop --bits, "
                           "--group-size and --desc-act")
     quant, calib = quant_config(args), calibration_config(args)
@@ -220,7 +235,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if lora is not None and not lora.is_dir():
         raise LowbitError(f"{lora}: no such adapter folder (expected adapter_config.json + adapter_model.safetensors)")
     source = model_folder(args.model, cache_dir(), _progress())
-    kwargs = dict(method=args.method, mse=args.mse, device=pick_device(args.device), resume=args.resume,
+    mse = quant_defaults(args)[1] if args.mse is None else args.mse
+    kwargs = dict(method=args.method, mse=mse, device=pick_device(args.device), resume=args.resume,
                   overwrite=args.overwrite, progress=_progress(), lora=lora)
     try:
         return _run_quantize(source, out_dir, specs, quant, calib, kwargs)
@@ -312,20 +328,28 @@ def add_demo_parser(sub) -> None:
 
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="GPTQ-quantize a float model into a checkpoint every GPTQ loader reads",
-                       description="Quantize MODEL layer by layer with GPTQ (or round-to-nearest) and write OUT_DIR.")
+                       description="Quantize MODEL layer by layer with GPTQ (or round-to-nearest) and write OUT_DIR. "
+                                   "Unset flags give lowbit's recommended 4-bit recipe: group size 128, "
+                                   "act-order with static groups, asymmetric, clipping search (--variants and "
+                                   "--method rtn default to the seeds' plain settings: symmetric, no search).")
     p.add_argument("model", help="float model: folder, .gguf, Hub id or 'smollm2'")
     p.add_argument("out_dir", help="output folder (written atomically; must not exist unless --overwrite)")
     g = p.add_argument_group("quantization")
     g.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     g.add_argument("--group-size", type=int, default=None,
                    help="columns per scale/zero group; -1 = one group per row (default 128)")
-    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
-    g.add_argument("--static-groups", action="store_true", help="fix groups before act-order (monotonic g_idx)")
-    g.add_argument("--no-sym", action="store_true", help="asymmetric quantization (zero point per group)")
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument("--desc-act", action=on_off, default=None,
+                   help="act-order: quantize columns by decreasing Hessian diagonal (default on)")
+    g.add_argument("--static-groups", action=on_off, default=None,
+                   help="fix groups before act-order, so g_idx stays monotonic (default on with act-order)")
+    g.add_argument("--sym", action=on_off, default=None,
+                   help="symmetric grid; --no-sym = a zero point per group (default asymmetric)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean(diag H) (default 0.01)")
     g.add_argument("--no-true-sequential", action="store_true", help="quantize a layer's linears from one pass")
     g.add_argument("--method", default="gptq", help="gptq (default) or rtn round-to-nearest")
-    g.add_argument("--mse", action="store_true", help="search a clipping range for each group's scale (slower)")
+    g.add_argument("--mse", action=on_off, default=None,
+                   help="search a clipping range for each group's scale (default on)")
     g.add_argument("--format", default="gptq",
                    help="checkpoint_format: gptq (v1, read everywhere) or gptq_v2")
     g.add_argument("--variants", metavar="LIST",

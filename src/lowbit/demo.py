@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lowbit.api import load, model_folder
 from lowbit.chat.session import ChatSession
-from lowbit.config import CalibrationConfig, QuantConfig
+from lowbit.config import RECOMMENDED_MSE, RECOMMENDED_QUANT, CalibrationConfig
 from lowbit.data import (
     DOCS_ROOT,
     calibration_windows,
@@ -87,12 +87,12 @@ def _quantize(float_dir: Path, out_dir: Path, texts: list[str], source: str, set
         return
     from lowbit.api import pick_device
 
-    say(f"[2/4] quantizing to 4-bit GPTQ, group size 128, with {settings.nsamples} windows of "
-        f"{settings.seqlen} tokens ...")
+    say(f"[2/4] quantizing to 4-bit GPTQ (lowbit's recommended recipe: group size 128, act-order with static "
+        f"groups, asymmetric, clipping search) with {settings.nsamples} windows of {settings.seqlen} tokens ...")
     calib = CalibrationConfig(dataset=source, nsamples=settings.nsamples, seqlen=settings.seqlen)
     windows = calibration_windows(tokenizer, texts, settings.nsamples, settings.seqlen, seed=0)
-    report = quantize(float_dir, out_dir, QuantConfig(), calib, device=pick_device(device), overwrite=True,
-                      progress=progress, tokens=windows)
+    report = quantize(float_dir, out_dir, RECOMMENDED_QUANT, calib, mse=RECOMMENDED_MSE, device=pick_device(device),
+                      overwrite=True, progress=progress, tokens=windows)
     say(f"      wrote {out_dir} in {report.seconds:.0f} s")
 
 
