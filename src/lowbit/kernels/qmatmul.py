@@ -202,7 +202,7 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _fence(t):
+def fence_gpu(t):
     """Make this thread's earlier global stores visible GPU-wide (split-K partials before the tile counter)."""
     tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
                               is_pure=False, pack=1)
@@ -224,12 +224,12 @@ def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, 
     else:
         tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
         if FENCE:
-            _fence(offs_n)
+            fence_gpu(offs_n)
         tl.debug_barrier()
         count = tl.atomic_add(lock_ptr + lock_id, 1)
         if count == SPLIT - 1:
             total = bias + tl.load(ws_ptr + mn, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT):
+            for s in tl.static_range(1, SPLIT):  # unrolled: the partials' loads are issued together
                 total += tl.load(ws_ptr + s * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + mn, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
@@ -437,7 +437,7 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: few programs, but split-K still exercised
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs, "runtime"):
         return bool(getattr(knobs.runtime, "interpret", False))
@@ -458,7 +458,7 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
     qh = w.qhigh if w.qhigh is not None else w.qweight
     perm = w.perm if w.perm is not None else w.slot_group
     b = bias if bias is not None else w.scales
-    fence = x2.is_cuda and not _interpreting()
+    fence = x2.is_cuda and not interpreting()
     return qh, perm, b, fence
 
 
