@@ -165,3 +165,23 @@ def test_qmatmul_gpu_large(bits, m, dtype):
     x = torch.randn(m, 4096, device="cuda").to(dtype)
     for kernel in ("gemv", "dot", "dequant") if m == 1 else ("dot", "dequant"):
         check(run(x, w, kernel=kernel), reference(x, w))
+
+
+AWKWARD_M = (1, 3, 16, 17, 127, 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_qmatmul_gpu_awkward_shapes(bits, group_size, act_order):
+    """The default dispatch (what the model runs) at every awkward M, K = 4000 (not a multiple of any block
+    or group), N = 1000 (not a multiple of any tile): fresh inputs, NaN-poisoned outputs, bias on."""
+    if act_order and group_size == -1:
+        pytest.skip("act-order with one group is the same weight")
+    w, _ = make_weight(4000, 1000, bits, group_size, act_order, False, "gptq", seed=bits * group_size)
+    bias = torch.randn(1000, device="cuda").half()
+    ms = AWKWARD_M if bits == 4 else (1, 17, 127, 2048)
+    for m in ms:
+        x = torch.randn(m, 4000, device="cuda").half()
+        check(run(x, w, bias), reference(x, w, bias))
