@@ -7,18 +7,18 @@ OUT=${OUT:-benchmarks/results}
 for stage in "$@"; do
   case $stage in
     tests)  # kernels on the GPU (awkward shapes, poisoned outputs) and the fast path end to end vs the reference
-      timeout "${TESTS_SECONDS:-200}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 \
+      timeout "${TESTS_SECONDS:-200}" python3 -m pytest -p no:cacheprovider --maxfail=20 -v ${TESTS:-\
         tests/kernels/test_norm_rope.py tests/kernels/test_attention.py tests/model/test_linear_backends.py \
-        tests/engine/test_cuda_graphs.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes \
-        > "$OUT/pytest_gpu.txt" 2>&1; tail -n 25 "$OUT/pytest_gpu.txt" ;;
+        tests/engine/test_cuda_graphs.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
+        > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
     smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
-      timeout "${SMOL_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu_smollm2.py \
-        > "$OUT/pytest_smollm2.txt" 2>&1; tail -n 25 "$OUT/pytest_smollm2.txt" ;;
+      timeout "${SMOL_SECONDS:-300}" python3 -m pytest -v -p no:cacheprovider tests/engine/test_gpu_smollm2.py \
+        > "$OUT/pytest_smollm2.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed|diverges" "$OUT/pytest_smollm2.txt" | tail -n 20 ;;
     decode)  # whole-model decode table, LLaMA-7B shape
-      timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b ${DECODE_ARGS:-} \
+      timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b --tuned "$OUT/tuned.json" ${DECODE_ARGS:-} \
         > "$OUT/decode_log.txt" 2>&1; tail -n 12 "$OUT/decode_log.txt" ;;
     memory)  # 13B 4-bit at 2048 context, batch 1
-      timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 \
+      timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 > "$OUT/memory_log.txt" 2>&1
       tail -n 4 "$OUT/memory_log.txt" ;;
     kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm

@@ -166,14 +166,19 @@ def tinygemm(m, shapes=SHAPES):
 
 
 def _sweep_configs():
-    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv})
-            for bn, nw in ((128, 1), (128, 2), (256, 2), (256, 4), (512, 4)) for wv in (1, 2, 4)]
+    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "BPI": bpi})
+            for bn, nw, bpi, waves in ((128, 2, 1, (2, 4, 8)), (256, 2, 1, (4, 8)), (256, 4, 1, (2, 4)),
+                                       (512, 4, 1, (2, 4)), (512, 8, 1, (1, 2)), (256, 4, 2, (1, 2, 4)),
+                                       (128, 2, 4, (1, 2)), (256, 8, 4, (1, 2)), (32, 1, 4, (1,)),
+                                       (64, 2, 4, (1, 2)), (64, 1, 2, (2,)))
+            for wv in waves]
     dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv})
-             for bn, nw in ((64, 2), (128, 2), (128, 4), (256, 4)) for wv in (1, 2, 4)]
+             for bn, nw, wv in ((128, 2, 4), (128, 2, 8), (256, 4, 2), (256, 4, 4), (64, 2, 8))]
     dot64 = [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "waves": wv})
-             for bm, bn, nw in ((64, 64, 4), (64, 128, 4), (64, 128, 8), (32, 128, 4)) for wv in (1, 2)]
-    return {1: gemv + dot16[3:6], 16: dot16, 64: dot64,
-            2048: [("dequant", None), ("dot", {"BM": 128, "BN": 128, "num_warps": 8})]}
+             for bm, bn, nw, wv in ((64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 8, 2), (64, 64, 4, 4),
+                                    (64, 256, 8, 2))]
+    return {1: gemv, 16: dot16, 64: dot64,
+            2048: [("dequant", {}), ("dot", {"BM": 128, "BN": 128, "num_warps": 8})]}
 
 
 SWEEP = _sweep_configs()
@@ -257,6 +262,13 @@ def main():
     t0 = time.time()
     best = sweep(w4)
     say(f"(sweep: {time.time() - t0:.0f} s)\n")
+    out = os.environ.get("OUT")
+    if out:  # the winners, in qmatmul.CUDA_CONFIGS' terms, for benchmarks/gpu_decode.py --tuned
+        import json
+
+        bounds = {1: 1, 16: 16, 64: 64, 2048: 1 << 62}
+        with open(os.path.join(out, "tuned.json"), "w") as f:
+            json.dump([[bounds[m], k, c or {}] for m, (_, k, c) in sorted(best.items())], f)
     del w4
     torch.cuda.empty_cache()
     tables = [(FUSED, "the model runs them (4 launches: q/k/v and gate/up fused)")]

@@ -168,20 +168,20 @@ def test_qmatmul_gpu_large(bits, m, dtype):
 
 
 AWKWARD_M = (1, 3, 16, 17, 127, 2048)
+AWKWARD_WEIGHTS = [(bits, 128, act) for bits in (2, 3, 4, 8) for act in (False, True)] + [
+    (4, -1, False), (4, 32, True), (4, 64, False), (8, 32, False), (3, 64, True), (2, -1, False)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,group_size,act_order", AWKWARD_WEIGHTS)
 def test_qmatmul_gpu_awkward_shapes(bits, group_size, act_order):
     """The default dispatch (what the model runs) at every awkward M, K = 4000 (not a multiple of any block
-    or group), N = 1000 (not a multiple of any tile): fresh inputs, NaN-poisoned outputs, bias on."""
-    if act_order and group_size == -1:
-        pytest.skip("act-order with one group is the same weight")
-    w, _ = make_weight(4000, 1000, bits, group_size, act_order, False, "gptq", seed=bits * group_size)
+    or group), N = 1000 (not a multiple of any tile): fresh inputs, NaN-poisoned outputs, bias on. (Every
+    bits x group x act-order x sym x format combination runs through each kernel in test_qmatmul, on the
+    interpreter in CI and on the GPU here; this adds the GPU's compiled tile shapes at real sizes.)"""
+    w, _ = make_weight(4000, 1000, bits, group_size, act_order, False, "gptq", seed=bits * abs(group_size))
     bias = torch.randn(1000, device="cuda").half()
-    ms = AWKWARD_M if bits == 4 else (1, 17, 127, 2048)
+    ms = AWKWARD_M if (bits, group_size) == (4, 128) else (1, 17, 127, 2048)
     for m in ms:
         x = torch.randn(m, 4000, device="cuda").half()
         check(run(x, w, bias), reference(x, w, bias))

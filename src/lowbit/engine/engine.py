@@ -148,7 +148,9 @@ class Engine:
         if decode and self.graphs is not None:
             decoded, greedy = self.graphs.run([r.output_ids[-1] for r in decode], [r.length - 1 for r in decode],
                                               [r.slot for r in decode])
-            self._greedy = greedy if len(decode) == len(requests) else None
+            if len(decode) == len(requests):  # a pure decode step: the graph's outputs are the step's
+                self._greedy = greedy
+                return decoded
         elif decode:
             tokens = torch.tensor([[r.output_ids[-1]] for r in decode], device=self.device)
             pos = torch.tensor([[r.length - 1] for r in decode], device=self.device)
@@ -164,7 +166,8 @@ class Engine:
         return torch.stack(out)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        slots = torch.tensor([r.slot for r in requests])  # through pinned memory: a plain copy would wait for the GPU
+        slots = slots.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else slots
         params = [r.params for r in requests]
         generators = [self.live[r.request_id].generator for r in requests]
         if self._greedy is not None and cuda_graphs.greedy_only(params):

@@ -427,8 +427,16 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
 
 # ------------------------------------------------------------------------------------------------ launch
 
-GEMV_MAX_M = 1  # M up to this: CUDA-core GEMV (else the tensor-core kernel, split over K for small M)
-DEQUANT_MIN_M = 256  # from this M on (CUDA only): dequantize to a float weight, then cuBLAS
+# The kernel and tile keywords for each M on CUDA: the first row whose bound is >= M. Measured on an H100
+# with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
+# dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
+CUDA_CONFIGS: list[tuple[int, str, dict]] = [
+    (1, "gemv", {"BN": 256, "num_warps": 2, "waves": 4}),
+    (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
+    (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
+    (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
+    (1 << 62, "dequant", {}),
+]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
 
 
@@ -522,10 +530,11 @@ def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN:
 KERNELS = ("gemv", "dot", "dequant")
 
 
-def pick_kernel(m: int, device: torch.device) -> str:
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    return "dequant" if device.type == "cuda" and m >= DEQUANT_MIN_M else "dot"
+def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
+    """(kernel, launcher keywords) for M rows on `device`."""
+    if device.type != "cuda":
+        return ("gemv" if m == 1 else "dot"), {}
+    return next((kernel, config) for bound, kernel, config in CUDA_CONFIGS if m <= bound)
 
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
@@ -540,7 +549,9 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    kernel = kernel or pick_kernel(m, x.device)
+    if kernel is None:
+        kernel, picked = pick_kernel(m, x.device)
+        config = {**picked, **(config or {})}
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
     if kernel == "gemv" and m > 1:
@@ -549,7 +560,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if m == 0:
         return y.view(*lead, n)
     if kernel == "dequant":
-        W = dequantize(w, x.dtype)
+        W = dequantize(w, x.dtype, **(config or {}))
         if bias is None:
             torch.matmul(x2, W, out=y)
         else:
