@@ -322,8 +322,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     copy = bench.copy_bandwidth(device)
     if args.shape:
-        rows = bench.bench_shape(args.shape, args.variants.split(","), config, device,
-                                 report=lambda r: log.info("%s done", r.name))
+        done: list = []
+
+        def report(row) -> None:  # the table so far, in case a long run is cut short
+            done.append(row)
+            log.info("so far:\n%s", bench.table(done, config, copy))
+
+        rows = bench.bench_shape(args.shape, args.variants.split(","), config, device, report=report)
     else:
         from lowbit.api import load
 
