@@ -559,15 +559,15 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
     if m == 0:
         return y.view(*lead, n)
+    config = dict(config or {})
+    gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
     if kernel == "dequant":
-        W = dequantize(w, x.dtype, **(config or {}))
+        W = dequantize(w, x.dtype, **config)
         if bias is None:
             torch.matmul(x2, W, out=y)
         else:
             torch.addmm(bias.to(x.dtype), x2, W, out=y)
         return y.view(*lead, n)
-    config = dict(config or {})
-    gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
     if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
         x2 = x2.index_select(1, w.perm[:k].long())
         w = QWeight(w.qweight, w.qhigh, w.scales, w.zeros, w.slot_group, None, w.locks, w.bits, k,
