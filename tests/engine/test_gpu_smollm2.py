@@ -1,6 +1,11 @@
 """The trained SmolLM2 on the GPU fast path (marked gpu and slow): greedy decoding gives the tokens of the
 torch reference path (the same weights on the CPU in float32), for the float model and for 4-bit GPTQ
-checkpoints made here (round-to-nearest g128, and GPTQ with act-order, calibrated on prose)."""
+checkpoints made here (round-to-nearest g128, and GPTQ with act-order, calibrated on prose).
+
+float16 cannot reproduce float32 through an exact tie: on the H100 (2026-11-24) one prompt of four left
+the float32 path at token 16, where float32's two best logits are 18.6174 and 18.6125 and the torch
+reference itself, run on the CPU in float16 or bfloat16, switches the same way. So a divergence passes
+only where the fast path took float32's runner-up and the two were within TIE logits."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
            "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n"]
 NEW = 48
+TIE = 0.05  # logits
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +44,27 @@ def checkpoints(smollm2_dir, prose, tmp_path_factory):
     return out
 
 
-def greedy(model_dir, device, dtype) -> list[list[int]]:
-    m = load(str(model_dir), device=device, dtype=dtype)
+def greedy(m, device: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, greedy continuation) per prompt, all prompts decoding as one batch."""
     if device == "cuda":
         assert all(q.backend == "triton" for q in m.model.modules() if isinstance(q, QuantLinear))
     engine = Engine(m.model, m.tokenizer, EngineConfig(max_batch=len(PROMPTS), max_seq_len=256))
     prompts = [m.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True)
-    return [ids for _, ids, _ in engine.generate(prompts, params)]
+    return prompts, [ids for _, ids, _ in engine.generate(prompts, params)]
 
 
 @pytest.mark.parametrize("name", ["float", "rtn-4bit-g128", "gptq-4bit-g128-act"])
 def test_greedy_tokens_match_the_reference_path(checkpoints, name):
-    fast = greedy(checkpoints[name], "cuda", "float16")
-    ref = greedy(checkpoints[name], "cpu", "float32")
-    for f, r, prompt in zip(fast, ref, PROMPTS):
-        same = next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), len(f))
-        assert f == r, f"{name}: {prompt!r} diverges at token {same} of {NEW}"
+    _, fast = greedy(load(str(checkpoints[name]), device="cuda", dtype="float16"), "cuda")
+    ref_model = load(str(checkpoints[name]), device="cpu", dtype="float32")
+    prompts, ref = greedy(ref_model, "cpu")
+    for f, r, p, text in zip(fast, ref, prompts, PROMPTS):
+        i = next((i for i, (a, b) in enumerate(zip(f, r)) if a != b), None)
+        if i is None:
+            continue
+        with torch.no_grad():
+            top = ref_model.model(torch.tensor([p + r[:i]]))[0, -1].topk(2)
+        gap = float(top.values[0] - top.values[1])
+        assert f[i] == int(top.indices[1]) and gap < TIE, (
+            f"{name}: {text!r} leaves the reference at token {i} of {NEW} (float32 top-2 gap {gap:.4f})")

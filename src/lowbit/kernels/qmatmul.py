@@ -431,7 +431,7 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
 # with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
 # dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
 CUDA_CONFIGS: list[tuple[int, str, dict]] = [
-    (1, "gemv", {"BN": 256, "num_warps": 2, "waves": 4}),
+    (1, "gemv", {"BN": 512, "num_warps": 4, "waves": 2}),
     (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
     (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
     (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
