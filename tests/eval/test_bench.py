@@ -4,7 +4,13 @@ Engine-driven measurements, the table. The GPU numbers themselves come from benc
 import torch
 
 from lowbit.eval import bench
-from lowbit.eval.random_model import SHAPES, VARIANTS, Variant, decode_bytes, random_model
+from lowbit.eval.random_model import (
+    SHAPES,
+    VARIANTS,
+    Variant,
+    decode_bytes,
+    random_model,
+)
 from lowbit.model.linear import QuantLinear
 
 TINY = SHAPES["llama-7b"].__class__(vocab_size=64, hidden_size=128, intermediate_size=160, num_layers=2,

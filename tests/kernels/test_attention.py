@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
-from lowbit.kernels.attention import decode_attention, num_splits  # noqa: E402
-from lowbit.kernels.reference import sdpa_reference  # noqa: E402
+from lowbit.kernels.attention import decode_attention, num_splits
+from lowbit.kernels.reference import sdpa_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

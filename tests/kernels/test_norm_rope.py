@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
-from lowbit.kernels import norm_rope, ops, reference  # noqa: E402
+from lowbit.kernels import norm_rope, ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,11 +12,11 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
-from lowbit.config import QuantConfig  # noqa: E402
-from lowbit.model.linear import ConcatLinear, QuantLinear, pick_backend  # noqa: E402
-from lowbit.model.weights import load_model  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-from tests.model.test_gptq_loading import write_gptq_checkpoint  # noqa: E402
+from lowbit.config import QuantConfig
+from lowbit.model.linear import ConcatLinear, QuantLinear, pick_backend
+from lowbit.model.weights import load_model
+from tests.conftest import tiny_config
+from tests.model.test_gptq_loading import write_gptq_checkpoint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

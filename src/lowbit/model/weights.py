@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 
 from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import FormatError, LowbitError
-from lowbit.model.linear import ConcatLinear, QuantLinear, canonical, fuse_gptq, pick_backend
+from lowbit.model.linear import (
+    ConcatLinear,
+    QuantLinear,
+    canonical,
+    fuse_gptq,
+    pick_backend,
+)
 from lowbit.model.llama import Block, Transformer
 from lowbit.model.source import TensorFiles, read_json, weight_files
 from lowbit.quant import pack
