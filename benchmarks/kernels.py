@@ -1,12 +1,13 @@
-"""GPU check and timing of lowbit.kernels.qmatmul on one LLaMA-7B block of linears.
+"""GPU timing of lowbit.kernels.qmatmul on one LLaMA-7B block of linears (correctness: the gpu-marked
+tests in tests/kernels/test_qmatmul.py).
 
-Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/kernels.py
-1. correctness: max |y - reference| / max |reference| per case (bits, group size, act-order, dtype, M,
-   kernel), against lowbit.kernels.reference;
+Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/kernels.py [--check]
+1. (--check) max |y - reference| / max |reference| over bits, group sizes, act-order, dtypes, M, kernels;
 2. a tile sweep for 4-bit g128 at each M (the fastest config is used in the table);
-3. the table: microseconds for the 7 linears of one block (q, k, v, o 4096x4096; gate, up 4096->11008;
-   down 11008->4096), CUDA-graph replays over distinct weights (4-bit: 101 MB, twice the 50 MB L2), for
-   fp16 cuBLAS, our kernels and torch's int4 tinygemm. Markdown to stdout and to $OUT/kernels.md.
+3. the tables: microseconds for one block, CUDA-graph replays over distinct weights (4-bit: 101 MB, twice
+   the 50 MB L2), for fp16 cuBLAS, our kernels and torch's int4 tinygemm; once as the 7 linears of the
+   checkpoint (q, k, v, o 4096x4096; gate, up 4096->11008; down 11008->4096) and once as the 4 launches
+   the model runs (q/k/v and gate/up fused). Markdown to stdout and to $OUT/kernels.md.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from lowbit.kernels.reference import dequant_reference
 from lowbit.quant import pack
 
 SHAPES = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # (K, N) of q, k, v, o, gate, up, down
+FUSED = [(4096, 3 * 4096), (4096, 4096), (4096, 2 * 11008), (11008, 4096)]  # wqkv, wo, w13, w2
 MS = (1, 16, 64, 2048)
-DEADLINE = time.time() + float(os.environ.get("BENCH_SECONDS", "330"))
+DEADLINE = time.time() + float(os.environ.get("BENCH_SECONDS", "330"))  # the tables stop here
+SWEEP_DEADLINE = time.time() + float(os.environ.get("SWEEP_SECONDS", "150"))
 LOG = []
 
 
@@ -135,10 +138,10 @@ def ours(weights, m, kernel=None, config=None, dtype=torch.float16):
     return fn
 
 
-def cublas(m):
-    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.01 for k, n in SHAPES]
-    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for k, _ in SHAPES]
-    outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _, n in SHAPES]
+def cublas(m, shapes=SHAPES):
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.01 for k, n in shapes]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for k, _ in shapes]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _, n in shapes]
 
     def fn():
         for x, w, o in zip(xs, ws, outs):
@@ -146,10 +149,10 @@ def cublas(m):
     return fn
 
 
-def tinygemm(m):
+def tinygemm(m, shapes=SHAPES):
     """torch's int4 tinygemm (bf16 activations, g128), as gpt-fast uses it."""
     packed, sz, xs = [], [], []
-    for k, n in SHAPES:
+    for k, n in shapes:
         w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
         w8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
         packed.append(torch.ops.aten._convert_weight_to_int4pack(w8, 8))
@@ -162,21 +165,23 @@ def tinygemm(m):
     return fn
 
 
-SWEEP = {  # M -> [(kernel, config)] for 4-bit g128; the fastest is used in the table
-    1: [("dot", {"BM": 16, "BN": 128, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 4}),
-        ("dot", {"BM": 16, "BN": 64, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
-        ("dot", {"BM": 16, "BN": 256, "num_warps": 4, "waves": 4}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "num_stages": 3}),
-        ("gemv", {"BN": 512, "num_warps": 4}), ("gemv", {"BN": 256, "num_warps": 2, "waves": 8})],
-    16: [("dot", {"BM": 16, "BN": 128, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 4}),
-         ("dot", {"BM": 16, "BN": 64, "num_warps": 2}), ("dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
-         ("dot", {"BM": 16, "BN": 256, "num_warps": 4})],
-    64: [("dot", {"BM": 64, "BN": 64, "num_warps": 2}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4}),
-         ("dot", {"BM": 32, "BN": 128, "num_warps": 2}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 1}),
-         ("dot", {"BM": 64, "BN": 64, "num_warps": 4})],
-    2048: [("dot", {"BM": 128, "BN": 128, "num_warps": 8}), ("dot", {"BM": 128, "BN": 128, "num_warps": 8, "per_slot": True}),
-           ("dot", {"BM": 128, "BN": 256, "num_warps": 8}), ("dot", {"BM": 64, "BN": 128, "num_warps": 4}),
-           ("dequant", None)],
-}
+def _sweep_configs():
+    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "BPI": bpi})
+            for bn, nw, bpi, waves in ((128, 2, 1, (2, 4, 8)), (256, 2, 1, (4, 8)), (256, 4, 1, (2, 4)),
+                                       (512, 4, 1, (2, 4)), (512, 8, 1, (1, 2)), (256, 4, 2, (1, 2, 4)),
+                                       (128, 2, 4, (1, 2)), (256, 8, 4, (1, 2)), (32, 1, 4, (1,)),
+                                       (64, 2, 4, (1, 2)), (64, 1, 2, (2,)))
+            for wv in waves]
+    dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv})
+             for bn, nw, wv in ((128, 2, 4), (128, 2, 8), (256, 4, 2), (256, 4, 4), (64, 2, 8))]
+    dot64 = [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "waves": wv})
+             for bm, bn, nw, wv in ((64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 8, 2), (64, 64, 4, 4),
+                                    (64, 256, 8, 2))]
+    return {1: gemv, 16: dot16, 64: dot64,
+            2048: [("dequant", {}), ("dot", {"BM": 128, "BN": 128, "num_warps": 8})]}
+
+
+SWEEP = _sweep_configs()
 
 
 def sweep(w4):
@@ -186,7 +191,7 @@ def sweep(w4):
     say("|---|---|---|---|")
     for m in MS:
         for kernel, config in SWEEP[m]:
-            if time.time() > DEADLINE - 90:
+            if time.time() > SWEEP_DEADLINE:
                 say("| (sweep cut short by the time budget) |")
                 return best
             try:
@@ -201,25 +206,25 @@ def sweep(w4):
     return best
 
 
-def table(best):
-    weight_mb = {b: sum(k * n * b / 8 + (k // 128) * n * 4 for k, n in SHAPES) / 1e6 for b in (3, 4, 8)}
+def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
+    weight_mb = {b: sum(k * n * b / 8 + (k // 128) * n * 4 for k, n in shapes) / 1e6 for b in (3, 4, 8)}
     rows = {}
-    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(SHAPES)]
-    variants = [("fp16 cuBLAS", lambda m: cublas(m)),
+    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(shapes)]
+    variants = [("fp16 cuBLAS", lambda m: cublas(m, shapes)),
                 ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m))),
                 ("ours 4-bit g128 act-order", lambda m: ours(w4a, m, *pick(m))),
                 ("ours 4-bit g128 act-order, in-kernel gather", lambda m: ours(w4a, m, *pick(m, host_gather=False))),
                 ("ours 8-bit g128", lambda m: ours(w8, m, *pick(m))),
                 ("ours 3-bit g128", lambda m: ours(w3, m, *pick(m))),
-                ("torch int4 tinygemm (bf16)", lambda m: tinygemm(m))]
+                ("torch int4 tinygemm (bf16)", lambda m: tinygemm(m, shapes))]
 
     def pick(m, **extra):
         _, kernel, config = best.get(m, (0, None, None))
         return kernel, {**(config or {}), **extra}
 
-    w4a = [random_weight(k, n, 4, act_order=True, seed=10 + i) for i, (k, n) in enumerate(SHAPES)]
-    w8 = [random_weight(k, n, 8, seed=20 + i) for i, (k, n) in enumerate(SHAPES)]
-    w3 = [random_weight(k, n, 3, seed=30 + i) for i, (k, n) in enumerate(SHAPES)]
+    w4a = [random_weight(k, n, 4, act_order=True, seed=10 + i) for i, (k, n) in enumerate(shapes)]
+    w8 = [random_weight(k, n, 8, seed=20 + i) for i, (k, n) in enumerate(shapes)]
+    w3 = [random_weight(k, n, 3, seed=30 + i) for i, (k, n) in enumerate(shapes)]
     for name, make in variants:
         for m in MS:
             if time.time() > DEADLINE:
@@ -231,7 +236,7 @@ def table(best):
                 rows.setdefault(name, {})[m] = "n/a"
                 say(f"{name} M={m}: {e!r:.300}")
             torch.cuda.empty_cache()
-    lines = ["## one LLaMA-7B block of linears (q,k,v,o 4096x4096; gate,up 4096->11008; down 11008->4096), us\n",
+    lines = [f"## one LLaMA-7B block of linears as {title}, us\n",
              f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}; "
              f"CUDA-graph replay, median; 4-bit weights {weight_mb[4]:.0f} MB -> "
              f"{weight_mb[4] / 3.0:.1f} us at 3 TB/s\n",
@@ -249,17 +254,30 @@ def main():
     import triton
 
     say(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}\n")
-    t0 = time.time()
-    correctness()
-    say(f"(correctness: {time.time() - t0:.0f} s)\n")
+    if "--check" in sys.argv:
+        t0 = time.time()
+        correctness()
+        say(f"(correctness: {time.time() - t0:.0f} s)\n")
     w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(SHAPES)]
     t0 = time.time()
     best = sweep(w4)
     say(f"(sweep: {time.time() - t0:.0f} s)\n")
+    out = os.environ.get("OUT")
+    if out:  # the winners, in qmatmul.CUDA_CONFIGS' terms, for benchmarks/gpu_decode.py --tuned
+        import json
+
+        bounds = {1: 1, 16: 16, 64: 64, 2048: 1 << 62}
+        with open(os.path.join(out, "tuned.json"), "w") as f:
+            json.dump([[bounds[m], k, c or {}] for m, (_, k, c) in sorted(best.items())], f)
     del w4
     torch.cuda.empty_cache()
-    _, text = table(best)
-    say(text)
+    tables = [(FUSED, "the model runs them (4 launches: q/k/v and gate/up fused)")]
+    if "--unfused" in sys.argv:
+        tables.append((SHAPES, "the 7 linears of the checkpoint"))
+    for shapes, title in tables:
+        _, text = table(best, shapes, title)
+        say(text + "\n")
+        torch.cuda.empty_cache()
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "kernels.md"), "w") as f:

@@ -165,3 +165,23 @@ def test_qmatmul_gpu_large(bits, m, dtype):
     x = torch.randn(m, 4096, device="cuda").to(dtype)
     for kernel in ("gemv", "dot", "dequant") if m == 1 else ("dot", "dequant"):
         check(run(x, w, kernel=kernel), reference(x, w))
+
+
+AWKWARD_M = (1, 3, 16, 17, 127, 2048)
+AWKWARD_WEIGHTS = [(4, 128, False), (4, 128, True), (2, 128, True), (3, 128, True), (8, 128, True),
+                   (4, 32, True), (3, 64, False), (2, -1, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,act_order", AWKWARD_WEIGHTS)
+def test_qmatmul_gpu_awkward_shapes(bits, group_size, act_order):
+    """The default dispatch (what the model runs) at every awkward M, K = 4000 (not a multiple of any block
+    or group), N = 1000 (not a multiple of any tile): fresh inputs, NaN-poisoned outputs, bias on. (Every
+    bits x group x act-order x sym x format combination runs through each kernel in test_qmatmul, on the
+    interpreter in CI and on the GPU here; this adds the GPU's compiled tile shapes at real sizes.)"""
+    w, _ = make_weight(4000, 1000, bits, group_size, act_order, False, "gptq", seed=bits * abs(group_size))
+    bias = torch.randn(1000, device="cuda").half()
+    ms = AWKWARD_M if (bits, group_size) == (4, 128) else (1, 17, 127, 2048)
+    for m in ms:
+        x = torch.randn(m, 4000, device="cuda").half()
+        check(run(x, w, bias), reference(x, w, bias))

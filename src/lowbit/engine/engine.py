@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lowbit.engine import cuda_graphs
 from lowbit.engine.kv_cache import KVCache
 from lowbit.engine.request import FinishReason, Request, RequestOutput, StopStrings
 from lowbit.engine.sampling import PenaltyHistory, SamplingParams, make_generator, sample
@@ -36,6 +37,8 @@ class EngineConfig:
     max_waiting: int | None = None  # add_request raises Overloaded beyond this many queued requests
     max_wait_s: float | None = None  # a request still queued after this long finishes with TIMEOUT
     kv_dtype: torch.dtype | None = None  # default: the model's dtype
+
+    cuda_graphs: bool = True  # on CUDA, replay decode steps as captured graphs (lowbit.engine.cuda_graphs)
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Engine:
         self.scheduler = Scheduler(config.max_waiting, config.max_wait_s)
         self.live: dict[str, _Live] = {}
         self._ids = itertools.count()
+        use_graphs = config.cuda_graphs and cuda_graphs.supported(model, self.device)
+        self.graphs = cuda_graphs.DecodeGraphs(model, self.cache, config.max_batch) if use_graphs else None
+        self._greedy: Tensor | None = None  # the graph's argmax, when the whole step was one replay
 
     # ----- API -----
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -155,7 +161,14 @@ class Engine:
         """Logits [len(requests), vocab] for the next token of each scheduled request."""
         decode = [r for r in requests if plan[r.request_id] == 1 and r.output_ids]
         order = {r.request_id: i for i, r in enumerate(decode)}
-        if decode:
+        self._greedy = None
+        if decode and self.graphs is not None:
+            decoded, greedy = self.graphs.run([r.output_ids[-1] for r in decode], [r.length - 1 for r in decode],
+                                              [r.slot for r in decode])
+            if len(decode) == len(requests):  # a pure decode step: the graph's outputs are the step's
+                self._greedy = greedy
+                return decoded
+        elif decode:
             tokens = torch.tensor([[r.output_ids[-1]] for r in decode], device=self.device)
             pos = torch.tensor([[r.length - 1] for r in decode], device=self.device)
             slots = torch.tensor([r.slot for r in decode], device=self.device)
@@ -165,16 +178,19 @@ class Engine:
             if r.request_id in order:
                 out.append(decoded[order[r.request_id]])
                 continue
-            tokens = torch.tensor([r.prompt_ids], device=self.device)
-            pos = torch.arange(len(r.prompt_ids), device=self.device)[None]
-            out.append(self.model(tokens, pos, self.cache, torch.tensor([r.slot], device=self.device), last_only=True)[0, -1])
+            tokens = torch.tensor([r.prompt_ids], device=self.device)  # a whole prompt from position 0
+            out.append(self.model(tokens, None, self.cache, torch.tensor([r.slot], device=self.device), last_only=True)[0, -1])
         return torch.stack(out)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        slots = torch.tensor([r.slot for r in requests])  # through pinned memory: a plain copy would wait for the GPU
+        slots = slots.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else slots
         params = [r.params for r in requests]
         generators = [self.live[r.request_id].generator for r in requests]
-        tokens = sample(logits, params, self.history.select(slots), generators)
+        if self._greedy is not None and cuda_graphs.greedy_only(params):
+            tokens = self._greedy  # sampled inside the graph
+        else:
+            tokens = sample(logits, params, self.history.select(slots), generators)
         self.history.append(tokens, slots)
         return tokens.tolist()
 

@@ -1,8 +1,11 @@
-"""Static KV storage: one contiguous [slots, kv_heads, max_seq_len, head_dim] buffer per layer, and slot bookkeeping.
+"""Static KV storage: one contiguous [slots, kv_heads, max_seq_len, head_dim] buffer per layer, slot
+bookkeeping, and attention over it (`attend`, the model's Cache protocol).
 
 A slot holds one sequence; its tokens live at positions 0..len-1. Shapes never change after allocation, so
 a decode step over all slots can be captured in a CUDA graph. Which request owns which slot is the
-scheduler's business; this module only stores tensors and hands out free slot numbers.
+scheduler's business; this module stores tensors, hands out free slot numbers and picks the attention
+kernel: on CUDA a decode step appends and attends in one Triton launch (`lowbit.kernels.attention`) and a
+fresh prefill uses flash attention; elsewhere the torch reference with a mask.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lowbit.config import ModelConfig
+from lowbit.kernels.reference import sdpa_reference
 
 
 class KVCache:
@@ -21,6 +25,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
         self._free = list(range(num_slots - 1, -1, -1))
+        # split counters of the decode-attention kernel, for up to next_pow2(num_slots) rows (CUDA-graph buckets)
+        rows = 1 << max(0, num_slots - 1).bit_length()
+        self.locks = torch.zeros(rows * config.num_kv_heads, dtype=torch.int32, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -35,6 +42,25 @@ class KVCache:
         if rows is None:
             return k_all, v_all
         return k_all[rows], v_all[rows]
+
+    def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
+               mask: Tensor | None) -> Tensor:
+        """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE applied) -> attention output [B, T, H, D].
+
+        k/v are stored at input_pos of slots `rows` first. mask [B, 1, T, S] says which cached positions each
+        token sees; None means the rows are fresh sequences at positions 0..T-1, attending among themselves.
+        """
+        if q.is_cuda and q.shape[1] == 1 and mask is not None:
+            from lowbit.kernels.attention import decode_attention
+
+            slots = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
+            out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
+                                   input_pos[:, 0], self.locks)
+            return out[:, None]
+        k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))
+        if mask is None:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        return sdpa_reference(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2)
 
     def allocate(self) -> int | None:
         """A free slot number, or None when every slot is taken."""

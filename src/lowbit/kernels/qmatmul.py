@@ -202,35 +202,37 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _fence(t):
+def fence_gpu(t):
     """Make this thread's earlier global stores visible GPU-wide (split-K partials before the tile counter)."""
     tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
 @triton.jit
-def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k,
-            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FENCE: tl.constexpr):
-    """Write the [BM, BN] fp32 tile `out` (+ bias) to y; with SPLIT > 1 the last of the K-splits to arrive
-    sums all partials (fixed order, so results are deterministic) and resets the tile's counter."""
+def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
+            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr):
+    """Write the [BM, BN] fp32 tile `out` (+ bias) to y; with split > 1 (SP = its next power of two, so few
+    compiled variants) the last of the K-splits to arrive sums all partials (fixed order, so results are
+    deterministic) with their loads issued together, and resets the tile's counter."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     mn = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     else:
         bias = tl.zeros((1, out.shape[1]), tl.float32)
-    if SPLIT == 1:
+    if SP == 1:
         tl.store(y_ptr + mn, (out + bias).to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
         if FENCE:
-            _fence(offs_n)
+            fence_gpu(offs_n)
         tl.debug_barrier()
         count = tl.atomic_add(lock_ptr + lock_id, 1)
-        if count == SPLIT - 1:
+        if count == split - 1:
             total = bias + tl.load(ws_ptr + mn, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT):
-                total += tl.load(ws_ptr + s * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SP):  # unrolled: the partials' loads are issued together
+                live = (offs_m[:, None] < tl.where(s < split, M, 0)) & (offs_n[None, :] < N)
+                total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + mn, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
 
@@ -249,7 +251,7 @@ def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
 def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BPI: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BPI: tl.constexpr, SP: tl.constexpr,
                  FENCE: tl.constexpr, SUB: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores. Per group: F*s*(sum_k x u - c * sum_k x)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
@@ -298,7 +300,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, w
                 acc += (s * F) * part - (s * (OFF * F + z)) * xs
     out = tl.sum(tl.sum(acc, axis=1), axis=0)
     _finish(out[None, :], tl.arange(0, 1), offs_n, 1, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
-            HAS_BIAS, SPLIT, FENCE)
+            tl.num_programs(1), HAS_BIAS, SP, FENCE)
 
 
 @triton.jit
@@ -326,9 +328,9 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws
                 M, N, K, stride_xm, num_blocks, blocks_per_split,
                 BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                GROUP_M: tl.constexpr, SPLIT: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
+                GROUP_M: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
                 SUB: tl.constexpr, PER_SLOT: tl.constexpr):
-    """y = x W on tensor cores, the K loop optionally split over grid axis 1 (SPLIT > 1 needs M <= BM).
+    """y = x W on tensor cores, the K loop optionally split over grid axis 1 (split > 1 needs M <= BM).
 
     SUB (fp16 x): B is the exact fp16 subnormal (q - z) * 2^-24 and the scale is applied per group to
     the fp32 dot. PER_SLOT: one K=16 dot per field on the [16, BN] word tile; else one dot per group on
@@ -386,7 +388,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws
                     f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exact
                     w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
                     acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
-    _finish(acc, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, HAS_BIAS, SPLIT, FENCE)
+    _finish(acc, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE)
 
 
 @triton.jit
@@ -425,8 +427,16 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
 
 # ------------------------------------------------------------------------------------------------ launch
 
-GEMV_MAX_M = 0  # M up to this: CUDA-core GEMV (else the tensor-core kernel, split over K for small M)
-DEQUANT_MIN_M = 1 << 30  # from this M on (CUDA only): dequantize to a float weight, then cuBLAS
+# The kernel and tile keywords for each M on CUDA: the first row whose bound is >= M. Measured on an H100
+# with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
+# dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
+CUDA_CONFIGS: list[tuple[int, str, dict]] = [
+    (1, "gemv", {"BN": 512, "num_warps": 4, "waves": 2}),
+    (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
+    (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
+    (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
+    (1 << 62, "dequant", {}),
+]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
 
 
@@ -437,7 +447,7 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: few programs, but split-K still exercised
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs, "runtime"):
         return bool(getattr(knobs.runtime, "interpret", False))
@@ -458,11 +468,11 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
     qh = w.qhigh if w.qhigh is not None else w.qweight
     perm = w.perm if w.perm is not None else w.slot_group
     b = bias if bias is not None else w.scales
-    fence = x2.is_cuda and not _interpreting()
+    fence = x2.is_cuda and not interpreting()
     return qh, perm, b, fence
 
 
-def _gemv(x2, w, bias, y, BN=512, BPI=1, split=None, num_warps=4, denorm=True, waves=4):
+def _gemv(x2, w, bias, y, BN=256, BPI=1, split=None, num_warps=2, num_stages=3, denorm=True, waves=4):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // BN)
@@ -474,8 +484,8 @@ def _gemv(x2, w, bias, y, BN=512, BPI=1, split=None, num_warps=4, denorm=True, w
         x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, BN=BN, BPI=BPI, SPLIT=splits, FENCE=fence,
-        SUB=x2.dtype == torch.float16 and denorm, num_warps=num_warps)
+        HAS_BIAS=bias is not None, BN=BN, BPI=BPI, SP=triton.next_power_of_2(splits), FENCE=fence,
+        SUB=x2.dtype == torch.float16 and denorm, num_warps=num_warps, num_stages=num_stages)
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -485,7 +495,7 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
     BM = BM or (16 if m <= 16 else 64 if m <= 64 else 128)
     BN = BN or (64 if BM == 64 else 128)
     num_warps = num_warps or (2 if BM <= 64 else 8)
-    num_stages = num_stages or (2 if BM <= 16 else 3)
+    num_stages = num_stages or (2 if BM <= 16 or (BM >= 128 and fields == 16) else 3)  # 2/3-bit: smem
     tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN)
     if split is None:  # split K only while the output tiles leave SMs idle, and only for one M tile
         split = 1 if m > BM else _split(num_blocks, tiles, waves * _sm_count(x2.device))[0]
@@ -499,7 +509,7 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
         x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
         m, n, w.in_features, x2.stride(0), num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SPLIT=splits, FENCE=fence,
+        HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SP=triton.next_power_of_2(splits), FENCE=fence,
         IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot),
         num_warps=num_warps, num_stages=num_stages)
 
@@ -520,10 +530,11 @@ def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN:
 KERNELS = ("gemv", "dot", "dequant")
 
 
-def pick_kernel(m: int, device: torch.device) -> str:
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    return "dequant" if device.type == "cuda" and m >= DEQUANT_MIN_M else "dot"
+def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
+    """(kernel, launcher keywords) for M rows on `device`."""
+    if device.type != "cuda":
+        return ("gemv" if m == 1 else "dot"), {}
+    return next((kernel, config) for bound, kernel, config in CUDA_CONFIGS if m <= bound)
 
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
@@ -538,7 +549,9 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    kernel = kernel or pick_kernel(m, x.device)
+    if kernel is None:
+        kernel, picked = pick_kernel(m, x.device)
+        config = {**picked, **(config or {})}
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
     if kernel == "gemv" and m > 1:
@@ -546,15 +559,15 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
     if m == 0:
         return y.view(*lead, n)
+    config = dict(config or {})
+    gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
     if kernel == "dequant":
-        W = dequantize(w, x.dtype)
+        W = dequantize(w, x.dtype, **config)
         if bias is None:
             torch.matmul(x2, W, out=y)
         else:
             torch.addmm(bias.to(x.dtype), x2, W, out=y)
         return y.view(*lead, n)
-    config = dict(config or {})
-    gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
     if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
         x2 = x2.index_select(1, w.perm[:k].long())
         w = QWeight(w.qweight, w.qhigh, w.scales, w.zeros, w.slot_group, None, w.locks, w.bits, k,

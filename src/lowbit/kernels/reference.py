@@ -1,7 +1,8 @@
 """Torch references for the kernels in this package: slow, obvious, and run on any device.
 
 Owns `unpack_layout` / `dequant_reference` / `qmatmul_reference` for the `QWeight` layout of
-`lowbit.kernels.qmatmul` (read through its fields, so this file imports no Triton). Tests compare every
+`lowbit.kernels.qmatmul` (read through its fields, so this file imports no Triton), and the model's small
+ops (RMSNorm, RoPE, SiLU-and-multiply, attention) that `lowbit.kernels.ops` runs off CUDA. Tests compare every
 kernel with these, and these with the GPTQ on-disk dequantization of `lowbit.quant.pack`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -56,3 +58,36 @@ def qmatmul_reference(x: Tensor, w: "QWeight", bias: Tensor | None = None) -> Te
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the model's small ops
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / rms(x), the mean taken in float32 and the normalized x rounded to x's dtype first (HF)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
+    """x [B, T, heads, D]; cos/sin [B, T, D] (half-split layout): heads [0, n_rot) rotated, the rest kept."""
+    rot = x[:, :, :n_rot]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = rot * cos[:, :, None] + rotated * sin[:, :, None]
+    return torch.cat((out, x[:, :, n_rot:]), dim=2)
+
+
+def silu_mul_reference(gate_up: Tensor) -> Tensor:
+    """[..., 2I] -> silu(gate) * up [..., I] (gate first, as the fused w13 stores them)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def sdpa_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q [B, H, T, D], k/v [B, KV, S, D] (KV divides H) -> [B, H, T, D]; mask [B, 1, T, S] bool, None = causal."""
+    if k.shape[1] != q.shape[1]:  # GQA: each kv head serves H / KV query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)

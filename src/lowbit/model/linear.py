@@ -1,12 +1,15 @@
 """Linear layers for GPTQ-packed weights: `QuantLinear` and the rules for fusing several into one.
 
-QuantLinear keeps the checkpoint's tensors (qweight/qzeros/scales/g_idx) as buffers and declares what it
-supports, so faster kernels can be chosen from those declarations. Its forward is the torch reference:
-dequantize group-wise, then matmul; it runs on any device. The format itself lives in `lowbit.quant.pack`.
+QuantLinear keeps the checkpoint's tensors (qweight/qzeros/scales/g_idx) as buffers, and its backends
+declare what they support, so the loader picks one from those declarations (`pick_backend`). The torch
+reference (dequantize group-wise, then matmul) runs on any device; "triton" repacks once into the layout of
+`lowbit.kernels.qmatmul` and runs its kernels. The format itself lives in `lowbit.quant.pack`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -17,15 +20,47 @@ from lowbit.config import QuantConfig
 from lowbit.quant import pack
 
 
-BACKENDS = ("reference", "dense")
+@dataclass(frozen=True)
+class Backend:
+    """What one way of computing a QuantLinear supports (GPTQModel-style declarations)."""
+
+    name: str
+    devices: tuple[str, ...]
+    bits: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    needs: str | None = None  # a module that must be importable
+
+    def supports(self, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type in self.devices and quant.bits in self.bits and dtype in self.dtypes
+                and (self.needs is None or importlib.util.find_spec(self.needs) is not None))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# In order of preference; every backend handles act-order, asymmetric zeros, v1/v2 and any group size.
+BACKENDS = (
+    Backend("triton", ("cuda",), (2, 3, 4, 8), _FLOATS, needs="triton"),
+    Backend("dense", ("cpu", "cuda"), pack.SUPPORTED_BITS, _FLOATS),
+    Backend("reference", ("cpu", "cuda"), pack.SUPPORTED_BITS, _FLOATS),
+)
+BACKEND_NAMES = tuple(b.name for b in BACKENDS)
+
+
+def pick_backend(quant: QuantConfig, device: torch.device, dtype: torch.dtype, dense_fits: bool) -> str:
+    """The first declared backend that supports this layer; "dense" only where its float copy fits."""
+    for b in BACKENDS:
+        if b.supports(quant, device, dtype) and (b.name != "dense" or (dense_fits and device.type == "cpu")):
+            return b.name
+    return "reference"
 
 
 class QuantLinear(nn.Module):
     """y = x @ dequantize(W).T + b for one GPTQ-packed weight.
 
     Backends: "reference" dequantizes on every call (least memory, any device); "dense" keeps the
-    dequantized weight in the compute dtype (CPU speed at float memory cost). The checkpoint's tensors
-    stay the source of truth either way.
+    dequantized weight in the compute dtype (CPU speed at float memory cost); "triton" keeps the weight
+    repacked for `lowbit.kernels.qmatmul` (CUDA; q/k/v and gate/up fused by the loader run as one launch,
+    act-order rows sorted by group at repack). The checkpoint's tensors stay the source of truth; with
+    "triton" they move to host memory, so the GPU holds one copy of the weight.
     """
 
     SUPPORTS_BITS = pack.SUPPORTED_BITS
@@ -45,13 +80,29 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16) if bias else None)
         self.backend = "reference"
         self.dense_weight: Tensor | None = None
+        self.kernel_weight = None  # lowbit.kernels.qmatmul.QWeight for the "triton" backend
 
     def use_backend(self, backend: str, dtype: torch.dtype) -> None:
         """Switch how forward computes; called once after the weights are loaded."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown QuantLinear backend {backend!r}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown QuantLinear backend {backend!r}; one of {', '.join(BACKEND_NAMES)}")
+        if self.kernel_weight is not None:  # back from "triton": the checkpoint tensors return to the device
+            self._move_checkpoint(self.kernel_weight.qweight.device)
+            self.kernel_weight = None
         self.dense_weight = self.dequantize(dtype) if backend == "dense" else None
+        if backend == "triton":
+            from lowbit.kernels.qmatmul import repack
+
+            codes, zeros, scales, g_idx = pack.unpack(self.tensors, self.quant.bits, self.quant.checkpoint_format,
+                                                      self.in_features)
+            self.kernel_weight = repack(codes, zeros, scales, g_idx, self.quant.bits)
+            del codes, zeros
+            self._move_checkpoint(torch.device("cpu"))
         self.backend = backend
+
+    def _move_checkpoint(self, device: torch.device) -> None:
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(self, name, getattr(self, name).to(device))
 
     @property
     def tensors(self) -> pack.GPTQTensors:
@@ -62,6 +113,10 @@ class QuantLinear(nn.Module):
         return pack.dequantize(self.tensors, self.quant.bits, self.quant.checkpoint_format, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_weight is not None:
+            from lowbit.kernels.qmatmul import qmatmul
+
+            return qmatmul(x, self.kernel_weight, self.bias)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -2,8 +2,10 @@
 
 Covers LLaMA 1/2/3, Vicuna, Llama-2-70B-style GQA, SmolLM2 (tied embeddings) and optional biases. The
 linear layers are injected through `make_linear`, so the same module runs float and GPTQ weights; the
-KV cache is injected per call (any object with `update(layer, rows, input_pos, k, v)`), so the engine
-owns memory and scheduling. Checkpoint names and fusing live in `lowbit.model.weights`.
+KV cache is injected per call (any object with `attend(layer, rows, input_pos, q, k, v, mask)`), so the
+engine owns memory, scheduling and the attention kernel. The small ops (RMSNorm, RoPE, SiLU*up) go through
+`lowbit.kernels.ops`: fused Triton kernels on CUDA, their torch references elsewhere. Checkpoint names and
+fusing live in `lowbit.model.weights`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import math
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.config import ModelConfig, RopeConfig
+from lowbit.kernels import ops
+from lowbit.kernels.reference import sdpa_reference
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -26,8 +29,12 @@ def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> 
 
 
 class Cache(Protocol):
-    def update(self, layer: int, rows: Tensor | None, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, n_kv, T, D] at input_pos [B, T]; return this layer's keys/values [B, n_kv, S, D]."""
+    max_seq_len: int
+
+    def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
+               mask: Tensor | None) -> Tensor:
+        """Store k/v [B, T, n_kv, D] at input_pos [B, T] of slots `rows`; return attention [B, T, H, D] of q
+        [B, T, H, D] over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal)."""
 
 
 class RMSNorm(nn.Module):
@@ -37,9 +44,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len: int, max_positions: int) -> Tensor:
@@ -90,20 +99,13 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make_linear: LinearFactory):
         super().__init__()
         c = config
         self.layer, self.n_heads, self.n_kv, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
+        self.split = (c.num_heads, c.num_kv_heads, c.num_kv_heads)  # heads of q, k, v in wqkv's output
         prefix = f"layers.{layer}.attention"
         self.wqkv = make_linear(f"{prefix}.wqkv", c.hidden_size, q_dim + 2 * kv_dim, c.attention_bias)
         self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
@@ -111,31 +113,25 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
                 rows: Tensor | None, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
+        q, k, v = qkv.split(self.split, dim=2)
         if cache is not None:
-            k, v = cache.update(self.layer, rows, input_pos, k, v)
-        if self.n_kv != self.n_heads:  # GQA: each kv head serves n_heads / n_kv query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask)
+        else:  # GQA: sdpa_reference repeats each kv head for its n_heads / n_kv query heads
+            y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
+        return self.wo(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make_linear: LinearFactory):
         super().__init__()
         c, prefix = config, f"layers.{layer}.mlp"
-        self.intermediate = c.intermediate_size
         self.w13 = make_linear(f"{prefix}.w13", c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.intermediate, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(ops.silu_mul(self.w13(x)))  # w13 holds gate then up
 
 
 class Block(nn.Module):
@@ -147,8 +143,9 @@ class Block(nn.Module):
         self.mlp = MLP(config, layer, make_linear)
 
     def forward(self, x: Tensor, rope, mask, cache, rows, input_pos) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, rows, input_pos)
-        return h + self.mlp(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x), rope, mask, cache, rows, input_pos)
+        n, h = self.ffn_norm.add_forward(a, x)  # h = x + a
+        return h + self.mlp(n)
 
 
 class Transformer(nn.Module):
@@ -169,15 +166,18 @@ class Transformer(nn.Module):
 
         Without a cache, tokens attend causally among themselves (perplexity, calibration). With a cache,
         row b writes its keys at input_pos[b] of cache slot rows[b] (all slots when rows is None) and
-        attends to every cached position <= its own; rows may sit at different lengths.
+        attends to every cached position <= its own; rows may sit at different lengths. With a cache and
+        no input_pos the rows are whole new sequences (positions 0..T-1): they attend causally among
+        themselves only, which lets the cache use flash attention for the prefill.
         """
         B, T = tokens.shape
-        if input_pos is None:
+        fresh = input_pos is None
+        if fresh:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.tok_embeddings(tokens)
         rope = self.rotary(input_pos, x.dtype)
         mask = None
-        if cache is not None:
+        if cache is not None and not fresh:
             kv_len = cache.max_seq_len
             mask = torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]  # [B, T, S]
             mask = mask[:, None]

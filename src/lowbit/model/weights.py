@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 
 from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import FormatError, LowbitError
-from lowbit.model.linear import ConcatLinear, QuantLinear, canonical, fuse_gptq
+from lowbit.model.linear import (
+    ConcatLinear,
+    QuantLinear,
+    canonical,
+    fuse_gptq,
+    pick_backend,
+)
 from lowbit.model.llama import Block, Transformer
 from lowbit.model.source import TensorFiles, read_json, weight_files
 from lowbit.quant import pack
@@ -76,8 +82,9 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
                ) -> tuple[Transformer, Checkpoint]:
     """Build the Transformer for a checkpoint folder with its weights on `device`.
 
-    `backend` picks how GPTQ linears compute (see QuantLinear); "auto" keeps dequantized weights on a CPU
-    when they take under a quarter of the machine's memory, and dequantizes on the fly otherwise.
+    `backend` picks how GPTQ linears compute (see QuantLinear); "auto" takes the first backend whose
+    declared support covers the layer (`lowbit.model.linear.pick_backend`): the Triton kernels on CUDA,
+    dequantized weights on a CPU when they take under a quarter of the machine's memory, else the reference.
     """
     ckpt = open_checkpoint(folder, allow_pickle)
     quantized = {name for name in _linear_names(ckpt.config) if _is_quantized(ckpt, name)}
@@ -119,7 +126,8 @@ def _choose_backend(model: Transformer, device: torch.device, dtype: torch.dtype
         return
     if backend == "auto":
         dense_bytes = sum(m.in_features * m.out_features for m in linears) * torch.finfo(dtype).bits // 8
-        backend = "dense" if device.type == "cpu" and dense_bytes < _memory_bytes() / 4 else "reference"
+        fits = dense_bytes < _memory_bytes() / 4
+        backend = pick_backend(linears[0].quant, device, dtype, fits)
     for m in linears:
         m.use_backend(backend, dtype)
     log.info("GPTQ linears use the %s backend", backend)

@@ -1,0 +1,43 @@
+"""Whole-model GPU decode benchmark on random weights of a LLaMA shape: fp16, lowbit GPTQ (4-bit, 4-bit
+act-order, 8-bit, 3-bit) and torch's int4 tinygemm side by side, through `lowbit bench`.
+
+Run from the repository root on a CUDA machine:
+    PYTHONPATH=src python benchmarks/gpu_decode.py [--shape llama-7b] [--tuned tuned.json] [`lowbit bench` options]
+(--tuned: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults.)
+The table goes to stdout and to $OUT/gpu_decode_<shape>.md when $OUT is set (else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from lowbit.cli import main
+from lowbit.kernels import qmatmul
+
+
+def use_tuned(path: str) -> None:
+    """Replace rows of qmatmul.CUDA_CONFIGS with the winners of a benchmarks/kernels.py sweep (tuned.json)."""
+    for bound, kernel, config in json.loads(Path(path).read_text()):
+        rows = qmatmul.CUDA_CONFIGS
+        rows[:] = sorted([r for r in rows if r[0] != bound] + [(bound, kernel, config)], key=lambda r: r[0])
+        print(f"qmatmul: M <= {bound}: {kernel} {config}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "--tuned" in args:
+        i = args.index("--tuned")
+        if Path(args[i + 1]).exists():
+            use_tuned(args[i + 1])
+        del args[i:i + 2]
+    if "--shape" not in args:
+        args = ["--shape", "llama-7b", *args]
+    shape = args[args.index("--shape") + 1]
+    if "--out" not in args:
+        folder = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+        folder.mkdir(parents=True, exist_ok=True)
+        args += ["--out", str(folder / f"gpu_decode_{shape}.md")]
+    sys.exit(main(["-v", "bench", *args]))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
+#   bash benchmarks/gpu_run.sh tests|decode|kernels|memory ...   (from the repository root, results under $OUT)
+set -u
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
+OUT=${OUT:-benchmarks/results}
+for stage in "$@"; do
+  case $stage in
+    tests)  # kernels on the GPU (awkward shapes, poisoned outputs) and the fast path end to end vs the reference
+      timeout "${TESTS_SECONDS:-200}" python3 -m pytest -p no:cacheprovider --maxfail=20 -v ${TESTS:-\
+        tests/kernels/test_norm_rope.py tests/kernels/test_attention.py tests/model/test_linear_backends.py \
+        tests/engine/test_cuda_graphs.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
+        > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
+    smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
+      timeout "${SMOL_SECONDS:-300}" python3 -m pytest -v -p no:cacheprovider tests/engine/test_gpu_smollm2.py \
+        > "$OUT/pytest_smollm2.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed|diverges" "$OUT/pytest_smollm2.txt" | tail -n 20 ;;
+    decode)  # whole-model decode table, LLaMA-7B shape
+      timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b --tuned "$OUT/tuned.json" ${DECODE_ARGS:-} \
+        > "$OUT/decode_log.txt" 2>&1; tail -n 12 "$OUT/decode_log.txt" ;;
+    memory)  # 13B 4-bit at 2048 context, batch 1
+      timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
+        --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 > "$OUT/memory_log.txt" 2>&1
+      tail -n 4 "$OUT/memory_log.txt" ;;
+    kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm
+      timeout "${KERNELS_SECONDS:-300}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$OUT/kernels_log.txt" 2>&1
+      tail -n 14 "$OUT/kernels_log.txt" ;;
+    profile)  # Nsight Compute on one M=1 GEMV launch: what bounds it
+      timeout "${PROFILE_SECONDS:-90}" ncu --kernel-name regex:_gemv_kernel --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        python3 benchmarks/profile_gemv.py > "$OUT/ncu_gemv.txt" 2>&1; grep -E "Throughput|Duration|Stall|Occupancy|Registers|Warp Cycles|Issued" "$OUT/ncu_gemv.txt" | head -n 30 ;;
+  esac
+done

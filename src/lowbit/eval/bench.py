@@ -1,0 +1,210 @@
+"""`lowbit bench`: decode and prefill speed through the Engine, time to first token, peak GPU memory, and the
+weight bandwidth a decode step achieves against the device's measured copy bandwidth; one table.
+
+Owns the measurement protocol (warm-up runs that compile kernels and capture graphs, then timed runs of
+greedy requests that ignore EOS) and the table. What is measured comes in as a model: a loaded checkpoint
+or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is used.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from lowbit.engine.engine import Engine, EngineConfig
+from lowbit.engine.sampling import SamplingParams
+from lowbit.errors import LowbitError
+from lowbit.eval.random_model import SHAPES, VARIANTS, decode_bytes, random_model
+from lowbit.model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run: batch sizes, prompt and output lengths, the prefill prompt and the KV cache length."""
+
+    batches: tuple[int, ...] = (1, 4, 16, 64)
+    prompt_len: int = 128  # decode runs: prompt tokens per request (its prefill time is the TTFT)
+    new_tokens: int = 256  # decode runs: tokens generated per request
+    prefill_len: int = 1024  # the prompt whose prefill gives prefill tokens/s
+    context: int | None = None  # KV cache length per request (default prompt_len + new_tokens)
+    cuda_graphs: bool = True
+
+
+@dataclass
+class BenchRow:
+    name: str
+    decode: dict[int, float | str] = field(default_factory=dict)  # batch -> tokens/s (all rows), or why not
+    graph_tps: float | None = None  # batch 1, graph replays alone (no engine host work)
+    prefill_tps: float | None = None
+    ttft_ms: float | None = None
+    peak_gb: float | None = None  # at batch 1 with `context` positions cached
+    peak_all_gb: float | None = None  # over every run here (largest batch, long prefill)
+    weight_gb: float = 0.0  # bytes one decode step reads
+    note: str = ""
+
+
+class _NullTokenizer:
+    """What the Engine needs of a tokenizer, for random models: no EOS, one character per token."""
+
+    eos_ids: tuple[int, ...] = ()
+    hf = SimpleNamespace(added_tokens_decoder={})
+
+    def decode(self, ids) -> str:
+        return "x" * len(ids)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (n, length), generator=g).tolist()
+
+
+def _timed_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first tokens, seconds of the decode steps after it, decode steps)."""
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.step()  # admits and prefills every prompt: first tokens
+    t1 = time.perf_counter()
+    steps = 0
+    while engine.num_unfinished:
+        engine.step()
+        steps += 1
+    return t1 - t0, time.perf_counter() - t1, steps
+
+
+def _graph_tps(engine: Engine, replays: int = 100) -> float | None:
+    """Batch-1 decode rate of graph replays alone: the GPU's share of a step."""
+    if engine.graphs is None:
+        return None
+    engine.graphs.run([1], [0], [0])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph = engine.graphs.graphs[1].graph
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return replays / (start.elapsed_time(end) * 1e-3)
+
+
+def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -> BenchRow:
+    """Every measurement of the table for one model (on its device; CPU runs give no memory figures)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    context = config.context or config.prompt_len + config.new_tokens
+    row = BenchRow(name, weight_gb=decode_bytes(model) / 1e9)
+
+    def engine(batch: int, seq: int) -> Engine:
+        return Engine(model, tokenizer, EngineConfig(max_batch=batch, max_seq_len=seq, cuda_graphs=config.cuda_graphs))
+
+    eng = None
+    cuda = device.type == "cuda"
+    peak = 0
+    for batch in config.batches:
+        try:
+            if cuda:
+                peak = max(peak, torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)
+            eng = engine(batch, context)
+            _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 1), 3)  # compile, capture
+            first, decode_s, steps = _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 2), config.new_tokens)
+            row.decode[batch] = batch * steps / decode_s
+            if batch == 1:
+                row.ttft_ms = first * 1e3
+                row.peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+                row.graph_tps = _graph_tps(eng)
+        except torch.cuda.OutOfMemoryError:
+            row.decode[batch] = "oom"
+        finally:
+            eng = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    try:
+        eng = engine(1, config.prefill_len + 1)
+        _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 3), 1)
+        first, _, _ = _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 4), 1)
+        row.prefill_tps = config.prefill_len / first
+    except torch.cuda.OutOfMemoryError:
+        row.note = "prefill: oom"
+    finally:
+        eng = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    if cuda:
+        row.peak_all_gb = max(peak, torch.cuda.max_memory_allocated(device)) / 1e9
+    return row
+
+
+def bench_shape(shape: str, variants: list[str], config: BenchConfig, device: torch.device,
+                report: Callable[[BenchRow], None] = lambda row: None) -> list[BenchRow]:
+    """Random models of `shape`, one variant at a time (each freed before the next is built)."""
+    if shape not in SHAPES:
+        raise LowbitError(f"unknown shape {shape!r}; choose {', '.join(SHAPES)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise LowbitError(f"unknown variant {unknown[0]!r}; choose {', '.join(VARIANTS)}")
+    rows = []
+    for name in variants:
+        try:
+            model = random_model(SHAPES[shape], VARIANTS[name], device)
+        except LowbitError as e:
+            rows.append(BenchRow(name, note=str(e)))
+        else:
+            log.info("benchmarking %s %s", shape, name)
+            try:
+                rows.append(bench_model(name, model, _NullTokenizer(), config))
+            except Exception as e:  # one broken variant must not hide the others' numbers
+                log.exception("%s failed", name)
+                rows.append(BenchRow(name, note=f"error: {type(e).__name__}: {e}"[:200]))
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        report(rows[-1])
+    return rows
+
+
+def table(rows: list[BenchRow], config: BenchConfig, copy_gbps: float) -> str:
+    """Markdown: one row per model, decode tokens/s per batch size, then the single-stream numbers."""
+    def num(v, fmt="{:.0f}"):
+        return "" if v is None else v if isinstance(v, str) else fmt.format(v)
+
+    head = ["variant"] + [f"decode tok/s b={b}" for b in config.batches]
+    head += ["b=1 graph-only tok/s", f"prefill tok/s ({config.prefill_len})", f"TTFT ms ({config.prompt_len})",
+             "peak GB (b=1)", "peak GB (all)", "weights GB/token", "weight GB/s (b=1)", "% of copy BW", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tps = r.decode.get(1)
+        gbps = r.weight_gb * tps if isinstance(tps, float) else None
+        cells = [r.name] + [num(r.decode.get(b)) for b in config.batches]
+        cells += [num(r.graph_tps), num(r.prefill_tps), num(r.ttft_ms, "{:.1f}"), num(r.peak_gb, "{:.2f}"),
+                  num(r.peak_all_gb, "{:.2f}"),
+                  num(r.weight_gb, "{:.2f}"), num(gbps), num(None if gbps is None else 100 * gbps / copy_gbps),
+                  r.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Decode attention over the static KV cache, fused with appending the new token's key and value.
+
+One launch per layer and step: program (b, kv head, split) reads the cached positions of its split up to
+row b's position, and the split that holds that position also writes the new key/value into the cache (and
+uses them from registers). The query heads that share a kv head (GQA) are one tensor-core tile. Splits
+(flash-decoding) keep the SMs busy at batch 1; the last split to finish merges the partial softmaxes in a
+fixed order (deterministic) and resets its counter, so nothing else is launched. Reads stop at each row's
+length, not at the cache's. The torch reference is `lowbit.kernels.reference.sdpa_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.kernels.qmatmul import fence_gpu, interpreting
+
+BLOCK = 64  # cached positions per loop step
+CHUNK = 256  # positions per split, until MAX_SPLITS splits cover the cache
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
+                   stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob,
+                   n_kv, D, chunk, qk_scale,
+                   G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+                   SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(rows_ptr + b).to(tl.int64)
+    p = tl.load(pos_ptr + b).to(tl.int32)
+    g, d = tl.arange(0, GP), tl.arange(0, BD)
+    gm, dm = g < G, d < D
+    heads = kvh * G + g  # query heads of this kv head; q/out heads are D apart, kv heads too
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    k_new = tl.load(kn_ptr + b64 * stride_kb + kvh * D + d, mask=dm, other=0.0)
+    v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0)
+    cache = slot * stride_cs + kvh * stride_ch
+    start = split * chunk
+    end = tl.minimum(start + chunk, p + 1)
+    mine = d < tl.where((p >= start) & (p < start + chunk), D, 0)  # this split appends the new key/value
+    tl.store(kc_ptr + cache + p * stride_ct + d, k_new, mask=mine)
+    tl.store(vc_ptr + cache + p * stride_ct + d, v_new, mask=mine)
+
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, BD), tl.float32)
+    for t0 in range(start, end, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        valid = t < end
+        old = (valid & (t != p))[:, None] & dm[None, :]
+        offs = cache + t[:, None].to(tl.int64) * stride_ct + d[None, :]
+        k = tl.load(kc_ptr + offs, mask=old, other=0.0)
+        v = tl.load(vc_ptr + offs, mask=old, other=0.0)
+        k = tl.where((t == p)[:, None], k_new[None, :], k)
+        v = tl.where((t == p)[:, None], v_new[None, :], v)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2 units
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        if IEEE:
+            pv = tl.dot(e, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(e.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_offs = b64 * stride_ob + heads[:, None] * D + d[None, :]
+    out_mask = gm[:, None] & dm[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partials: m, l at ws[(row * SPLITS + split)], acc at ws[n_ml + (row * SPLITS + split) * BD]
+        row = (b64 * n_kv + kvh) * G + g
+        n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
+        ml = row * SPLITS + split
+        tl.store(ws_ptr + ml, m_i, mask=gm)
+        tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
+        tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+        if FENCE:
+            fence_gpu(g)
+        tl.debug_barrier()
+        lock = lock_ptr + b * n_kv + kvh
+        if tl.atomic_add(lock, 1) == SPLITS - 1:  # the last split merges, in split order
+            si = tl.arange(0, SP)
+            both = gm[:, None] & (si < SPLITS)[None, :]
+            m_all = tl.load(ws_ptr + row[:, None] * SPLITS + si[None, :], mask=both, other=float("-inf"),
+                            cache_modifier=".cg")
+            m_max = tl.where(gm, tl.max(m_all, axis=1), 0.0)
+            l_all = tl.load(ws_ptr + n_ml + row[:, None] * SPLITS + si[None, :], mask=both, other=0.0,
+                            cache_modifier=".cg")
+            total = tl.where(gm, tl.sum(l_all * tl.exp2(m_all - m_max[:, None]), axis=1), 1.0)
+            o = tl.zeros((GP, BD), tl.float32)
+            for s_ in tl.static_range(SPLITS):
+                m_s = tl.load(ws_ptr + row * SPLITS + s_, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                a_s = tl.load(ws_ptr + 2 * n_ml + (row * SPLITS + s_)[:, None] * BD + d[None, :],
+                              mask=gm[:, None], other=0.0, cache_modifier=".cg")
+                o += tl.exp2(m_s - m_max)[:, None] * a_s
+            tl.store(out_ptr + out_offs, (o / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
+
+
+def num_splits(max_seq_len: int) -> int:
+    """Splits per (row, kv head): one per CHUNK positions of the cache, at most 16."""
+    return max(1, min(16, triton.cdiv(max_seq_len, CHUNK)))
+
+
+def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                     pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
+
+    q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride), k_cache/v_cache
+    [slots, KV, S, D], rows/pos [B] int, locks int32 [>= B * KV] zeros (left zero). -> [B, H, D] (in `out`
+    when given).
+    """
+    B, H, D = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    for t, name in ((q, "q"), (k_new, "k_new"), (v_new, "v_new")):
+        if t.stride(2) != 1 or t.stride(1) != D:
+            raise ValueError(f"{name}: heads must be D apart with D contiguous, got strides {t.stride()}")
+    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("k/v caches must share a layout with the head dim contiguous")
+    if locks.numel() < B * n_kv:
+        raise ValueError(f"locks has {locks.numel()} counters, needs {B * n_kv}")
+    G = H // n_kv
+    splits = num_splits(S)
+    chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK) * BLOCK
+    bd = max(16, triton.next_power_of_2(D))
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device) if out is None else out
+    ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    scale = D ** -0.5 if scale is None else scale
+    if B:
+        _decode_kernel[(B, n_kv, splits)](
+            q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks,
+            q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            out.stride(0), n_kv, D, chunk, scale * 1.4426950408889634,
+            G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
+            SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
+            IEEE=q.dtype == torch.float32, num_warps=4)
+    return out

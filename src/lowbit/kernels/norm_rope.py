@@ -1,0 +1,104 @@
+"""Triton kernels for the model's small ops: RMSNorm (optionally fused with the residual add), RoPE, SiLU*up.
+
+Each replaces several torch launches with one, which is what a CUDA-graph decode step pays for (one launch
+costs about a microsecond on an H100 whatever its size). Same rounding points as the torch references in
+`lowbit.kernels.reference` (they are the spec); `lowbit.kernels.ops` picks between the two by device.
+Tensors in, tensors out; rows are the leading dims flattened, the feature dim is contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr): one program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(r_ptr + row * D + offs, mask=ok, other=0.0)  # rounded to x's dtype, as torch's add
+        tl.store(h_ptr + row * D + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    n = (xf * inv).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + offs, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x [..., D] -> RMSNorm(x); with `residual`: (RMSNorm(x + residual), x + residual)."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    h = torch.empty_like(x) if residual is not None else y
+    r = residual.reshape(-1, d).contiguous() if residual is not None else x2
+    block = triton.next_power_of_2(d)
+    if rows:
+        _rms_norm_kernel[(rows,)](x2, r, weight, y, h, d, eps, HAS_RES=residual is not None, BLOCK=block,
+                                  num_warps=8 if block >= 4096 else 4)
+    return y if residual is None else (y, h)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, n_rot, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
+                 HALF, BH: tl.constexpr, BHALF: tl.constexpr):
+    """Rotate heads [0, n_rot) of row (b, t) in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    bt = tl.program_id(0)
+    b, t = bt // T, bt % T
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    i = tl.arange(0, BHALF)
+    ok = (heads < n_rot)[:, None] & (i < HALF)[None, :]
+    cs = b.to(tl.int64) * stride_cb + t * stride_ct + i
+    c = tl.load(cos_ptr + cs, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + cs, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    base = x_ptr + b.to(tl.int64) * stride_xb + t * stride_xt + heads[:, None] * stride_xh + i[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+    a, z = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(base, (a * c - z * s).to(x1.dtype), mask=ok)
+    tl.store(base + HALF, (z * c + a * s).to(x1.dtype), mask=ok)
+
+
+def rope_(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
+    """x [B, T, heads, D] (D contiguous), cos/sin [B, T, D]: rotate heads [0, n_rot) in place; returns x."""
+    B, T, _, D = x.shape
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("rope_ needs the head dim contiguous and cos/sin of one layout")
+    bh = min(16, triton.next_power_of_2(n_rot))
+    if B * T and n_rot:
+        _rope_kernel[(B * T, triton.cdiv(n_rot, bh))](
+            x, cos, sin, T, n_rot, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+            D // 2, BH=bh, BHALF=triton.next_power_of_2(D // 2), num_warps=4)
+    return x
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, I, BLOCK: tl.constexpr):
+    """y[r] = silu(x[r, :I]) * x[r, I:], silu rounded to the dtype first (as torch's silu, then mul)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < I
+    g = tl.load(x_ptr + row * 2 * I + offs, mask=ok, other=0.0)
+    u = tl.load(x_ptr + row * 2 * I + I + offs, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    tl.store(y_ptr + row * I + offs, (act * u.to(tl.float32)).to(g.dtype), mask=ok)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """[..., 2I] -> silu(x[..., :I]) * x[..., I:]."""
+    i = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * i).contiguous()
+    y = torch.empty(*x.shape[:-1], i, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(i))
+    if x2.shape[0]:
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](x2, y, i, BLOCK=block, num_warps=4)
+    return y

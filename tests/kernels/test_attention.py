@@ -1,0 +1,56 @@
+"""lowbit.kernels.attention.decode_attention against sdpa_reference over a cache that holds the new key:
+MHA and GQA, one split and several, rows at different lengths (0 included), the output poisoned first."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+pytest.importorskip("triton")
+
+from lowbit.kernels.attention import decode_attention, num_splits
+from lowbit.kernels.reference import sdpa_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_bf16_interpreted(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter has no working bfloat16 (checked on the GPU)")
+
+
+@pytest.mark.parametrize("H,KV,D,S,dtype", [
+    (4, 4, 64, 40, torch.float32),  # MHA, one split
+    (9, 3, 64, 600, torch.float32),  # SmolLM2's GQA, three splits
+    (8, 2, 32, 300, torch.float16),
+    (8, 1, 128, 520, torch.float16),  # MQA-like group of 8
+    (8, 1, 128, 520, torch.bfloat16),
+])
+def test_decode_attention(H, KV, D, S, dtype):
+    skip_bf16_interpreted(dtype)
+    B, slots = 3, 5
+    kc = torch.randn(slots, KV, S, D, device=DEVICE).to(dtype)
+    vc = torch.randn(slots, KV, S, D, device=DEVICE).to(dtype)
+    rows = torch.tensor([3, 0, 4], device=DEVICE)
+    pos = torch.tensor([S - 1, 0, 257 % S], device=DEVICE)
+    qkv = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE).to(dtype)
+    q, k, v = qkv.split((H, KV, KV), dim=2)
+    locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    expect_k, expect_v = kc.clone(), vc.clone()
+    expect_k[rows, :, pos], expect_v[rows, :, pos] = k[:, 0], v[:, 0]
+    out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEVICE)
+    got = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+    assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
+    assert not locks.any(), "split counters must be left at zero"
+    mask = (torch.arange(S, device=DEVICE) <= pos[:, None])[:, None, None]
+    ref = sdpa_reference(q.transpose(1, 2).double(), expect_k[rows].double(), expect_v[rows].double(), mask)[:, :, 0]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_splits_grow_with_the_cache():
+    assert num_splits(256) == 1 and num_splits(257) == 2 and num_splits(2048) == 8 and num_splits(1 << 20) == 16

@@ -1,0 +1,74 @@
+"""lowbit.kernels.norm_rope (Triton; the interpreter on CPU) against the torch references, and the ops
+dispatch. Outputs are compared at the precision of their dtype; fresh random inputs for every case."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+pytest.importorskip("triton")
+
+from lowbit.kernels import norm_rope, ops, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_bf16_interpreted(dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter has no working bfloat16 (checked on the GPU)")
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def close(got, ref):
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    tol = TOL[got.dtype]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 576, 1000])
+def test_rms_norm(dtype, d):
+    skip_bf16_interpreted(dtype)
+    x = torch.randn(3, 5, d, device=DEVICE).to(dtype)
+    r = torch.randn(3, 5, d, device=DEVICE).to(dtype)
+    w = (torch.rand(d, device=DEVICE) + 0.5).to(dtype)
+    close(norm_rope.rms_norm(x, w, 1e-5), reference.rms_norm_reference(x, w, 1e-5))
+    y, h = norm_rope.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(h, x + r)  # the same rounding as torch's add
+    close(y, reference.rms_norm_reference(x + r, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,n_rot,d", [(3 * 4, 2 * 4, 64), (9 + 6, 12, 64), (5, 3, 96)])
+def test_rope_in_place(dtype, heads, n_rot, d):
+    B, T = 2, 3
+    x = torch.randn(B, T, heads, d, device=DEVICE).to(dtype)
+    pos = torch.randint(0, 4000, (B, T), device=DEVICE)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=DEVICE).float() / d)
+    f = pos.float()[..., None] * inv
+    emb = torch.cat((f, f), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    ref = reference.rope_reference(x, cos, sin, n_rot)
+    got = x.clone()
+    assert norm_rope.rope_(got, cos, sin, n_rot).data_ptr() == got.data_ptr()
+    close(got, ref)
+    assert torch.equal(got[:, :, n_rot:], x[:, :, n_rot:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_silu_mul(dtype):
+    skip_bf16_interpreted(dtype)
+    x = torch.randn(2, 3, 2 * 1100, device=DEVICE).to(dtype) * 4
+    close(norm_rope.silu_mul(x), reference.silu_mul_reference(x))
+
+
+def test_ops_use_the_references_off_cuda():
+    x = torch.randn(2, 1, 3, 8)
+    w = torch.rand(8)
+    assert torch.equal(ops.rms_norm(x, w, 1e-5), reference.rms_norm_reference(x, w, 1e-5))
+    cos, sin = torch.rand(2, 1, 8), torch.rand(2, 1, 8)
+    assert torch.equal(ops.rope(x, cos, sin, 2), reference.rope_reference(x, cos, sin, 2))
+    assert torch.equal(ops.silu_mul(x), reference.silu_mul_reference(x))

@@ -1,0 +1,54 @@
+"""QuantLinear backends chosen from their declarations, and the "triton" backend (Triton's interpreter on
+CPU, the real kernels on CUDA) against the torch reference on whole GPTQ checkpoints: fused q/k/v and
+gate/up, act-order with one permutation or distinct ones (ConcatLinear), 3- and 4-bit, v1 and v2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+pytest.importorskip("triton")
+
+from lowbit.config import QuantConfig
+from lowbit.model.linear import ConcatLinear, QuantLinear, pick_backend
+from lowbit.model.weights import load_model
+from tests.conftest import tiny_config
+from tests.model.test_gptq_loading import write_gptq_checkpoint
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_pick_backend_from_declarations():
+    q4 = QuantConfig(bits=4, group_size=128, desc_act=True, sym=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pick_backend(q4, cuda, torch.float16, dense_fits=True) == "triton"
+    assert pick_backend(q4, cuda, torch.bfloat16, dense_fits=False) == "triton"
+    assert pick_backend(q4, cpu, torch.float32, dense_fits=True) == "dense"
+    assert pick_backend(q4, cpu, torch.float32, dense_fits=False) == "reference"
+
+
+@pytest.mark.parametrize("bits,group_size,desc_act,sym,fmt,distinct", [
+    (4, 32, True, False, "gptq", False),
+    (3, 32, False, True, "gptq_v2", False),
+    (4, 32, True, True, "gptq_v2", True),
+])
+def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, sym, fmt, distinct):
+    cfg = tiny_config(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2)
+    write_gptq_checkpoint(tmp_path, cfg, bits, group_size, desc_act, sym, fmt, distinct_perms=distinct)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    fast, _ = load_model(tmp_path, device=DEVICE, dtype=dtype, backend="triton")
+    ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
+    linears = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert all(m.backend == "triton" and m.kernel_weight is not None for m in linears)
+    assert all(m.qweight.device.type == "cpu" for m in linears), "checkpoint tensors wait on the host"
+    assert isinstance(fast.layers[0].attention.wqkv, ConcatLinear) == distinct
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 7))
+    with torch.no_grad():
+        got, want = fast(tokens.to(DEVICE)).float().cpu(), ref(tokens)
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    linears[0].use_backend("reference", dtype)  # and back: the checkpoint tensors return to the device
+    assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE
