@@ -1,0 +1,90 @@
+"""What every `lowbit` command shares: the model and sampling flags (derived from `SamplingParams`),
+loading from them, the cache folder (LOWBIT_CACHE) and whether to draw progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lowbit")
+
+
+SAMPLING_HELP = {
+    "temperature": "softmax temperature; 0 = greedy",
+    "top_k": "keep the k most likely tokens (0 = off)",
+    "top_p": "nucleus sampling: keep the smallest set with this probability mass",
+    "min_p": "drop tokens below min_p x the top probability",
+    "typical_p": "locally typical sampling mass (1 = off)",
+    "repetition_penalty": "HF/CTRL penalty on tokens seen in prompt or output (1 = off)",
+    "presence_penalty": "OpenAI presence penalty on generated tokens",
+    "frequency_penalty": "OpenAI frequency penalty on generated tokens",
+    "seed": "random seed for reproducible sampling",
+    "max_new_tokens": "most tokens to generate",
+    "stop": "stop when this string appears (repeatable)",
+}
+
+
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "top_k": 40}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    from lowbit.engine.sampling import SamplingParams
+
+    group = parser.add_argument_group("sampling")
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in SAMPLING_HELP:
+            continue
+        default = SAMPLING_DEFAULTS.get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "stop":
+            group.add_argument(flag, action="append", default=[], help=SAMPLING_HELP[f.name])
+            continue
+        kind = int if f.name in ("top_k", "seed", "max_new_tokens") else float
+        group.add_argument(flag, type=kind, default=default, help=f"{SAMPLING_HELP[f.name]} (default: {default})")
+
+
+def sampling_params(args: argparse.Namespace):
+    from lowbit.engine.sampling import SamplingParams
+
+    values = {k: getattr(args, k) for k in SAMPLING_HELP}
+    values["stop"] = tuple(values["stop"])
+    return SamplingParams(**values)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder, .safetensors/.gguf file, Hub id org/name[:branch], or 'smollm2'")
+    group = parser.add_argument_group("loading")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: float16 on GPU, float32 on CPU)")
+    group.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle weights (can run code)")
+
+
+def load_from_args(args: argparse.Namespace):
+    from lowbit.api import load
+
+    return load(args.model, args.device, args.dtype, args.allow_pickle, cache_dir(), progress=show_progress())
+
+
+def show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def make_engine(loaded, args, max_seq_len: int):
+    from lowbit.engine.engine import Engine, EngineConfig
+
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len))
+
+
+def named_template(args: argparse.Namespace):
+    """Check a --template name before the (slow) model load."""
+    from lowbit.chat import template
+
+    return template.get(args.template) if args.template else None
