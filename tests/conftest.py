@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run through its interpreter on a CPU; set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 TEST_CACHE = Path(os.environ.get("LOWBIT_TEST_CACHE", Path.home() / ".cache" / "lowbit-test"))
 DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 

@@ -3,23 +3,14 @@ MHA and GQA, one split and several, rows at different lengths (0 included), the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
 from lowbit.kernels.attention import decode_attention, num_splits
 from lowbit.kernels.reference import sdpa_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def skip_bf16_interpreted(dtype):
-    if dtype == torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("Triton's interpreter has no working bfloat16 (checked on the GPU)")
+from tests.kernels.common import DEVICE, skip_bf16_interpreted
 
 
 @pytest.mark.parametrize("H,KV,D,S,dtype", [

@@ -8,17 +8,13 @@ a multiple of the tile, one column, short last blocks, strided views, groups in 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
-from lowbit.kernels.gptq_block import gptq_block_reference, gptq_block_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from lowbit.kernels.gptq_block import gptq_block_reference, gptq_block_triton
+from tests.kernels.common import DEVICE
 
 
 def upper_factor(b: int, g: torch.Generator) -> torch.Tensor:

@@ -3,22 +3,14 @@ dispatch. Outputs are compared at the precision of their dtype; fresh random inp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
 from lowbit.kernels import norm_rope, ops, reference
+from tests.kernels.common import DEVICE, skip_bf16_interpreted
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def skip_bf16_interpreted(dtype):
-    if dtype == torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("Triton's interpreter has no working bfloat16 (checked on the GPU)")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 

@@ -8,19 +8,15 @@ on CUDA when present; outputs are poisoned with NaN before each run.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
-from lowbit.kernels.qmatmul import dequantize, qmatmul, repack  # noqa: E402
-from lowbit.kernels.reference import dequant_reference, qmatmul_reference  # noqa: E402
-from lowbit.quant import pack  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from lowbit.kernels.qmatmul import dequantize, qmatmul, repack
+from lowbit.kernels.reference import dequant_reference, qmatmul_reference
+from lowbit.quant import pack
+from tests.kernels.common import DEVICE
 
 
 def make_weight(k: int, n: int, bits: int, group_size: int, act_order: bool, sym: bool, fmt: str, seed: int = 0):
