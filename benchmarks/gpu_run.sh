@@ -24,9 +24,14 @@ for stage in "$@"; do
     kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm
       timeout "${KERNELS_SECONDS:-300}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$OUT/kernels_log.txt" 2>&1
       tail -n 14 "$OUT/kernels_log.txt" ;;
-    profile)  # Nsight Compute on one M=1 GEMV launch: what bounds it
-      timeout "${PROFILE_SECONDS:-90}" ncu --kernel-name regex:_gemv_kernel --launch-skip 3 --launch-count 1 \
-        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-        python3 benchmarks/profile_gemv.py > "$OUT/ncu_gemv.txt" 2>&1; grep -E "Throughput|Duration|Stall|Occupancy|Registers|Warp Cycles|Issued" "$OUT/ncu_gemv.txt" | head -n 30 ;;
+    profile)  # Nsight Compute on M=1 GEMV launches (config per $GEMV_CONFIGS entry, ';'-separated JSON): what bounds it
+      cfg_list=${GEMV_CONFIGS:-"{}"}; IFS=';' read -ra cfgs <<< "$cfg_list"
+      for i in "${!cfgs[@]}"; do
+        GEMV_CONFIG="${cfgs[$i]}" timeout "${PROFILE_SECONDS:-90}" ncu --kernel-name regex:'_gemv_kernel|_dot_kernel' --launch-skip 5 \
+          --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+          --section Occupancy --section LaunchStats --section SchedulerStats \
+          python3 benchmarks/profile_gemv.py > "$OUT/ncu_gemv_$i.txt" 2>&1
+        echo "config ${cfgs[$i]}"; grep -E "DRAM Throughput|Memory Throughput|Duration|Stall|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Ipc|Eligible Warps|No Eligible" "$OUT/ncu_gemv_$i.txt" | head -n 16
+      done ;;
   esac
 done

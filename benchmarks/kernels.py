@@ -166,19 +166,23 @@ def tinygemm(m, shapes=SHAPES):
 
 
 def _sweep_configs():
+    # T = words per thread per iteration = 16 * BPI * BN / (32 * num_warps): it sets the registers (at T=64 a
+    # thread needs ~255 of them and an SM holds ~8 warps), so small T with many warps per SM is the aim
+    # T = 16 * BPI * BN / (32 * num_warps) words a thread: at T=64 a thread holds ~255 registers and an SM
+    # ~8 warps; the runs of 2026-11-24 (benchmarks/results/gpu.md) favour T=8 and many programs
     gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "BPI": bpi})
-            for bn, nw, bpi, waves in ((128, 2, 1, (2, 4, 8)), (256, 2, 1, (4, 8)), (256, 4, 1, (2, 4)),
-                                       (512, 4, 1, (2, 4)), (512, 8, 1, (1, 2)), (256, 4, 2, (1, 2, 4)),
-                                       (128, 2, 4, (1, 2)), (256, 8, 4, (1, 2)), (32, 1, 4, (1,)),
-                                       (64, 2, 4, (1, 2)), (64, 1, 2, (2,)))
+            for bn, nw, bpi, waves in ((512, 4, 1, (2,)), (64, 4, 1, (4, 8, 16)), (128, 4, 1, (4, 8)),
+                                       (64, 2, 1, (8, 16)), (32, 1, 1, (16,)), (128, 8, 1, (8,)))
             for wv in waves]
-    dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv})
-             for bn, nw, wv in ((128, 2, 4), (128, 2, 8), (256, 4, 2), (256, 4, 4), (64, 2, 8))]
+    dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": st})
+             for bn, nw, wv, st in ((128, 2, 4, 2), (128, 2, 8, 2), (128, 2, 2, 3), (128, 4, 2, 3), (256, 4, 2, 2),
+                                    (256, 4, 1, 3), (64, 2, 4, 3), (64, 2, 2, 4), (64, 1, 4, 3), (128, 4, 1, 4))]
     dot64 = [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "waves": wv})
              for bm, bn, nw, wv in ((64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 8, 2), (64, 64, 4, 4),
-                                    (64, 256, 8, 2))]
-    return {1: gemv, 16: dot16, 64: dot64,
-            2048: [("dequant", {}), ("dot", {"BM": 128, "BN": 128, "num_warps": 8})]}
+                                    (64, 256, 8, 2), (64, 64, 2, 2))]
+    big = [("dequant", {})] + [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "num_stages": st})
+                               for bm, bn, nw, st in ((128, 128, 8, 3),)]
+    return {1: gemv, 16: dot16, 64: dot64, 2048: big}
 
 
 SWEEP = _sweep_configs()
@@ -186,7 +190,7 @@ SWEEP = _sweep_configs()
 
 def sweep(w4):
     best = {}
-    say("## tile sweep, 4-bit g128, one 7B block (us)\n")
+    say("## tile sweep, 4-bit g128, one 7B block as the model runs it (4 fused launches), us\n")
     say("| M | kernel | config | us |")
     say("|---|---|---|---|")
     for m in MS:
@@ -204,6 +208,24 @@ def sweep(w4):
                 traceback.print_exc()
     say("")
     return best
+
+
+def per_shape(w4, best):
+    """Each fused launch alone at M=1 (best config and the previous default): where the time goes."""
+    if 1 not in best:
+        return
+    say("## M=1 per launch, us (GB/s of weight bytes)\n")
+    say("| K x N | best | previous default | ideal at 3.0 TB/s |")
+    say("|---|---|---|---|")
+    old = SWEEP[1][0]
+    for w in w4:
+        nbytes = w.qweight.numel() * 4 + w.scales.numel() * 4
+        cells = []
+        for kernel, config in ((best[1][1], best[1][2]), old):
+            t = graph_time(ours([w] * 1, 1, kernel, config), reps=20)
+            cells.append(f"{t:.1f} ({nbytes / t / 1e3:.0f})")
+        say(f"| {w.in_features} x {w.out_features} | {cells[0]} | {cells[1]} | {nbytes / 3e6:.1f} |")
+    say("")
 
 
 def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
@@ -258,10 +280,11 @@ def main():
         t0 = time.time()
         correctness()
         say(f"(correctness: {time.time() - t0:.0f} s)\n")
-    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(SHAPES)]
+    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(FUSED)]  # sweep what the model runs
     t0 = time.time()
     best = sweep(w4)
     say(f"(sweep: {time.time() - t0:.0f} s)\n")
+    per_shape(w4, best)
     out = os.environ.get("OUT")
     if out:  # the winners, in qmatmul.CUDA_CONFIGS' terms, for benchmarks/gpu_decode.py --tuned
         import json

@@ -8,8 +8,9 @@ torch reference for every kernel is `lowbit.kernels.reference`.
 Layout. Input rows are first sorted by group (stable; act-order's `perm`), each group padded to a multiple
 of 16 rows, the total to whole blocks. A block holds 16*F rows (F fields per int32 word: 8 for 4-bit, 4 for
 8-bit, 16 for 2-bit and for the low two bits of 3-bit) in 16 words per column; field j of word w holds row
-16*j + w, so each field of a 16-word tile is 16 consecutive rows ("a slot") with one group. Dequantization
-needs no integer-to-float conversion: a field moved to the top of a float32 mantissa and or-ed with 1.0 is
+16*j + w, so each field of a 16-word tile is 16 consecutive rows ("a slot") with one group. Scales and
+zeros are stored per run (aligned slots sharing a group), so kernels index them without a g_idx lookup.
+Dequantization needs no integer-to-float conversion: a field moved to the top of a float32 mantissa and or-ed with 1.0 is
 u = OFF + q/F exactly, and w = (q - z)*s = u*(F*s) - (OFF*F + z)*s is one exact FMA.
 """
 
@@ -45,14 +46,14 @@ class QWeight:
 
     qweight: Tensor  # int32 [Kp/F, N]: block b, word w, field j -> packed row 16*F*b + 16*j + w
     qhigh: Tensor | None  # int16 [Kp/16, N], 3-bit only: bit j of word 16b+w -> high bit of row 256b + 16j + w
-    scales: Tensor  # fp16 [G, N]
-    zeros: Tensor  # fp16 [G, N], true zero points (small integers, exact)
-    slot_group: Tensor  # int32 [Kp/16]: group of each slot of 16 packed rows
+    scales: Tensor  # fp16 [R, N], one row per run of 16*group_slots packed rows (no g_idx lookup in kernels)
+    zeros: Tensor  # fp16 [R, N], true zero points (small integers, exact)
+    slot_group: Tensor  # int32 [Kp/16]: group of each slot of 16 packed rows (for inspection and tests)
     perm: Tensor | None  # int32 [Kp]: input channel of each packed row, -1 = padding; None = identity
     locks: Tensor  # int32 [ceil(N/16)]: split-K tile counters, zero between launches (one stream at a time)
     bits: int
     in_features: int  # K
-    group_slots: int  # aligned runs of this many slots share a group (a power of 2 dividing F)
+    group_slots: int  # aligned runs of this many slots share a group (a power of 2 dividing F): one s/z row
     tail_perm: bool  # perm[:K] is a permutation of 0..K-1 and only rows >= K pad: callers may gather x
 
     @property
@@ -117,13 +118,14 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     group_slots = fields
     while group_slots > 1 and not bool((slot_group.view(-1, group_slots) == slot_group.view(-1, group_slots)[:, :1]).all()):
         group_slots //= 2
+    run_group = slot_group.view(-1, group_slots)[:, 0]
     identity = torch.arange(k, device=dev)
     tail = bool((src[k:] < 0).all()) and (src[:k].sort().values == identity).all().item()
     in_order = tail and bool((src[:k] == identity).all())
     return QWeight(
         qweight=qweight, qhigh=qhigh,
-        scales=scales.to(device=dev, dtype=torch.float16).contiguous(),
-        zeros=zeros.to(device=dev, dtype=torch.float16).contiguous(),
+        scales=scales.to(device=dev, dtype=torch.float16)[run_group].contiguous(),
+        zeros=zeros.to(device=dev, dtype=torch.float16)[run_group].contiguous(),
         slot_group=slot_group.to(torch.int32),
         perm=None if in_order else src.to(torch.int32),
         locks=torch.zeros(-(-n // 16), dtype=torch.int32, device=dev),
@@ -248,36 +250,48 @@ def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
+def _run_sz(s_ptr, z_ptr, run, ok, offs_n, n_ok, N):
+    """Scales and zeros [len(run), 1, BN] in float32 of runs `run` (0 where not `ok`)."""
+    sz = run[:, None, None] * N + offs_n[None, None, :]
+    mask = ok[:, None, None] & n_ok[None, None, :]
+    s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, BPI: tl.constexpr, SP: tl.constexpr,
                  FENCE: tl.constexpr, SUB: tl.constexpr):
-    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores. Per group: F*s*(sum_k x u - c * sum_k x)."""
+    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores. Per run: F*s*(sum_k x u - c * sum_k x).
+
+    Registers bound it: the [BPI, 16, BN] tile and accumulator cost 2 * 16 * BPI * BN / (32 * num_warps)
+    registers a thread, and at 64 words a thread (BN=512, 4 warps) only ~8 warps fit on an SM; the H100
+    sweep (benchmarks/results/gpu.md) prefers 8 words a thread and many programs."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
     OFF: tl.constexpr = 3 if BITS == 3 else 1
+    RUNS: tl.constexpr = FIELDS // GROUP_SLOTS
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     bi, wi = tl.arange(0, BPI), tl.arange(0, 16)
     acc = tl.zeros((BPI, 16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
-    for i in range(0, blocks_per_split, BPI):
-        blk = b_start + i + bi
-        b_ok = (blk < num_blocks) & (i + bi < blocks_per_split)
+    b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+    for i in range(b_start, b_end, BPI):
+        blk = i + bi
+        b_ok = blk < b_end
         wptr = (blk[:, None, None] * 16 + wi[None, :, None]) * N + offs_n[None, None, :]
         wmask = b_ok[:, None, None] & n_ok[None, None, :]
         words = tl.load(qw_ptr + wptr, mask=wmask, other=0)
         hi = words
         if BITS == 3:
             hi = tl.load(qh_ptr + wptr, mask=wmask, other=0).to(tl.int32)
-        for a in tl.static_range(FIELDS // GROUP_SLOTS):
-            g = tl.load(sg_ptr + blk * FIELDS + a * GROUP_SLOTS, mask=b_ok, other=0)
-            sz = g[:, None, None] * N + offs_n[None, None, :]
-            szmask = b_ok[:, None, None] & n_ok[None, None, :]
-            s = tl.load(s_ptr + sz, mask=szmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz, mask=szmask, other=0.0).to(tl.float32)
-            # this group's fields, summed per word row: no cross-thread work in the loop
+        for a in tl.static_range(RUNS):
+            s, z = _run_sz(s_ptr, z_ptr, blk * RUNS + a, b_ok, offs_n, n_ok, N)
+            # this run's fields, summed per word row: no cross-thread work in the loop
             for jj in tl.static_range(GROUP_SLOTS):
                 j = a * GROUP_SLOTS + jj
                 row = blk[:, None] * (16 * FIELDS) + j * 16 + wi[None, :]
@@ -324,7 +338,7 @@ def _x_tile(x_ptr, offs_m, m_ok, stride_xm, row, perm_ptr, K, HAS_PERM: tl.const
 
 
 @triton.jit
-def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
+def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                 M, N, K, stride_xm, num_blocks, blocks_per_split,
                 BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -359,9 +373,9 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws
         if BITS == 3:
             hi = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32)
         for a in tl.static_range(FIELDS // GROUP_SLOTS):
-            g = tl.load(sg_ptr + blk * FIELDS + a * GROUP_SLOTS)
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+            r = blk * (FIELDS // GROUP_SLOTS) + a  # this run's scales/zeros row
+            s = tl.load(s_ptr + r * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + r * N + offs_n, mask=n_ok, other=0.0)
             base = blk * (16 * FIELDS) + a * RG  # the group's fields are consecutive packed rows
             if PER_SLOT:
                 zs = z.to(tl.int16).to(tl.float16, bitcast=True)[None, :]
@@ -392,8 +406,8 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, b_ptr, ws
 
 
 @triton.jit
-def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, BITS: tl.constexpr,
-                  FIELDS: tl.constexpr):
+def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, offs_n, n_ok, N, BITS: tl.constexpr,
+                  FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr):
     """W[rows, offs_n] in float32, for any packed rows (each word is read once per field it holds)."""
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     within = rows % (16 * FIELDS)
@@ -403,8 +417,7 @@ def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, B
     if BITS == 3:
         h = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32)
         q |= ((h >> field[:, None]) & 1) << 2
-    g = tl.load(sg_ptr + rows // 16)
-    sz = g[:, None] * N + offs_n[None, :]
+    sz = (rows // (16 * GROUP_SLOTS))[:, None] * N + offs_n[None, :]
     s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
     z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
     f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q
@@ -412,14 +425,14 @@ def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, B
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
-                    BITS: tl.constexpr, FIELDS: tl.constexpr, HAS_PERM: tl.constexpr,
+def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
+                    BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                     BK: tl.constexpr, BN: tl.constexpr):
     """W [K, N] in input-channel order (rows scattered back through perm)."""
     rows = tl.program_id(0) * BK + tl.arange(0, BK)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
-    w = _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, rows, offs_n, n_ok, N, BITS, FIELDS)
+    w = _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, offs_n, n_ok, N, BITS, FIELDS, GROUP_SLOTS)
     dst = tl.load(perm_ptr + rows) if HAS_PERM else rows
     mask = ((dst >= 0) & (dst < K))[:, None] & n_ok[None, :]
     tl.store(w_ptr + dst[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
@@ -431,7 +444,7 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, sg_ptr, perm_ptr, w_ptr, N, K,
 # with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
 # dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
 CUDA_CONFIGS: list[tuple[int, str, dict]] = [
-    (1, "gemv", {"BN": 512, "num_warps": 4, "waves": 2}),
+    (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 8}),
     (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
     (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
     (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
@@ -472,7 +485,7 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
     return qh, perm, b, fence
 
 
-def _gemv(x2, w, bias, y, BN=256, BPI=1, split=None, num_warps=2, num_stages=3, denorm=True, waves=4):
+def _gemv(x2, w, bias, y, BN=64, BPI=1, split=None, num_warps=4, num_stages=1, denorm=True, waves=8):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // BN)
@@ -481,7 +494,7 @@ def _gemv(x2, w, bias, y, BN=256, BPI=1, split=None, num_warps=2, num_stages=3, 
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
     _gemv_kernel[(tiles, splits)](
-        x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
+        x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, BPI=BPI, SP=triton.next_power_of_2(splits), FENCE=fence,
@@ -506,7 +519,7 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
     sub = x2.dtype == torch.float16 and denorm
     ws = torch.empty(splits * m * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
     _dot_kernel[(tiles, splits)](
-        x2, w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, b, ws, w.locks, y,
+        x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
         m, n, w.in_features, x2.stride(0), num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SP=triton.next_power_of_2(splits), FENCE=fence,
@@ -521,8 +534,9 @@ def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN:
     perm = w.perm if w.perm is not None else w.slot_group
     qh = w.qhigh if w.qhigh is not None else w.qweight
     grid = (triton.cdiv(w.padded_rows, BK), triton.cdiv(n, BN))
-    _dequant_kernel[grid](w.qweight, qh, w.scales, w.zeros, w.slot_group, perm, out, n, k,
-                          BITS=w.bits, FIELDS=fields_per_word(w.bits), HAS_PERM=w.perm is not None,
+    _dequant_kernel[grid](w.qweight, qh, w.scales, w.zeros, perm, out, n, k,
+                          BITS=w.bits, FIELDS=fields_per_word(w.bits), GROUP_SLOTS=w.group_slots,
+                          HAS_PERM=w.perm is not None,
                           BK=BK, BN=BN, num_warps=4)
     return out
 

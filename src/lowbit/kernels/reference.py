@@ -29,12 +29,12 @@ def _unpack_fields(words: Tensor, width: int, fields: int) -> Tensor:
 
 
 def unpack_layout(w: "QWeight") -> tuple[Tensor, Tensor]:
-    """-> (codes int64 [Kp, N] in packed row order, group int64 [Kp] of each packed row)."""
+    """-> (codes int64 [Kp, N] in packed row order, the scales/zeros row (run) of each packed row [Kp])."""
     if w.bits == 3:
         codes = _unpack_fields(w.qweight, 2, 16) | (_unpack_fields(w.qhigh, 1, 16) << 2)
     else:
         codes = _unpack_fields(w.qweight, w.bits, 32 // w.bits)
-    return codes, w.slot_group.to(torch.int64).repeat_interleave(SLOT)
+    return codes, torch.arange(codes.shape[0], device=codes.device) // (SLOT * w.group_slots)
 
 
 def dequant_reference(w: "QWeight", dtype: torch.dtype = torch.float32) -> Tensor:
