@@ -16,8 +16,9 @@ default and the recommended setting the real command (`quant.job.quantize`) also
 `lowbit.load_model` reads back: its perplexity must equal the in-memory one.
 
 --candidates all|final|none picks the 4-bit g128 search (all), or only the recommended recipe and its sym
-twin (final); --seeds 0,1,2,3 prints instead the spread over calibration seeds. Results and commands:
-benchmarks/results/quantize.md.
+twin (final); --seeds 0,1,2,3 prints instead the spread over calibration seeds. On a CPU (about 15 minutes per
+setting on 2 cores), --rows "4-bit g128,3-bit g128" [--seeds 0,1] measures GPTQ alone on those rows of the
+issue's table, per seed, on the reference set. Results and commands: benchmarks/results/quantize.md.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from lowbit.model.weights import load_model, open_checkpoint
 from lowbit.quant import pack
 from lowbit.quant.calibrate import embed_inputs, quantize_layers
 
-PEER = {"4-bit g128": 19.36, "4-bit g128 act-order": 16.85}  # GPTQModel 7.7, sym, damp 0.01, true-sequential
+# GPTQModel 7.7, sym, damp 0.01, true-sequential, on an H100 (its default act_group_aware: GAR on without act-order)
+PEER = {"4-bit g128": 19.36, "4-bit g128 act-order": 16.85}
 LOG: list[str] = []
 
 
@@ -66,12 +68,14 @@ def q(bits=4, group_size=128, **kw) -> QuantConfig:
     return QuantConfig(bits=bits, group_size=group_size, **kw)
 
 
-GRID = [  # the issue's table: (label, bits, group size, act-order)
-    ("4-bit g128", 4, 128, False),
-    ("4-bit g128 act-order", 4, 128, True),
-    ("3-bit g128", 3, 128, False),
-    ("8-bit g128", 8, 128, False),
-    ("2-bit g64", 2, 64, False),
+GRID = [  # the issue's table: (label, bits, group size, act-order, GAR); GAR is QuantConfig's and the peer's
+    ("4-bit g128", 4, 128, False, True),  # default without act-order
+    ("4-bit g128 act-order", 4, 128, True, False),
+    ("3-bit g128", 3, 128, False, True),
+    ("8-bit g128", 8, 128, False, True),
+    ("2-bit g64", 2, 64, False, True),
+    ("4-bit g128 no GAR", 4, 128, False, False),  # plain GPTQ column order (AutoGPTQ, GPTQModel < 5)
+    ("3-bit g128 no GAR", 3, 128, False, False),
 ]
 
 CANDIDATES = [  # 4-bit g128 settings past the peer's
@@ -170,6 +174,8 @@ def main() -> int:
                     help="all: the whole search; final: the recommended recipe and its sym twin")
     ap.add_argument("--seeds", default=None, help="instead of the tables: the spread over calibration seeds "
                     "(comma-separated) of 4-bit g128, act-order and the recommended recipe, reference set only")
+    ap.add_argument("--rows", default=None, help="only GPTQ on these rows of the issue's table (comma-separated "
+                    "labels), per seed of --seeds (default 0), on the reference set; no float, RTN or whatsnew")
     ap.add_argument("--smoke", action="store_true", help="a quick CPU check of this script: tiny data, few rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -179,6 +185,13 @@ def main() -> int:
     b = Bench(args.model, args.docs, device, args.smoke)
     candidates = {"all": CANDIDATES, "final": FINAL, "none": []}[args.candidates]
     grid, candidates = (GRID[:1], FINAL[:1]) if args.smoke else (GRID, candidates)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        rows = [row for label in wanted for row in GRID if row[0] == label]
+        if len(rows) != len(wanted):
+            ap.error(f"--rows: labels are {', '.join(row[0] for row in GRID)}")
+        gptq_rows(b, rows, [int(x) for x in (args.seeds or "0").split(",")], name)
+        return finish(args.out, t_start)
     float_ppl = b.ppl()
     ref = b.evals["reference"][0]
     say(f"# lowbit quantization quality: SmolLM2-135M-Instruct, {name}, torch {torch.__version__}\n")
@@ -192,10 +205,12 @@ def main() -> int:
     say("## the issue's table (sym, damp 0.01, true-sequential; RTN on the same sym grid)\n")
     say("| setting | RTN sym | GPTQ | GPTQ vs peer | peer GPTQModel 7.7 | whatsnew RTN / GPTQ |")
     say("|---|---|---|---|---|---|")
-    results = {}
-    for label, bits, gs, act in grid:
-        rtn_ppl, _, _ = b.quantized(Setting(label, q(bits, gs), method="rtn"))
-        gptq_ppl, sec, _ = b.quantized(Setting(label, q(bits, gs, desc_act=act)))
+    results, rtn_done = {}, {}
+    for label, bits, gs, act, gar in grid:
+        if (bits, gs) not in rtn_done:  # RTN does not depend on the column order
+            rtn_done[bits, gs] = b.quantized(Setting(label, q(bits, gs), method="rtn"))[0]
+        rtn_ppl = rtn_done[bits, gs]
+        gptq_ppl, sec, _ = b.quantized(Setting(label, q(bits, gs, desc_act=act, act_group_aware=gar)))
         results[label] = gptq_ppl
         peer = PEER.get(label)
         vs = f"{100 * (gptq_ppl['reference'] / peer - 1):+.1f} %" if peer else "-"
@@ -229,10 +244,26 @@ def main() -> int:
     return finish(args.out, t_start)
 
 
+def gptq_rows(b: Bench, rows: list, seeds: list[int], device_name: str) -> None:
+    """GPTQ alone on some rows of the issue's table, per seed, reference set only: what a CPU can afford."""
+    b.evals.pop("whatsnew")
+    say(f"# lowbit GPTQ on rows of the issue's table: SmolLM2-135M-Instruct, {device_name}, torch {torch.__version__}, "
+        f"calibration forwards in {str(b.calib_dtype)[6:]}, reference set\n")
+    say("| setting | seed | GPTQ | vs peer | peer GPTQModel 7.7 | quantize s |")
+    say("|---|---|---|---|---|---|")
+    for label, bits, gs, act, gar in rows:
+        for seed in seeds:
+            p, sec, _ = b.quantized(Setting(label, q(bits, gs, desc_act=act, act_group_aware=gar), seed=seed))
+            peer = PEER.get(label)
+            vs = f"{100 * (p['reference'] / peer - 1):+.1f} %" if peer else "-"
+            say(f"| {label} | {seed} | {p['reference']:.4f} | {vs} | {peer or '-'} | {sec:.0f} |")
+
+
 def seed_spread(b: Bench, seeds: list[int]) -> None:
     """Perplexity (reference set) over calibration seeds: how far one seed's number is from the typical."""
     b.evals.pop("whatsnew")
-    rows = [Setting("4-bit g128", q()), Setting("4-bit g128 act-order", q(desc_act=True)), RECOMMENDED]
+    rows = [Setting("4-bit g128", q()), Setting("4-bit g128 no GAR", q(act_group_aware=False)),
+            Setting("4-bit g128 act-order", q(desc_act=True)), RECOMMENDED]
     say("## spread over calibration seeds (reference set)\n")
     say("| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |")
     say("|---|" + "---|" * (len(seeds) + 2))

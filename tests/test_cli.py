@@ -170,6 +170,7 @@ def snapshot(root):
     (["--variants", "4bit-32g", "--bits", "3"], "drop --bits"),
     (["--lora", "{tmp}/nowhere"], "no such adapter folder"),
     (["--method", "awq"], "unknown method"),
+    (["--desc-act", "--act-group-aware"], "act_group_aware (GAR) needs desc_act off"),
 ])
 def test_quantize_bad_input(capsys, quant_setup, extra, match):
     tmp = quant_setup
@@ -247,8 +248,11 @@ def test_quantize_full_disk_then_resume(capsys, quant_setup, monkeypatch):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("extra,expected", [
-    ([], {"desc_act": True, "static_groups": True, "sym": False}),  # the recommended recipe
-    (["--no-desc-act", "--sym", "--no-mse"], {"desc_act": False, "static_groups": False, "sym": True}),
+    ([], {"desc_act": True, "static_groups": True, "sym": False, "meta": {"act_group_aware": False}}),  # recommended
+    (["--no-desc-act", "--sym", "--no-mse"],  # GAR comes on without act-order, as in GPTQModel
+     {"desc_act": False, "static_groups": False, "sym": True, "meta": {"act_group_aware": True}}),
+    (["--act-group-aware"], {"desc_act": False, "static_groups": False, "sym": False, "meta": {"act_group_aware": True}}),
+    (["--no-desc-act", "--no-act-group-aware"], {"desc_act": False, "meta": {"act_group_aware": False}}),
     (["--method", "rtn"], {"desc_act": False, "static_groups": False, "sym": True}),  # the plain baseline
 ])
 def test_quantize_defaults_are_the_recommended_recipe(capsys, quant_setup, extra, expected):

@@ -111,7 +111,14 @@ QUANT_FORMATS = ("gptq", "gptq_v2")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """GPTQ settings, as every GPTQ tool writes them in quantize_config.json."""
+    """GPTQ settings, as every GPTQ tool writes them in quantize_config.json.
+
+    act_group_aware (GAR, GPTQModel's option and default): GPTQ visits the columns group by group, the
+    groups by their largest Hessian diagonal and each group's columns by theirs, so the file stays plain
+    (g_idx = i // group_size). It changes how codes are found, not the format. None = on unless desc_act,
+    as in GPTQModel; `gar` is the resolved value. True together with desc_act is refused; a value equal to
+    the default is stored as None, so that equal settings compare (and fingerprint) equal.
+    """
 
     bits: int = 4
     group_size: int = 128
@@ -121,6 +128,7 @@ class QuantConfig:
     true_sequential: bool = True
     damp_percent: float = 0.01
     checkpoint_format: str = "gptq"
+    act_group_aware: bool | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -131,6 +139,16 @@ class QuantConfig:
             raise LowbitError(
                 f"unsupported checkpoint_format {self.checkpoint_format!r}; expected one of {', '.join(QUANT_FORMATS)}"
             )
+        if self.act_group_aware and self.desc_act:
+            raise LowbitError("act_group_aware (GAR) needs desc_act off: act-order already orders every column; "
+                              "choose one of them")
+        if self.act_group_aware is not None and self.act_group_aware == (not self.desc_act):
+            object.__setattr__(self, "act_group_aware", None)
+
+    @property
+    def gar(self) -> bool:
+        """Whether GPTQ uses group-aware reordering: act_group_aware, or (unset) whenever desc_act is off."""
+        return (not self.desc_act) if self.act_group_aware is None else self.act_group_aware
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
@@ -138,16 +156,23 @@ class QuantConfig:
         if method != "gptq":
             raise LowbitError(f"unsupported quant_method {method!r}; lowbit reads GPTQ checkpoints")
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
-        known = {f.name for f in dataclasses.fields(cls)} - {"checkpoint_format"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"checkpoint_format", "act_group_aware"}
         kwargs = {k: d[k] for k in known if d.get(k) is not None}
+        gar = (d.get("meta") or {}).get("act_group_aware", d.get("act_group_aware"))
+        if gar is not None and not kwargs.get("desc_act"):  # how codes were found: never a reason to refuse a file
+            kwargs["act_group_aware"] = bool(gar)
         try:
             return cls(**{**kwargs, "bits": int(d.get("bits", 4)), "checkpoint_format": str(fmt).lower()})
         except (TypeError, ValueError) as e:
             raise LowbitError(f"bad quantization config: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """The quantize_config.json keys; act_group_aware goes under "meta", where GPTQModel writes it, out of
+        the way of loaders that know only the classic keys."""
         d = dataclasses.asdict(self)
+        del d["act_group_aware"]
         d["quant_method"] = "gptq"
+        d["meta"] = {"act_group_aware": self.gar}
         return d
 
 

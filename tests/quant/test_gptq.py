@@ -1,6 +1,7 @@
 """lowbit.quant.gptq against RTN, the GPTQ checkpoint format, and a naive float64 transcription of the
 IST-DASLab reference loop (IST-DASLab/gptq gptq.py `fasterquant`, with AutoGPTQ's scale/zero/g_idx
-bookkeeping from auto_gptq/quantization/gptq.py).
+bookkeeping from auto_gptq/quantization/gptq.py, and GPTQModel 7.7's group-aware reordering from
+gptqmodel/quantization/gar.py + the act_group_aware branch of its gptq.py).
 
 Deviations that the reference transcription below carries, each marked DEVIATION where it is written:
 float16 scales before codes are chosen (ref_find_params), and rows rather than sequences counted as
@@ -20,7 +21,12 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.quant import pack
-from lowbit.quant.gptq import GPTQ, accumulate_xtx, inverse_hessian_cholesky
+from lowbit.quant.gptq import (
+    GPTQ,
+    accumulate_xtx,
+    group_aware_order,
+    inverse_hessian_cholesky,
+)
 from lowbit.quant.quantizer import find_params, rtn
 from tests.quant.test_quantizer import ref_find_params
 
@@ -52,8 +58,25 @@ def output_error(X: torch.Tensor, W: torch.Tensor, W_q: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- naive reference
 
-def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, percdamp=0.01, mse=False):
-    """IST-DASLab GPTQ.add_batch + fasterquant in float64, one batch -> (codes [K,N], scales, zeros, g_idx, loss, Q)."""
+def ref_gar_perm(diag, groupsize):
+    """GPTQModel gar.py (compute_local_perms / compute_global_perm / compose_final_perm /
+    extend_perm_with_tail) as plain loops -> (final_perm, global_perm)."""
+    num_groups = diag.numel() // groupsize
+    local = [torch.argsort(diag[g * groupsize:(g + 1) * groupsize], descending=True, stable=True)
+             for g in range(num_groups)]
+    metric = torch.tensor([float(diag[g * groupsize:(g + 1) * groupsize].max()) for g in range(num_groups)])
+    global_perm = torch.argsort(metric, descending=True, stable=True)
+    final = [int(i) + int(g) * groupsize for g in global_perm for i in local[int(g)]]
+    final += list(range(num_groups * groupsize, diag.numel()))  # the partial last group, in place
+    return torch.tensor(final), global_perm
+
+
+def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, percdamp=0.01, mse=False, gar=False):
+    """IST-DASLab GPTQ.add_batch + fasterquant in float64, one batch -> (codes [K,N], scales, zeros, g_idx, loss, Q).
+
+    gar: GPTQModel 7.7's act_group_aware branch of GPTQ.quantize (the column order of ref_gar_perm; grids
+    found in that order, put back in group order at the end).
+    """
     W = W.double().clone()
     columns = W.shape[1]
     inp = X.reshape(-1, X.shape[-1]).t().double()
@@ -75,6 +98,9 @@ def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, per
             zeros.append(groups[-1][1])
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
+    if gar:  # the peer takes the order from diag(H) after the dead-column fix; no dead columns in these inputs
+        perm, global_perm = ref_gar_perm(torch.diag(H), groupsize if groupsize != -1 else columns)
+    if actorder or gar:
         W = W[:, perm]
         H = H[perm][:, perm]
         invperm = torch.argsort(perm)
@@ -110,8 +136,8 @@ def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, per
                         now_idx += 1
                 else:
                     idx = i1 + i
-                    if actorder:
-                        idx = perm[idx]
+                    if actorder or gar:  # DEVIATION for gar: GPTQModel 7.7 takes groups[i // groupsize]
+                        idx = perm[idx]  # (the sweep position's group), which mismatches its g_idx
                     scale, zero = groups[idx // groupsize]
             q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
             q = scale * (q - zero)
@@ -132,6 +158,12 @@ def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, per
     if actorder:
         Q = Q[:, invperm]
         g_idx = g_idx[invperm]
+    if gar:
+        Q = Q[:, invperm]
+        if groupsize != -1 and not static_groups:
+            inv_global = torch.argsort(global_perm).tolist()
+            scales = [scales[i] for i in inv_global] + scales[len(inv_global):]
+            zeros = [zeros[i] for i in inv_global] + zeros[len(inv_global):]
     if not scales:
         scales, zeros = [scale], [zero]
     S, Z = torch.stack(scales), torch.stack(zeros)
@@ -139,25 +171,32 @@ def ref_gptq(W, X, bits, groupsize, sym, actorder, static_groups, blocksize, per
     return codes.long(), S, Z.long(), g_idx, torch.sum(Losses).item(), Q
 
 
-REF_CASES = [  # bits, group_size, sym, desc_act, static_groups, blocksize, mse
-    (4, -1, True, False, False, 128, False),
-    (4, 32, False, False, False, 32, False),
-    (3, 32, True, True, False, 24, False),  # groups start mid-block: scales from the block-lazy W
-    (2, 16, False, True, False, 128, False),
-    (4, 32, False, True, True, 24, False),  # static groups under act-order
-    (8, 32, True, False, False, 24, False),
-    (4, 16, True, True, False, 32, True),  # MSE shrink search inside GPTQ
+REF_CASES = [  # bits, group_size, sym, desc_act, static_groups, blocksize, mse, act_group_aware
+    (4, -1, True, False, False, 128, False, False),
+    (4, 32, False, False, False, 32, False, False),
+    (3, 32, True, True, False, 24, False, False),  # groups start mid-block: scales from the block-lazy W
+    (2, 16, False, True, False, 128, False, False),
+    (4, 32, False, True, True, 24, False, False),  # static groups under act-order
+    (8, 32, True, False, False, 24, False, False),
+    (4, 16, True, True, False, 32, True, False),  # MSE shrink search inside GPTQ
+    (4, 32, True, False, False, 128, False, True),  # GAR; 80 columns: the partial last group stays last
+    (3, 32, False, False, False, 24, False, True),  # GAR with groups that start mid-block
+    (4, 16, False, False, True, 32, False, True),  # GAR with static groups
+    (4, 16, True, False, False, 32, True, True),  # GAR + MSE
+    (4, -1, False, False, False, 32, False, True),  # GAR with one group: act-order, g_idx all 0
 ]
 
 
-@pytest.mark.parametrize("bits,group_size,sym,desc_act,static,blocksize,mse", REF_CASES)
-def test_matches_naive_reference(bits, group_size, sym, desc_act, static, blocksize, mse):
+@pytest.mark.parametrize("bits,group_size,sym,desc_act,static,blocksize,mse,gar", REF_CASES)
+def test_matches_naive_reference(bits, group_size, sym, desc_act, static, blocksize, mse, gar):
     torch.manual_seed(7)
     W = torch.randn(32, 80)
     X = correlated_inputs(512, 80, seed=3)
-    cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static)
+    cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static,
+                      act_group_aware=gar)
+    assert cfg.gar == gar
     r = gptq_for(W, X).quantize(cfg, blocksize=blocksize, mse=mse)
-    codes, S, Z, g_idx, loss, Q = ref_gptq(W, X, bits, group_size, sym, desc_act, static, blocksize, mse=mse)
+    codes, S, Z, g_idx, loss, Q = ref_gptq(W, X, bits, group_size, sym, desc_act, static, blocksize, mse=mse, gar=gar)
     assert torch.equal(r.g_idx.long(), g_idx) and r.damp_used == 0.01
     # Rows of W are quantized independently (they share only H). Float32 here and float64 there can land
     # on two sides of an fp16 rounding midpoint of a scale (or of a code's .5) and then that one row goes
@@ -238,6 +277,64 @@ def test_partial_last_group():
         assert torch.equal(pack.dequantize(t, 4, "gptq_v2", dtype=torch.float32), r.W_q)
     s, z = find_params(W[:, 512:], 4, False)  # static: the last group's own 64 columns, nothing else
     assert torch.equal(r.scales[4].float(), s) and torch.equal(r.zeros[4], z.int())
+
+
+# ----------------------------------------------------------------------------- GAR (act_group_aware)
+
+@pytest.mark.parametrize("k,gs", [(96, 32), (80, 32), (20, 32), (576, 128), (64, -1)])
+def test_gar_order_matches_loop_reference(k, gs):
+    torch.manual_seed(k)
+    d = torch.rand(k).pow(3)
+    d[torch.randperm(k)[:k // 4]] = 0.5  # ties: stable sorts keep their column order
+    perm, group_perm = group_aware_order(d, k if gs == -1 else gs)
+    ref_perm, ref_groups = ref_gar_perm(d, k if gs == -1 else gs)
+    assert torch.equal(perm, ref_perm) and torch.equal(group_perm, ref_groups)
+    assert torch.equal(torch.sort(perm).values, torch.arange(k))
+
+
+def test_gar_keeps_the_file_plain():
+    """GAR changes which codes are found, never the layout: g_idx = i // gs, packed files dequantize exactly."""
+    torch.manual_seed(13)
+    W = torch.randn(24, 576)
+    g = gptq_for(W, correlated_inputs(1024, 576, seed=13) * torch.linspace(0.2, 4, 576).flip(0))
+    for static in (False, True):
+        r = g.quantize(QuantConfig(bits=4, group_size=128, sym=False, static_groups=static))
+        assert torch.equal(r.g_idx, pack.default_g_idx(576, 128)) and r.scales.shape == (5, 24)
+        t = pack.pack(r.codes, r.zeros, r.scales, r.g_idx, 4, "gptq_v2")
+        assert torch.equal(pack.dequantize(t, 4, "gptq_v2", dtype=torch.float32), r.W_q)
+    for grp in range(5):  # each group's grid is its own columns' grid, stored at its own index
+        cols = slice(128 * grp, 128 * (grp + 1))
+        s, z = find_params(W[:, cols].float(), 4, False)
+        assert torch.equal(r.scales[grp].float(), s) and torch.equal(r.zeros[grp], z.int())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gar_beats_plain_order_on_a_skewed_hessian(seed):
+    """Loud input channels spread over the groups (a skewed diag H): visiting the loud groups and columns
+    first leaves the quiet ones to absorb the error, as act-order does, while the file stays plain."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(64, 256, generator=g)
+    loud = torch.exp(1.5 * torch.randn(256, generator=g))
+    gq = gptq_for(W, correlated_inputs(2048, 256, seed=seed) * loud)
+    held_out = correlated_inputs(2048, 256, seed=seed, draw=1) * loud
+    for bits in (3, 4):
+        plain = gq.quantize(QuantConfig(bits=bits, group_size=64, act_group_aware=False))
+        gar = gq.quantize(QuantConfig(bits=bits, group_size=64))
+        assert output_error(held_out, W, gar.W_q) < 0.9 * output_error(held_out, W, plain.W_q)
+
+
+def test_gar_config():
+    assert QuantConfig().gar and not QuantConfig(desc_act=True).gar
+    assert not QuantConfig(act_group_aware=False).gar
+    assert QuantConfig(act_group_aware=True) == QuantConfig()  # a default value is stored as the default
+    with pytest.raises(LowbitError, match="needs desc_act off"):
+        QuantConfig(desc_act=True, act_group_aware=True)
+    for cfg in (QuantConfig(), QuantConfig(act_group_aware=False), QuantConfig(desc_act=True)):
+        written = cfg.to_dict()
+        assert "act_group_aware" not in written and written["meta"] == {"act_group_aware": cfg.gar}
+        assert QuantConfig.from_dict(written) == cfg
+    # a file that claims both (no tool writes that) still loads: the flag only says how codes were found
+    assert QuantConfig.from_dict({"bits": 4, "desc_act": True, "meta": {"act_group_aware": True}}).desc_act
 
 
 # ----------------------------------------------------------------------------- degenerate Hessians

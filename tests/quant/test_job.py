@@ -68,15 +68,20 @@ def test_round_trip_equals_fake_quantized_model(tmp_path, tiny_model, bits, desc
     assert written["checkpoint_format"] == fmt and written["bits"] == bits and written["desc_act"] == desc_act
     loaded, ckpt = load_model(tmp_path / "q")
     assert ckpt.quant == quant
+    g_idx = loaded.layers[0].attention.wqkv.g_idx
     if desc_act:  # act-order really happened: some g_idx goes down
-        g_idx = loaded.layers[0].attention.wqkv.g_idx
         assert (g_idx[1:] < g_idx[:-1]).any()
+    else:  # GAR (the default without act-order) leaves the file plain
+        assert written["meta"]["act_group_aware"] and (g_idx[1:] >= g_idx[:-1]).all()
     torch.testing.assert_close(logits(loaded), logits(fake_quantized(tiny_model, results)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,static", [("gptq", True), ("rtn", False)])
-def test_round_trip_static_groups_and_rtn(tmp_path, tiny_model, method, static):
-    quant = QuantConfig(bits=4, group_size=32, desc_act=static, static_groups=static, sym=False)
+@pytest.mark.parametrize("method,static,gar", [("gptq", True, None), ("rtn", False, None), ("gptq", False, False),
+                                               ("gptq", True, True)])
+def test_round_trip_static_groups_and_rtn(tmp_path, tiny_model, method, static, gar):
+    """Static groups under act-order (gar None) and under GAR; RTN; plain GPTQ order (GAR off)."""
+    quant = QuantConfig(bits=4, group_size=32, desc_act=static and not gar, static_groups=static, sym=False,
+                        act_group_aware=gar)
     results = run(tiny_model, tmp_path / "q", quant, method=method, tokens=calib_tokens() if method == "gptq" else None)
     loaded, _ = load_model(tmp_path / "q")
     torch.testing.assert_close(logits(loaded), logits(fake_quantized(tiny_model, results)), rtol=1e-5, atol=1e-5)

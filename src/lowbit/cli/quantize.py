@@ -28,12 +28,13 @@ def quant_config(args: argparse.Namespace):
     base, _ = quant_defaults(args)
     bits = 4 if args.bits is None else args.bits
     group_size = 128 if args.group_size is None else args.group_size
-    desc_act = base.desc_act if args.desc_act is None else args.desc_act
+    gar = args.act_group_aware
+    desc_act = (base.desc_act and not gar) if args.desc_act is None else args.desc_act  # GAR asked: no act-order
     static = (base.static_groups and desc_act) if args.static_groups is None else args.static_groups
     return QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act,
                        sym=base.sym if args.sym is None else args.sym, static_groups=static,
                        true_sequential=not args.no_true_sequential, damp_percent=args.damp,
-                       checkpoint_format=args.format)
+                       checkpoint_format=args.format, act_group_aware=gar)
 
 
 def calibration_config(args: argparse.Namespace):
@@ -144,6 +145,11 @@ def add_quantize_parser(sub) -> None:
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--desc-act", action=on_off, default=None,
                    help="act-order: quantize columns by decreasing Hessian diagonal (default on)")
+    g.add_argument("--act-group-aware", action=on_off, default=None,
+                   help="GAR: without act-order, quantize whole groups in order of their largest Hessian diagonal "
+                        "and each group's columns by theirs; the file stays plain non-act-order GPTQ (default on "
+                        "without --desc-act, as GPTQModel; asking for it turns the default act-order off; "
+                        "act-order variants ignore it)")
     g.add_argument("--static-groups", action=on_off, default=None,
                    help="fix groups before act-order, so g_idx stays monotonic (default on with act-order)")
     g.add_argument("--sym", action=on_off, default=None,

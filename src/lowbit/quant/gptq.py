@@ -3,8 +3,9 @@
 Owns the algorithm only: GPTQ(W).add_batch(x) accumulates H = 2/n sum x x^T, and .quantize(cfg) returns a
 `QuantResult` (codes, zero points, fp16 scales, g_idx, loss; W_q on demand). It follows IST-DASLab/gptq `gptq.py` and
 AutoGPTQ / GPTQModel `quantization/gptq.py` step for step (dead columns, act-order, static groups, lazy
-block updates, on-the-fly group parameters, g_idx); scale/zero search is `quant/quantizer.py`, packing is
-`quant/pack.py`, and hooks, layers and the calibration loop are `quant/calibrate.py`.
+block updates, on-the-fly group parameters, g_idx) and GPTQModel's group-aware reordering (GAR, `gar.py`);
+scale/zero search is `quant/quantizer.py`, packing is `quant/pack.py`, and hooks, layers and the
+calibration loop are `quant/calibrate.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.gptq_block import gptq_block
 from lowbit.quant.quantizer import QuantResult, group_params
 
-__all__ = ["GPTQ", "QuantResult", "accumulate_xtx", "inverse_hessian_cholesky"]
+__all__ = ["GPTQ", "QuantResult", "accumulate_xtx", "group_aware_order", "inverse_hessian_cholesky"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class GPTQ:
 
     def quantize(self, cfg: QuantConfig, blocksize: int = 128, mse: bool = False,
                  keep_hessian: bool = True) -> QuantResult:
-        """Quantize W with cfg.bits / group_size / desc_act / sym / static_groups / damp_percent.
+        """Quantize W with cfg.bits / group_size / desc_act / act_group_aware / sym / static_groups / damp_percent.
 
         keep_hessian: leave H as it is, so that the layer can be quantized again with other settings;
         False releases it as soon as it is copied, which lowers the peak memory by one [K, K] matrix.
@@ -79,7 +80,11 @@ class GPTQ:
             scales = torch.zeros(math.ceil(k / gs), n, dtype=torch.float32, device=W.device)
             zeros = torch.zeros_like(scales)
 
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.desc_act else None
+        perm, group_perm = None, None
+        if cfg.desc_act:
+            perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        elif cfg.gar:
+            perm, group_perm = group_aware_order(H.diagonal(), gs)
         order = torch.arange(k, device=H.device) if perm is None else perm
         if perm is not None:
             W = W[:, perm]
@@ -97,6 +102,8 @@ class GPTQ:
         codes, loss = _sweep(W, Hinv, col_group, scales, zeros, cfg, blocksize, mse, upfront, zero_min)
         del W, Hinv
 
+        if group_perm is not None and not upfront:  # grids were found in the sweep's group order
+            scales, zeros, col_group = _groups_in_file_order(scales, zeros, col_group, group_perm)
         if perm is not None:
             invperm = torch.argsort(perm)
             codes, col_group = codes[invperm], col_group[invperm]
@@ -108,6 +115,38 @@ class GPTQ:
             loss=loss,
             damp_used=damp,
         )
+
+
+def group_aware_order(d: Tensor, gs: int) -> tuple[Tensor, Tensor]:
+    """GAR, group-aware reordering (Gafni et al. 2025; GPTQModel's `act_group_aware`): a column order for
+    GPTQ that, unlike act-order, keeps each group's columns together, so the file's g_idx stays i // gs.
+
+    d [K]: the Hessian diagonal. Inside each full group of gs columns, columns by decreasing d; the groups
+    by decreasing largest d; a partial last group (K % gs columns) stays last in its own order, as GPTQModel
+    leaves it. Sorts are stable. -> (perm [K], perm[position] = column; group_perm [K // gs],
+    group_perm[position] = group).
+    """
+    k = d.numel()
+    full = k // gs
+    local = torch.sort(d[:full * gs].view(full, gs), dim=1, descending=True, stable=True)
+    group_perm = torch.argsort(local.values[:, 0], descending=True, stable=True)
+    base = torch.arange(full, device=d.device).unsqueeze(1) * gs
+    perm = (local.indices + base)[group_perm].reshape(-1)
+    return torch.cat([perm, torch.arange(full * gs, k, device=d.device)]), group_perm
+
+
+def _groups_in_file_order(scales: Tensor, zeros: Tensor, col_group: Tensor,
+                          group_perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Grids found at GAR group positions -> the same grids at their groups' own indices.
+
+    scales/zeros [G, N] with row j the grid of the j-th group the sweep met; col_group [K] the position of
+    each (permuted) column's group. Group j is group_perm[j] (the partial last group stays last).
+    """
+    G = scales.shape[0]
+    order = torch.cat([group_perm, torch.arange(group_perm.numel(), G, device=group_perm.device)])
+    file_scales, file_zeros = torch.empty_like(scales), torch.empty_like(zeros)
+    file_scales[order], file_zeros[order] = scales, zeros
+    return file_scales, file_zeros, order.to(col_group.dtype)[col_group.long()]
 
 
 def _sweep(W: Tensor, Hinv: Tensor, col_group: Tensor, scales: Tensor, zeros: Tensor, cfg: QuantConfig,
