@@ -91,6 +91,7 @@ def test_irregular_groups_are_padded():
 
 WEIGHTS = [  # bits, K, N, group_size, act_order, sym, fmt
     (4, 576, 192, 128, False, False, "gptq"),  # partial last group, N not a multiple of the tile
+    (4, 256, 128, 64, False, True, "gptq"),  # whole blocks and column pairs: the unmasked GEMV
     (4, 576, 192, 128, True, True, "gptq"),
     (4, 96, 200, 32, True, False, "gptq_v2"),
     (4, 4096, 136, 128, True, False, "gptq"),
@@ -103,7 +104,8 @@ WEIGHTS = [  # bits, K, N, group_size, act_order, sym, fmt
 ]
 CALLS = [  # kernel, M, config
     ("gemv", 1, None),
-    ("gemv", 1, {"BN": 64, "BPI": 2, "split": 2}),
+    ("gemv", 1, {"BN": 16, "split": 2}),
+    ("gemv", 1, {"BN": 16, "split": 3, "unroll": 2}),
     ("dot", 1, None),
     ("dot", 3, {"split": 3}),
     ("dot", 16, None),

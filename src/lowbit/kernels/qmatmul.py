@@ -250,69 +250,118 @@ def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _run_sz(s_ptr, z_ptr, run, ok, offs_n, n_ok, N):
-    """Scales and zeros [len(run), 1, BN] in float32 of runs `run` (0 where not `ok`)."""
-    sz = run[:, None, None] * N + offs_n[None, None, :]
-    mask = ok[:, None, None] & n_ok[None, None, :]
-    s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-    return s, z
+def _chunk_words(qw_ptr, qh_ptr, blk, wi, cols, n_ok, N, BITS: tl.constexpr, EVEN_N: tl.constexpr):
+    """The [16, BN] words (and 3-bit high bits) of block `blk` for columns `cols`."""
+    wptr = (blk * 16 + wi[:, None]) * N + cols[None, :]
+    if EVEN_N:
+        words = tl.load(qw_ptr + wptr)
+        hi = tl.load(qh_ptr + wptr).to(tl.int32) if BITS == 3 else words
+    else:
+        words = tl.load(qw_ptr + wptr, mask=n_ok[None, :], other=0)
+        hi = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32) if BITS == 3 else words
+    return words, hi
+
+
+@triton.jit
+def _chunk_scales(s_ptr, z_ptr, run, cols, n_ok, N, SUB: tl.constexpr, EVEN_N: tl.constexpr, F: tl.constexpr,
+                  OFF: tl.constexpr):
+    """[1, BN] factors (a, b) of run `run` with sum_k x W = a * part - b * sum_k x for the kernel's `part`."""
+    if EVEN_N:
+        s = tl.load(s_ptr + run * N + cols).to(tl.float32)
+        z = tl.load(z_ptr + run * N + cols).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + run * N + cols, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + run * N + cols, mask=n_ok, other=0.0).to(tl.float32)
+    if SUB:  # part = 2^-38 sum x q
+        return (s * _pow2(38))[None, :], (s * z)[None, :]
+    return (s * F)[None, :], (s * (OFF * F + z))[None, :]  # part = sum x u, u = OFF + q/F
+
+
+@triton.jit
+def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr):
+    if SUB:
+        t = _sub_term(words, hi, xj, j, BITS, False)
+        if BITS == 3:
+            t += _sub_term(words, hi, xj, j, BITS, True)
+        return t
+    return xj * _field(words, hi, j, BITS)
+
+
+@triton.jit
+def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
+                acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
+                HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                MAYBE_DEAD: tl.constexpr):
+    """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
+    block may be a re-read past the end, with `live` 0)."""
+    F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
+    OFF: tl.constexpr = 3 if BITS == 3 else 1
+    RUNS: tl.constexpr = FIELDS // GROUP_SLOTS
+    for a in tl.static_range(RUNS):
+        a0, b0 = _chunk_scales(s_ptr, z_ptr, blk * RUNS + a, c0, ok0, N, SUB, EVEN_N, F, OFF)
+        a1, b1 = _chunk_scales(s_ptr, z_ptr, blk * RUNS + a, c1, ok1, N, SUB, EVEN_N, F, OFF)
+        for jj in tl.static_range(GROUP_SLOTS):  # this run's fields, summed per word: no cross-thread work
+            j = a * GROUP_SLOTS + jj
+            row = blk * (16 * FIELDS) + j * 16 + wi
+            if EVEN_K and not HAS_PERM and not MAYBE_DEAD:
+                xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
+            else:
+                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM)[:, None]
+            t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
+            t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
+            if jj == 0:
+                p0, p1, xs = t0, t1, xj
+            else:
+                p0 += t0
+                p1 += t1
+                xs += xj
+        acc0 += a0 * p0 - b0 * xs
+        acc1 += a1 * p1 - b1 * xs
+    return acc0, acc1
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, BPI: tl.constexpr, SP: tl.constexpr,
-                 FENCE: tl.constexpr, SUB: tl.constexpr):
-    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores. Per run: F*s*(sum_k x u - c * sum_k x).
+                 HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
+                 SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr):
+    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
-    Registers bound it: the [BPI, 16, BN] tile and accumulator cost 2 * 16 * BPI * BN / (32 * num_warps)
-    registers a thread, and at 64 words a thread (BN=512, 4 warps) only ~8 warps fit on an SM; the H100
-    sweep (benchmarks/results/gpu.md) prefers 8 words a thread and many programs."""
-    F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
-    OFF: tl.constexpr = 3 if BITS == 3 else 1
-    RUNS: tl.constexpr = FIELDS // GROUP_SLOTS
+    Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
+    so every weight paid for its own x). Here a program owns two [16, BN] column chunks: Triton lays a chunk
+    out as 4 adjacent columns a thread (one 16-byte load), and every x value a thread loads, converts and
+    scales serves 8 columns. A weight then costs an AND and an FMA (SUB: the code read in place as a float32
+    subnormal), ~3.6 instructions all told; per run the part is scaled once: sum x W = a*part - b*sum x.
+    UNROLL=2 issues the next block's loads before this block's math (more bytes in flight a thread)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
-    bi, wi = tl.arange(0, BPI), tl.arange(0, 16)
-    acc = tl.zeros((BPI, 16, BN), tl.float32)
+    c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
+    c1 = c0 + BN
+    ok0, ok1 = c0 < N, c1 < N
+    wi = tl.arange(0, 16)
+    acc0 = tl.zeros((16, BN), tl.float32)
+    acc1 = tl.zeros((16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
-    for i in range(b_start, b_end, BPI):
-        blk = i + bi
-        b_ok = blk < b_end
-        wptr = (blk[:, None, None] * 16 + wi[None, :, None]) * N + offs_n[None, None, :]
-        wmask = b_ok[:, None, None] & n_ok[None, None, :]
-        words = tl.load(qw_ptr + wptr, mask=wmask, other=0)
-        hi = words
-        if BITS == 3:
-            hi = tl.load(qh_ptr + wptr, mask=wmask, other=0).to(tl.int32)
-        for a in tl.static_range(RUNS):
-            s, z = _run_sz(s_ptr, z_ptr, blk * RUNS + a, b_ok, offs_n, n_ok, N)
-            # this run's fields, summed per word row: no cross-thread work in the loop
-            for jj in tl.static_range(GROUP_SLOTS):
-                j = a * GROUP_SLOTS + jj
-                row = blk[:, None] * (16 * FIELDS) + j * 16 + wi[None, :]
-                xj = _load_x(x_ptr, row, b_ok[:, None], perm_ptr, K, HAS_PERM)[:, :, None]
-                if SUB:
-                    t = _sub_term(words, hi, xj, j, BITS, False)
-                    if BITS == 3:
-                        t += _sub_term(words, hi, xj, j, BITS, True)
-                else:
-                    t = xj * _field(words, hi, j, BITS)
-                if jj == 0:
-                    part = t
-                    xs = xj
-                else:
-                    part += t
-                    xs += xj
-            if SUB:  # part = 2^-38 sum x q
-                acc += (s * _pow2(38)) * part - (s * z) * xs
-            else:  # part = sum x u, u = OFF + q/F
-                acc += (s * F) * part - (s * (OFF * F + z)) * xs
-    out = tl.sum(tl.sum(acc, axis=1), axis=0)
+    for blk in range(b_start, b_end, UNROLL):
+        w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
+        w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
+        if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
+            nxt = tl.minimum(blk + 1, b_end - 1)
+            v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
+            v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
+        acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
+                                 ok0, ok1, wi,
+                                 N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
+                                 False)
+        if UNROLL == 2:
+            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
+                                     tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
+                                     ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True)
+    # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
+    out = tl.reshape(tl.permute(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)), (1, 0)), (2 * BN,))
+    offs_n = pid_n * (2 * BN) + tl.arange(0, 2 * BN)
     _finish(out[None, :], tl.arange(0, 1), offs_n, 1, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
             tl.num_programs(1), HAS_BIAS, SP, FENCE)
 
@@ -485,11 +534,11 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
     return qh, perm, b, fence
 
 
-def _gemv(x2, w, bias, y, BN=64, BPI=1, split=None, num_warps=4, num_stages=1, denorm=True, waves=8):
+def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
-    tiles = -(-n // BN)
-    splits, per = _split(num_blocks, tiles, waves * _sm_count(x2.device), BPI) if split is None else (
+    tiles = -(-n // (2 * BN))
+    splits, per = _split(num_blocks, tiles, waves * _sm_count(x2.device)) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
@@ -497,8 +546,9 @@ def _gemv(x2, w, bias, y, BN=64, BPI=1, split=None, num_warps=4, num_stages=1, d
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, BN=BN, BPI=BPI, SP=triton.next_power_of_2(splits), FENCE=fence,
-        SUB=x2.dtype == torch.float16 and denorm, num_warps=num_warps, num_stages=num_stages)
+        HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
+        SUB=x2.dtype == torch.float16 and denorm, EVEN_N=n % (2 * BN) == 0,
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
