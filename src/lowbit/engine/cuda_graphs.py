@@ -110,8 +110,9 @@ class DecodeGraphs:
     def _capture(self, b: int, steps: int) -> _Graph:
         """Warm up (compiles the kernels for this batch size) and capture `steps` steps for bucket b.
 
-        The warm-up writes keys at the cache's last `steps` positions of slot 0: no sequence reads a position
-        before writing it, so that is harmless."""
+        The warm-up writes keys at the cache's last `steps` positions of slot 0. No sequence reads a position
+        before writing it, and a request holding slot 0 is in this very step, which the engine runs only when
+        its keys end before those positions, so that is harmless."""
         log.info("capturing %d decode step(s) for batch %d", steps, b)
         inputs = torch.zeros(4, b, dtype=torch.int64, device=self.device)
         inputs[1] = max(0, self.cache.max_seq_len - steps)

@@ -59,6 +59,8 @@ class _Live:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        if config.decode_steps < 1:
+            raise LowbitError(f"decode_steps must be at least 1, got {config.decode_steps}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -68,8 +70,6 @@ class Engine:
         self.scheduler = Scheduler(config.max_waiting, config.max_wait_s)
         self.live: dict[str, _Live] = {}
         self._ids = itertools.count()
-        if config.decode_steps < 1:
-            raise LowbitError(f"decode_steps must be at least 1, got {config.decode_steps}")
         use_graphs = config.cuda_graphs and cuda_graphs.supported(model, self.device)
         self.graphs = cuda_graphs.DecodeGraphs(model, self.cache, config.max_batch) if use_graphs else None
         eager = cuda_graphs.EagerDecode(model, self.cache) if config.eager_bursts else None
