@@ -72,7 +72,7 @@ def test_greedy_chat_streams_bursts_of_tokens_as_the_engine_answers(client, tiny
     ids = chat_ids(tiny_chat, HELLO)
     params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=tiny_chat.chat_template().stop)
     expected, reason = engine_answer(tiny_chat, ids, params)
-    kw = dict(model="tiny", messages=HELLO, temperature=0, max_tokens=30, extra_body={"ignore_eos": True})
+    kw = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 30, "extra_body": {"ignore_eos": True}}
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]

@@ -9,7 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from lowbit.cli.common import add_engine_args, add_model_args, check_engine_args, load_from_args, named_template
+from lowbit.cli.common import (
+    add_engine_args,
+    add_model_args,
+    check_engine_args,
+    load_from_args,
+    named_template,
+)
 from lowbit.errors import LowbitError
 
 
