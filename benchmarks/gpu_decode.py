@@ -5,6 +5,10 @@ Run from the repository root on a CUDA machine:
     PYTHONPATH=src python benchmarks/gpu_decode.py [--shape llama-7b] [--tuned tuned.json] [`lowbit bench` options]
 (--tuned: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults.)
 The table goes to stdout and to $OUT/gpu_decode_<shape>.md when $OUT is set (else benchmarks/results/).
+Decode runs through the engine as users get it: CUDA graphs, greedy tokens in bursts of --decode-steps
+(default 8) per graph replay and host sync. "graph-only" replays that batch-1 burst graph with no host work
+in between: what the GPU alone sustains, the ceiling of the engine's b=1 column (--decode-steps 1 measures
+the single-step graph, as the tables before 2026-11-25 did).
 """
 
 from __future__ import annotations

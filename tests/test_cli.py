@@ -80,6 +80,11 @@ def test_bad_sampling_value(capsys, folder):
     run_error(capsys, ["generate", str(folder), "hi", "--top-p", "1.5"], "top_p")
 
 
+def test_bad_decode_steps(capsys, folder):
+    run_error(capsys, ["generate", str(folder), "hi", "--decode-steps", "0"], "--decode-steps")
+    run_error(capsys, ["chat", str(folder), "--decode-steps", "-1"], "--decode-steps")
+
+
 def test_unknown_option_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--no-such-flag"])

@@ -70,3 +70,39 @@ def test_graphs_decode_like_eager_steps(models):
         outs.append([ids for _, ids, _ in engine.generate(prompts, params)])
     assert outs[0] == outs[1]
     assert not engine.cache.locks.any()
+
+
+def burst_run(model, prompts, params, steps: int, graphs: bool = True, max_seq_len: int = 128):
+    """Greedy token ids per prompt from an engine with `steps` decode steps per burst (eager bursts where
+    graphs are off), and the engine."""
+    config = EngineConfig(max_batch=len(prompts), max_seq_len=max_seq_len, cuda_graphs=graphs, decode_steps=steps,
+                          eager_bursts=True)
+    engine = Engine(model, _NullTokenizer(), config)
+    rids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+    ids = {rid: [] for rid in rids}
+    while engine.num_unfinished:
+        for out in engine.step():
+            ids[out.request_id] += out.new_token_ids
+    return [ids[rid] for rid in rids], engine
+
+
+def test_graph_bursts_decode_like_single_steps(models):
+    """8-step graphs against single-step graphs and against the eager burst loop: the same greedy tokens for
+    3 rows (a padded bucket of 4) of different lengths and budgets (rows finish mid-burst), then with a
+    stop id hit mid-burst, then one row running into the end of the context."""
+    fast, _ = models
+    prompts = [torch.randint(1, CFG["vocab_size"], (n,)).tolist() for n in (5, 40, 17)]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (21, 12, 30)]
+    single, _ = burst_run(fast, prompts, params, 1)
+    burst, engine = burst_run(fast, prompts, params, 8)
+    assert burst == single and (4, 8) in engine.graphs.graphs
+    assert burst_run(fast, prompts, params, 8, graphs=False)[0] == single
+    assert not engine.cache.locks.any()
+    stop = single[0][5]
+    params[0] = SamplingParams(temperature=0, max_new_tokens=21, ignore_eos=True, stop_token_ids=(stop,))
+    want = burst_run(fast, prompts, params, 1)[0]
+    assert want[0] == single[0][:single[0].index(stop)]
+    assert burst_run(fast, prompts, params, 8)[0] == want
+    long = [SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)]
+    want = burst_run(fast, prompts[1:2], long, 1, max_seq_len=len(prompts[1]) + 19)[0]
+    assert len(want[0]) == 19 and burst_run(fast, prompts[1:2], long, 8, max_seq_len=len(prompts[1]) + 19)[0] == want

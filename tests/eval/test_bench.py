@@ -41,3 +41,14 @@ def test_bench_model_and_table():
     lines = text.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
     assert "decode tok/s b=2" in lines[0] and "does not fit" in lines[3]
+
+
+def test_decode_rate_counts_the_tokens_of_bursts():
+    """An engine step can make a burst of decode_steps tokens per row: the rate counts tokens, not steps."""
+    from lowbit.engine.engine import Engine, EngineConfig
+
+    model = random_model(TINY, Variant("f32", torch.float32), torch.device("cpu"))
+    engine = Engine(model, bench._NullTokenizer(), EngineConfig(max_batch=2, max_seq_len=40, decode_steps=4,
+                                                                eager_bursts=True))
+    _, seconds, tokens = bench._timed_run(engine, bench._prompts(TINY.vocab_size, 2, 5, 0), 11)
+    assert tokens == 2 * 10 and seconds > 0

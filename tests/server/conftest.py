@@ -57,5 +57,7 @@ def make_app(loaded, engine_config: EngineConfig, **server):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_chat):
-    with live_server(make_app(tiny_chat, EngineConfig(max_batch=4, max_seq_len=256, max_waiting=64))) as live:
+    # greedy requests decode in bursts of 8 tokens, as on a GPU (eager here): answers must not change
+    config = EngineConfig(max_batch=4, max_seq_len=256, max_waiting=64, decode_steps=8, eager_bursts=True)
+    with live_server(make_app(tiny_chat, config)) as live:
         yield live

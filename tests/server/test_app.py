@@ -66,6 +66,20 @@ def test_chat_equals_the_engine_streaming_or_not(client, tiny_chat):
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
 
 
+def test_greedy_chat_streams_bursts_of_tokens_as_the_engine_answers(client, tiny_chat):
+    """The server's engine decodes greedy requests 8 tokens per step: fewer chunks, the same text as one
+    token per step."""
+    ids = chat_ids(tiny_chat, HELLO)
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=tiny_chat.chat_template().stop)
+    expected, reason = engine_answer(tiny_chat, ids, params)
+    kw = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 30, "extra_body": {"ignore_eos": True}}
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [reason]
+    assert chunks[-1].usage.completion_tokens == 30 and len(chunks) < 15
+    assert client.chat.completions.create(**kw).choices[0].message.content == expected
+
+
 def test_completions_equal_the_engine_streaming_or_not(client, tiny_chat):
     ids = tiny_chat.tokenizer.encode("Once upon a time", add_bos=True)
     params = SamplingParams(temperature=0, max_new_tokens=12, presence_penalty=0.5, frequency_penalty=1.0)

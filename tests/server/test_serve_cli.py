@@ -27,6 +27,7 @@ def one_line_error(capsys, argv, match):
 
 def test_bad_flags_and_busy_port_fail_in_one_line(capsys, tmp_path):
     one_line_error(capsys, ["serve", str(tmp_path), "--max-batch", "0"], "--max-batch")
+    one_line_error(capsys, ["serve", str(tmp_path), "--decode-steps", "0", "--port", str(free_port())], "--decode-steps")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

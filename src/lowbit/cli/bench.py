@@ -28,6 +28,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=d.prefill_len, help="prompt length of the prefill measurement")
     p.add_argument("--context", type=int, help="KV cache length per request (default prompt + new tokens)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--decode-steps", type=int, default=d.decode_steps,
+                   help=f"greedy tokens per graph replay and host sync, as the engine runs them (default {d.decode_steps}; "
+                        "1 = one per token)")
     p.add_argument("--dtype", default="float16", help="with MODEL: float16 (default) or bfloat16")
     p.add_argument("--out", help="also write the table (with command, date and device) to this markdown file")
     p.set_defaults(func=cmd_bench)
@@ -48,8 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         raise LowbitError(f"--batches must be integers separated by commas, got {args.batches!r}") from None
+    if args.decode_steps < 1:
+        raise LowbitError(f"--decode-steps must be at least 1, got {args.decode_steps}")
     config = bench.BenchConfig(batches, args.prompt_len, args.new_tokens, args.prefill_len, args.context,
-                               cuda_graphs=not args.no_cuda_graphs)
+                               cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps)
     device = torch.device("cuda")
     copy = bench.copy_bandwidth(device)
     if args.shape:
@@ -70,7 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     what = f"--shape {args.shape}" if args.shape else args.model
     header = (f"lowbit bench {what}: batches {args.batches}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
               f"prefill {args.prefill_len}, context {args.context or args.prompt_len + args.new_tokens}, "
-              f"cuda graphs {not args.no_cuda_graphs}. {datetime.date.today()}, {torch.cuda.get_device_name(device)}, "
+              f"cuda graphs {not args.no_cuda_graphs}, decode steps {args.decode_steps}. {datetime.date.today()}, "
+              f"{torch.cuda.get_device_name(device)}, "
               f"torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {copy:.0f} GB/s (read + write)\n")
     text = header + "\n" + bench.table(rows, config, copy)
     print(text)

@@ -1,4 +1,4 @@
-"""What every `lowbit` command shares: the model and sampling flags (derived from `SamplingParams`),
+"""What every `lowbit` command shares: the model, engine and sampling flags (derived from `SamplingParams`),
 loading from them, the cache folder (LOWBIT_CACHE) and whether to draw progress bars."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
 
@@ -67,6 +69,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt pickle weights (can run code)")
 
 
+def add_engine_args(parser: argparse.ArgumentParser):
+    """The engine flags of every command that runs a model; returns the group (serve adds its own flags)."""
+    from lowbit.engine.engine import EngineConfig
+
+    group = parser.add_argument_group("engine")
+    d = EngineConfig.decode_steps
+    group.add_argument("--decode-steps", type=int, default=d,
+                       help=f"on a GPU, greedy tokens decoded per CUDA-graph replay: the host syncs once per this "
+                            f"many tokens instead of once per token, so the GPU does not wait for it (default {d}; "
+                            "1 = one token per step)")
+    return group
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Refuse bad engine flags before the (slow) model load."""
+    if args.decode_steps < 1:
+        raise LowbitError(f"--decode-steps must be at least 1, got {args.decode_steps}")
+
+
 def load_from_args(args: argparse.Namespace):
     from lowbit.api import load
 
@@ -80,7 +101,8 @@ def show_progress() -> bool:
 def make_engine(loaded, args, max_seq_len: int):
     from lowbit.engine.engine import Engine, EngineConfig
 
-    return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len))
+    config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, decode_steps=args.decode_steps)
+    return Engine(loaded.model, loaded.tokenizer, config)
 
 
 def named_template(args: argparse.Namespace):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lowbit.cli.common import (
     cache_dir,
+    check_engine_args,
     load_from_args,
     make_engine,
     named_template,
@@ -21,6 +22,7 @@ CHAT_HELP = "commands: /reset clears the conversation, /system TEXT sets the sys
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_engine_args(args)
     params = sampling_params(args)
     named = named_template(args)
     loaded = load_from_args(args)
@@ -44,6 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from lowbit.chat.session import ChatSession
 
+    check_engine_args(args)
     params = sampling_params(args)
     named = named_template(args)
     loaded = load_from_args(args)

@@ -9,7 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from lowbit.cli.common import add_model_args, load_from_args, named_template
+from lowbit.cli.common import (
+    add_engine_args,
+    add_model_args,
+    check_engine_args,
+    load_from_args,
+    named_template,
+)
 from lowbit.errors import LowbitError
 
 
@@ -26,7 +32,7 @@ def add_serve_parser(sub) -> None:
     for f in dataclasses.fields(ServerConfig):  # default None: cmd_serve fills in model- and env-based defaults
         kind = int if f.type == "int" else str
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f.metadata["help"])
-    g = p.add_argument_group("engine")
+    g = add_engine_args(p)
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots; default 8)")
     g.add_argument("--max-model-len", type=int, default=2048, help="prompt + reply tokens per request (default 2048)")
     g.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429 (default 256)")
@@ -46,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_model_len < 2 or args.max_waiting < 0 or args.max_wait <= 0:
         raise LowbitError("--max-batch must be >= 1, --max-model-len >= 2, --max-waiting >= 0 and --max-wait > 0")
+    check_engine_args(args)
     _check_port_free(args.host, args.port)
     named = named_template(args)
     defaults = ServerConfig(model_name=Path(args.model).name if Path(args.model).exists() else args.model,
@@ -54,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(defaults, **given)
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
-        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting, max_wait_s=args.max_wait))
+        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting, max_wait_s=args.max_wait,
+        decode_steps=args.decode_steps))
     app = create_app(engine, loaded.tokenizer, named or loaded.chat_template(), config)
     logging.getLogger("lowbit.server").setLevel(logging.INFO)
     print(f"lowbit: serving {config.model_name} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, "

@@ -1,12 +1,15 @@
-"""The decode step captured whole in CUDA graphs: embedding, every layer, the final norm, lm_head and the
-greedy argmax, one graph per batch bucket (powers of two), replayed with the step's inputs copied into
-static buffers. A replay is one launch instead of hundreds, so decode runs at the kernels' speed rather
-than the host's.
+"""Decode steps run as bursts of greedy steps, and captured whole in CUDA graphs.
+
+`decode_steps` is the loop: S consecutive decode steps (embedding, every layer, lm_head, argmax), step s
+feeding its argmax to step s+1 at positions + s, so the host syncs once per S tokens instead of once per
+token. `DecodeGraphs` captures that loop, one graph per (batch bucket, S) (buckets are powers of two), and
+replays it with the step's inputs copied into static buffers: one launch instead of hundreds per token.
+`EagerDecode` runs the same loop without capture (CPU tests, or where graphs cannot run).
 
 Owns capture (lazily, the first time a bucket is needed), padding a batch to its bucket (padded rows repeat
-row 0, so they write the same key/value to the same cache position and their outputs are dropped) and the
-staging of inputs through pinned memory. The model, cache and kernels know nothing of graphs; the engine
-calls `DecodeGraphs.run` in place of the model for decode-only steps.
+row 0 and follow row 0's tokens, so they write the same keys/values at the same cache positions as row 0
+and their outputs are dropped) and the staging of inputs through pinned memory. The model, cache and kernels
+know nothing of graphs; which steps may run as a burst is the engine's decision.
 """
 
 from __future__ import annotations
@@ -23,14 +26,6 @@ from lowbit.model.llama import Transformer
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inputs: Tensor  # int64 [3, bucket]: tokens, positions, slots
-    logits: Tensor  # [bucket, vocab]
-    greedy: Tensor  # int64 [bucket]: argmax of logits
-
-
 def supported(model: Transformer, device: torch.device) -> bool:
     """Graphs need CUDA and a step with no host sync (dynamic NTK RoPE reads the longest position)."""
     return device.type == "cuda" and model.config.rope.kind != "dynamic"
@@ -42,58 +37,94 @@ def greedy_only(params) -> bool:
                for p in params)
 
 
+def decode_steps(model: Transformer, cache: KVCache, inputs: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """`steps` greedy decode steps -> (greedy tokens int64 [steps, B], the last step's logits [B, vocab]).
+
+    inputs int64 [4, B]: tokens (the last token of each row, its keys not yet cached), their positions, cache
+    slots, and `lead`: the row whose argmax each row takes as its next token (itself; row 0 for padding).
+    Step s writes keys/values at positions + s, so row b needs positions[b] + steps - 1 < max_seq_len."""
+    tokens, positions, slots, lead = inputs
+    out = []
+    for s in range(steps):
+        logits = model(tokens[:, None], (positions + s)[:, None], cache, slots)[:, -1]
+        greedy = logits.argmax(-1)
+        out.append(greedy)
+        if s + 1 < steps:
+            tokens = greedy[lead]
+    return torch.stack(out), logits
+
+
+class EagerDecode:
+    """`decode_steps` called directly: the reference for the graphs, and the burst runner without CUDA."""
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.model, self.cache = model, cache
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
+        """(the last step's logits [n, vocab], greedy tokens [steps, n]), as `DecodeGraphs.run`."""
+        inputs = torch.tensor([tokens, positions, slots, list(range(len(tokens)))], device=self.cache.k.device)
+        greedy, logits = decode_steps(self.model, self.cache, inputs, steps)
+        return logits, greedy
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: Tensor  # int64 [4, bucket]: tokens, positions, slots, lead
+    logits: Tensor  # [bucket, vocab]: the last step's
+    greedy: Tensor  # int64 [steps, bucket]: each step's argmax
+
+
 class DecodeGraphs:
     def __init__(self, model: Transformer, cache: KVCache, max_batch: int):
         self.model, self.cache = model, cache
         self.device = cache.k.device
-        self.max_bucket = 1 << max(0, max_batch - 1).bit_length()
-        self.graphs: dict[int, _Graph] = {}
+        self.max_bucket = self.bucket(max_batch)
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (bucket, steps) -> graph
         self.pool = None
-        self._staging = torch.zeros(3, self.max_bucket, dtype=torch.int64).pin_memory()
+        self._staging = torch.zeros(4, self.max_bucket, dtype=torch.int64).pin_memory()
         self._staged = torch.cuda.Event()
 
-    def bucket(self, n: int) -> int:
+    @staticmethod
+    def bucket(n: int) -> int:
         return 1 << max(0, n - 1).bit_length()
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> tuple[Tensor, Tensor]:
-        """One decode step for n rows -> (logits [n, vocab], greedy tokens [n]), views of static outputs
-        that the next replay overwrites."""
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
+        """`steps` greedy decode steps for n rows -> (the last step's logits [n, vocab], greedy tokens
+        [steps, n]), views of static outputs that the next replay overwrites."""
         n = len(tokens)
         b = self.bucket(n)
-        g = self.graphs.get(b) or self._capture(b)
+        g = self.graphs.get((b, steps)) or self._capture(b, steps)
         self._staged.synchronize()  # the previous step's copy has left the pinned buffer
         host = self._staging[:, :b]
-        for i, values in enumerate((tokens, positions, slots)):
+        for i, values in enumerate((tokens, positions, slots, range(n))):
             host[i, :n] = torch.tensor(values, dtype=torch.int64)
             host[i, n:] = values[0]
         g.inputs.copy_(host, non_blocking=True)
         self._staged.record()
         g.graph.replay()
-        return g.logits[:n], g.greedy[:n]
+        return g.logits[:n], g.greedy[:, :n]
 
-    def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        tokens, positions, slots = inputs[0, :, None], inputs[1, :, None], inputs[2]
-        logits = self.model(tokens, positions, self.cache, slots)[:, -1]
-        return logits, logits.argmax(-1)
+    def _capture(self, b: int, steps: int) -> _Graph:
+        """Warm up (compiles the kernels for this batch size) and capture `steps` steps for bucket b.
 
-    def _capture(self, b: int) -> _Graph:
-        """Warm up (compiles the kernels for this batch size) and capture the step for bucket b.
-
-        The warm-up writes keys at the cache's last position of slot 0: no sequence reads a position before
-        writing it, so that is harmless."""
-        log.info("capturing the decode step for batch %d", b)
-        inputs = torch.zeros(3, b, dtype=torch.int64, device=self.device)
-        inputs[1] = self.cache.max_seq_len - 1
+        The warm-up writes keys at the cache's last `steps` positions of slot 0. No sequence reads a position
+        before writing it, and a request holding slot 0 is in this very step, which the engine runs only when
+        its keys end before those positions, so that is harmless."""
+        log.info("capturing %d decode step(s) for batch %d", steps, b)
+        inputs = torch.zeros(4, b, dtype=torch.int64, device=self.device)
+        inputs[1] = max(0, self.cache.max_seq_len - steps)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(inputs)
+                decode_steps(self.model, self.cache, inputs, steps)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits, greedy = self._forward(inputs)
+            greedy, logits = decode_steps(self.model, self.cache, inputs, steps)
         self.pool = graph.pool()
-        self.graphs[b] = _Graph(graph, inputs, logits, greedy)
-        return self.graphs[b]
+        self.graphs[b, steps] = _Graph(graph, inputs, logits, greedy)
+        return self.graphs[b, steps]

@@ -1,8 +1,10 @@
 """The Engine: owns the model, the KV cache, the scheduler, and the step loop.
 
 One `step()` is schedule -> forward -> sample -> update. Requests join (prefill into a free cache slot) and
-leave (slot freed) at any step, so several prompts of different lengths decode together. Chat, the server
-and the benchmarks use only `add_request`, `step`, `abort`, `stream` and `generate`.
+leave (slot freed) at any step, so several prompts of different lengths decode together. A decode step of
+greedy rows runs as a burst of `decode_steps` tokens (one graph replay, one host sync), whose tokens the
+update applies row by row in order. Chat, the server and the benchmarks use only `add_request`, `step`,
+`abort`, `stream` and `generate`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class EngineConfig:
     kv_dtype: torch.dtype | None = None  # default: the model's dtype
 
     cuda_graphs: bool = True  # on CUDA, replay decode steps as captured graphs (lowbit.engine.cuda_graphs)
+    # greedy decode steps per burst: one graph replay and one host sync per this many tokens, so the GPU does
+    # not idle while the host handles each token (1 = a step per token). Bursts need graphs or eager_bursts.
+    decode_steps: int = 8
+    eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
 
 
 @dataclass
@@ -53,6 +59,8 @@ class _Live:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        if config.decode_steps < 1:
+            raise LowbitError(f"decode_steps must be at least 1, got {config.decode_steps}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -64,6 +72,8 @@ class Engine:
         self._ids = itertools.count()
         use_graphs = config.cuda_graphs and cuda_graphs.supported(model, self.device)
         self.graphs = cuda_graphs.DecodeGraphs(model, self.cache, config.max_batch) if use_graphs else None
+        eager = cuda_graphs.EagerDecode(model, self.cache) if config.eager_bursts else None
+        self.bursts = self.graphs if use_graphs else eager  # what runs a burst of decode_steps (None: no bursts)
         self._greedy: Tensor | None = None  # the graph's argmax, when the whole step was one replay
 
     # ----- API -----
@@ -110,9 +120,11 @@ class Engine:
         if not plan:
             return expired
         requests = [self.live[rid].request for rid in plan]
+        if self._burst_fits(requests, plan):
+            return expired + self._burst(requests)
         logits = self._forward(requests, plan)
         tokens = self._sample(requests, logits)
-        return expired + self._update(requests, tokens)
+        return expired + self._update(requests, [[t] for t in tokens])
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Run one request to the end, yielding its outputs (stops it if the caller stops iterating)."""
@@ -166,7 +178,7 @@ class Engine:
             decoded, greedy = self.graphs.run([r.output_ids[-1] for r in decode], [r.length - 1 for r in decode],
                                               [r.slot for r in decode])
             if len(decode) == len(requests):  # a pure decode step: the graph's outputs are the step's
-                self._greedy = greedy
+                self._greedy = greedy[0]
                 return decoded
         elif decode:
             tokens = torch.tensor([[r.output_ids[-1]] for r in decode], device=self.device)
@@ -194,21 +206,52 @@ class Engine:
         self.history.append(tokens, slots)
         return tokens.tolist()
 
-    def _update(self, requests: list[Request], tokens: list[int]) -> list[RequestOutput]:
+    def _burst_fits(self, requests: list[Request], plan: dict[str, int]) -> bool:
+        """Whether this step can be a burst of S greedy steps: a pure decode step, greedy-only rows, every
+        row's S key/value writes (positions length-1 .. length+S-2) inside the cache, and some row that wants
+        all S tokens (a row that wants fewer finishes with LENGTH mid-burst: at batch > 1 its extra steps
+        cost nothing, while falling back would cost the other rows a host sync per token)."""
+        S = self.config.decode_steps
+        return (self.bursts is not None and S > 1
+                and all(plan[r.request_id] == 1 and r.output_ids for r in requests)
+                and cuda_graphs.greedy_only([r.params for r in requests])
+                and all(r.length + S - 1 <= self.max_seq_len for r in requests)
+                and max(r.params.max_new_tokens - len(r.output_ids) for r in requests) >= S)
+
+    def _burst(self, requests: list[Request]) -> list[RequestOutput]:
+        """S greedy decode steps in one run, one host sync; the update applies each row's tokens in order and
+        drops those after the row finishes (their keys sit past its end in its own slot: never read)."""
+        slots = [r.slot for r in requests]
+        _, greedy = self.bursts.run([r.output_ids[-1] for r in requests], [r.length - 1 for r in requests], slots,
+                                    self.config.decode_steps)
+        before = [len(r.output_ids) for r in requests]
+        outputs = self._update(requests, greedy.T.tolist())
+        kept = [(slot, t) for r, n, slot in zip(requests, before, slots) for t in r.output_ids[n:]]
+        kept = torch.tensor(kept, device=self.device).T  # [2, kept tokens]: slots, tokens
+        self.history.append(kept[1], kept[0])
+        return outputs
+
+    def _update(self, requests: list[Request], tokens: list[list[int]]) -> list[RequestOutput]:
+        """Apply each row's new tokens in order (stop ids, stop strings, LENGTH); one output per row."""
         outputs = []
-        for r, token in zip(requests, tokens):
+        for r, row in zip(requests, tokens):
             live = self.live[r.request_id]
-            r.output_ids.append(token)
-            reason = self._finish_reason(r, token)
-            delta, hit = ("", False) if token in r.stop_ids else live.stops.feed(live.decoder.push(token))
-            if hit:
-                reason = FinishReason.STOP
-            elif reason is not None:
-                delta += live.stops.feed(live.decoder.flush())[0] + live.stops.flush()
-            new_ids = () if token in r.stop_ids else (token,)
+            text, new_ids, reason = "", [], None
+            for token in row:
+                r.output_ids.append(token)
+                reason = self._finish_reason(r, token)
+                delta, hit = ("", False) if token in r.stop_ids else live.stops.feed(live.decoder.push(token))
+                if hit:
+                    reason = FinishReason.STOP
+                elif reason is not None:
+                    delta += live.stops.feed(live.decoder.flush())[0] + live.stops.flush()
+                text += delta
+                new_ids += [] if token in r.stop_ids else [token]
+                if reason is not None:
+                    break
             if reason is not None:
                 self._finish(r, reason)
-            outputs.append(RequestOutput(r.request_id, delta, new_ids, len(r.prompt_ids), len(r.output_ids), reason))
+            outputs.append(RequestOutput(r.request_id, text, tuple(new_ids), len(r.prompt_ids), len(r.output_ids), reason))
         return outputs
 
     def _finish_reason(self, r: Request, token: int) -> FinishReason | None:

@@ -2,7 +2,10 @@
 weight bandwidth a decode step achieves against the device's measured copy bandwidth; one table.
 
 Owns the measurement protocol (warm-up runs that compile kernels and capture graphs, then timed runs of
-greedy requests that ignore EOS) and the table. What is measured comes in as a model: a loaded checkpoint
+greedy requests that ignore EOS, through the engine as users get it: CUDA graphs and bursts of
+`decode_steps` tokens per host sync unless told otherwise) and the table. The "graph-only" column replays
+the batch-1 graph the engine decodes with (a burst of decode_steps tokens) with no host work between
+replays: what the GPU alone sustains, the ceiling of the engine's b=1 column. What is measured comes in as a model: a loaded checkpoint
 or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is used.
 """
 
@@ -36,13 +39,14 @@ class BenchConfig:
     prefill_len: int = 1024  # the prompt whose prefill gives prefill tokens/s
     context: int | None = None  # KV cache length per request (default prompt_len + new_tokens)
     cuda_graphs: bool = True
+    decode_steps: int = EngineConfig.decode_steps  # greedy tokens per graph replay / host sync
 
 
 @dataclass
 class BenchRow:
     name: str
     decode: dict[int, float | str] = field(default_factory=dict)  # batch -> tokens/s (all rows), or why not
-    graph_tps: float | None = None  # batch 1, graph replays alone (no engine host work)
+    graph_tps: float | None = None  # batch 1, replays of the engine's decode graph alone (no host work)
     prefill_tps: float | None = None
     ttft_ms: float | None = None
     peak_gb: float | None = None  # at batch 1 with `context` positions cached
@@ -82,7 +86,7 @@ def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _timed_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first tokens, seconds of the decode steps after it, decode steps)."""
+    """(seconds to the first tokens, seconds of the decode steps after it, tokens those steps made)."""
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     for p in prompts:
         engine.add_request(p, params)
@@ -91,26 +95,25 @@ def _timed_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tup
     t0 = time.perf_counter()
     engine.step()  # admits and prefills every prompt: first tokens
     t1 = time.perf_counter()
-    steps = 0
+    tokens = 0  # a step makes one token per row, or a burst of decode_steps
     while engine.num_unfinished:
-        engine.step()
-        steps += 1
-    return t1 - t0, time.perf_counter() - t1, steps
+        tokens += sum(len(out.new_token_ids) for out in engine.step())
+    return t1 - t0, time.perf_counter() - t1, tokens
 
 
-def _graph_tps(engine: Engine, replays: int = 100) -> float | None:
-    """Batch-1 decode rate of graph replays alone: the GPU's share of a step."""
+def _graph_tps(engine: Engine, steps: int, replays: int = 100) -> float | None:
+    """Batch-1 decode rate of replays of the `steps`-token graph alone: the GPU's share of a token."""
     if engine.graphs is None:
         return None
-    engine.graphs.run([1], [0], [0])
+    engine.graphs.run([1], [0], [0], steps)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph = engine.graphs.graphs[1].graph
+    graph = engine.graphs.graphs[1, steps].graph
     start.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     end.synchronize()
-    return replays / (start.elapsed_time(end) * 1e-3)
+    return replays * steps / (start.elapsed_time(end) * 1e-3)
 
 
 def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -> BenchRow:
@@ -121,7 +124,8 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
     row = BenchRow(name, weight_gb=decode_bytes(model) / 1e9)
 
     def engine(batch: int, seq: int) -> Engine:
-        return Engine(model, tokenizer, EngineConfig(max_batch=batch, max_seq_len=seq, cuda_graphs=config.cuda_graphs))
+        return Engine(model, tokenizer, EngineConfig(max_batch=batch, max_seq_len=seq, cuda_graphs=config.cuda_graphs,
+                                                     decode_steps=config.decode_steps))
 
     eng = None
     cuda = device.type == "cuda"
@@ -132,13 +136,14 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
                 peak = max(peak, torch.cuda.max_memory_allocated(device))
                 torch.cuda.reset_peak_memory_stats(device)
             eng = engine(batch, context)
-            _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 1), 3)  # compile, capture
-            first, decode_s, steps = _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 2), config.new_tokens)
-            row.decode[batch] = batch * steps / decode_s
+            # compile, capture the single-step and the burst graphs (a burst, then single steps to the end)
+            _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 1), config.decode_steps + 2)
+            first, decode_s, tokens = _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 2), config.new_tokens)
+            row.decode[batch] = tokens / decode_s
             if batch == 1:
                 row.ttft_ms = first * 1e3
                 row.peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-                row.graph_tps = _graph_tps(eng)
+                row.graph_tps = _graph_tps(eng, config.decode_steps if eng.bursts is not None else 1)
         except torch.cuda.OutOfMemoryError:
             row.decode[batch] = "oom"
         finally:
