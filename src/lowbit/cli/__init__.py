@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from lowbit.cli.bench import add_bench_parser
-from lowbit.cli.common import add_model_args, add_sampling_args
+from lowbit.cli.common import add_memory_args, add_model_args, add_sampling_args
 from lowbit.cli.quantize import (
     add_apply_delta_parser,
     add_eval_parser,
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="a named fallback template instead of the model's own (vicuna_v1.1, "
                                       "guanaco, llama-2-chat, alpaca, chatml)")
     p.add_argument("--system", help="system prompt")
+    add_memory_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="a named fallback template instead of the model's own")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context window used for the conversation")
+    add_memory_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 

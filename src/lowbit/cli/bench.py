@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lowbit.cli.common import cache_dir, show_progress
+from lowbit.cli.common import add_memory_args, cache_dir, memory_options, show_progress
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -17,7 +17,10 @@ def add_bench_parser(sub) -> None:
 
     d = BenchConfig()
     p = sub.add_parser("bench", help="GPU decode/prefill speed, TTFT, memory and weight bandwidth, as one table",
-                       description="Benchmark MODEL, or random models of --shape in several weight formats side by side.")
+                       description="Benchmark MODEL, or random models of --shape in several weight formats side by "
+                                   "side. 'peak GB (b=1: load, prefill, decode)' is the most GPU memory allocated while "
+                                   "loading and serving one request of --context tokens: the figure to hold against "
+                                   "a memory budget.")
     p.add_argument("model", nargs="?", help="model folder/file/Hub id/'smollm2' (omit with --shape)")
     p.add_argument("--shape", help="random weights of a named shape: llama-7b, llama-13b, llama-65b, llama-2-70b")
     p.add_argument("--variants", default="fp16,gptq-4bit-g128,gptq-4bit-g128-act,gptq-8bit-g128,gptq-3bit-g128,"
@@ -30,6 +33,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--dtype", default="float16", help="with MODEL: float16 (default) or bfloat16")
     p.add_argument("--out", help="also write the table (with command, date and device) to this markdown file")
+    add_memory_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -49,7 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise LowbitError(f"--batches must be integers separated by commas, got {args.batches!r}") from None
     config = bench.BenchConfig(batches, args.prompt_len, args.new_tokens, args.prefill_len, args.context,
-                               cuda_graphs=not args.no_cuda_graphs)
+                               cuda_graphs=not args.no_cuda_graphs, **memory_options(args))
     device = torch.device("cuda")
     copy = bench.copy_bandwidth(device)
     if args.shape:
@@ -70,7 +74,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     what = f"--shape {args.shape}" if args.shape else args.model
     header = (f"lowbit bench {what}: batches {args.batches}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
               f"prefill {args.prefill_len}, context {args.context or args.prompt_len + args.new_tokens}, "
-              f"cuda graphs {not args.no_cuda_graphs}. {datetime.date.today()}, {torch.cuda.get_device_name(device)}, "
+              f"cuda graphs {not args.no_cuda_graphs}, prefill chunk {config.prefill_chunk or 'off'}, "
+              f"embeddings on host {config.embeddings_on_host}. {datetime.date.today()}, "
+              f"{torch.cuda.get_device_name(device)}, "
               f"torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {copy:.0f} GB/s (read + write)\n")
     text = header + "\n" + bench.table(rows, config, copy)
     print(text)

@@ -77,10 +77,43 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's GPU-memory options (`EngineConfig.embeddings_on_host`, `.prefill_chunk`)."""
+    from lowbit.engine.engine import EngineConfig
+
+    chunk = EngineConfig().prefill_chunk
+    group = parser.add_argument_group("GPU memory")
+    group.add_argument("--embeddings-on-host", action="store_true", help=(
+        "keep the token-embedding table in pinned host memory (as llama.cpp keeps tok_embd on the CPU): a step "
+        "needs only one row per token, which the GPU reads over PCIe, so the table (vocab x hidden x 2 bytes: "
+        "0.33 GB for LLaMA-13B) need not take GPU memory. Untied embeddings only; a tied table is lm_head's "
+        "weight too and stays on the GPU"))
+    group.add_argument("--prefill-chunk", type=_tokens, default=chunk, help=(
+        f"prompt tokens per forward pass during prefill: bounds the activations of long prompts "
+        f"(default {chunk}; 0 = the whole prompt at once, fastest for long prompts, most memory)"))
+
+
+def _tokens(value: str) -> int:
+    """argparse type of --prefill-chunk: a count >= 0, checked before the model loads."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0 (0 = whole prompt), got {value!r}")
+    return n
+
+
+def memory_options(args: argparse.Namespace) -> dict:
+    """EngineConfig keywords from the flags of `add_memory_args`."""
+    return {"embeddings_on_host": args.embeddings_on_host, "prefill_chunk": args.prefill_chunk or None}
+
+
 def make_engine(loaded, args, max_seq_len: int):
     from lowbit.engine.engine import Engine, EngineConfig
 
-    return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len))
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_seq_len=max_seq_len,
+                                                               **memory_options(args)))
 
 
 def named_template(args: argparse.Namespace):

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from lowbit.cli.common import add_model_args, load_from_args, named_template
+from lowbit.cli.common import add_memory_args, add_model_args, load_from_args, memory_options, named_template
 from lowbit.errors import LowbitError
 
 
@@ -31,6 +31,7 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-model-len", type=int, default=2048, help="prompt + reply tokens per request (default 2048)")
     g.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429 (default 256)")
     g.add_argument("--max-wait", type=float, default=60.0, help="seconds a request may wait for a slot before a 503")
+    add_memory_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -54,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(defaults, **given)
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
-        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting, max_wait_s=args.max_wait))
+        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting,
+        max_wait_s=args.max_wait, **memory_options(args)))
     app = create_app(engine, loaded.tokenizer, named or loaded.chat_template(), config)
     logging.getLogger("lowbit.server").setLevel(logging.INFO)
     print(f"lowbit: serving {config.model_name} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, "
