@@ -9,7 +9,8 @@ for stage in "$@"; do
     tests)  # kernels on the GPU (awkward shapes, poisoned outputs) and the fast path end to end vs the reference
       timeout "${TESTS_SECONDS:-200}" python3 -m pytest -p no:cacheprovider --maxfail=20 -v ${TESTS:-\
         tests/kernels/test_norm_rope.py tests/kernels/test_attention.py tests/model/test_linear_backends.py \
-        tests/engine/test_cuda_graphs.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
+        tests/engine/test_cuda_graphs.py tests/kernels/test_embedding.py tests/model/test_host_embedding.py \
+        tests/engine/test_prefill.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
         > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
     smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
       timeout "${SMOL_SECONDS:-300}" python3 -m pytest -v -p no:cacheprovider tests/engine/test_gpu_smollm2.py \
@@ -17,9 +18,9 @@ for stage in "$@"; do
     decode)  # whole-model decode table, LLaMA-7B shape
       timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b --tuned "$OUT/tuned.json" ${DECODE_ARGS:-} \
         > "$OUT/decode_log.txt" 2>&1; tail -n 12 "$OUT/decode_log.txt" ;;
-    memory)  # 13B 4-bit at 2048 context, batch 1
+    memory)  # 13B 4-bit at 2048 context, batch 1: "peak GB (b=1: load, prefill, decode)" against the 9 GB target
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
-        --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 > "$OUT/memory_log.txt" 2>&1
+        --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1
       tail -n 4 "$OUT/memory_log.txt" ;;
     kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm
       timeout "${KERNELS_SECONDS:-300}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$OUT/kernels_log.txt" 2>&1

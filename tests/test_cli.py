@@ -91,6 +91,27 @@ def test_unknown_option_exits_2(capsys):
     assert e.value.code == 2
 
 
+def test_bad_prefill_chunk_exits_2_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "/no/such/model", "hi", "--prefill-chunk", "-1"])
+    assert e.value.code == 2 and "--prefill-chunk" in capsys.readouterr().err
+
+
+def test_generate_with_prefill_chunks_and_host_embeddings_prints_the_same(capsys, tmp_path):
+    """On a CPU --embeddings-on-host is a no-op; chunks of 2 tokens give the one-shot prefill's greedy text."""
+    from tests.chat_model import write_tiny_chat_model
+
+    model = str(write_tiny_chat_model(tmp_path / "chat"))
+    argv = ["generate", model, "a prompt of several tokens", "--temperature", "0", "--max-new-tokens", "12",
+            "--device", "cpu", "--no-template"]
+    outs = []
+    for extra in (["--prefill-chunk", "0"], ["--prefill-chunk", "2", "--embeddings-on-host"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and len(outs[0]) > 1
+
+
 def test_info_float(capsys, folder):
     assert main(["info", str(folder)]) == 0
     out = capsys.readouterr().out

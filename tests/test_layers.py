@@ -15,14 +15,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RANK = {
     "errors": 0, "config": 1,
     # kernels: tensors in, tensors out (a launcher may import the kernel file it launches)
-    "kernels.qmatmul": 2, "kernels.gptq_block_kernel": 2, "kernels.norm_rope": 2,
+    "kernels.qmatmul": 2, "kernels.gptq_block_kernel": 2, "kernels.norm_rope": 2, "kernels.embedding": 2,
     "kernels.attention": 2.1, "kernels.reference": 2.1, "kernels.gptq_block": 2.1, "kernels.ops": 2.2,
     "quant.pack": 3, "quant.quantizer": 3, "engine.sampling": 3, "engine.scheduler": 3,
     "quant.gptq": 4, "engine.request": 4,
     "model.linear": 5, "model.source": 5, "model.checkpoint": 5, "model.tokenizer": 5, "chat.template": 5,
     "eval.perplexity": 5, "server.protocol": 5, "server.middleware": 5,
     "model.llama": 6, "model.gguf": 6, "model.lora": 6, "model.delta": 6,
-    "model.weights": 7, "model.builtin": 7, "data": 7, "engine.kv_cache": 7,
+    "model.weights": 7, "model.builtin": 7, "data": 7, "engine.kv_cache": 7, "model.host_embedding": 7,
+    "engine.prefill": 7,
     "model.info": 8, "engine.cuda_graphs": 8, "quant.calibrate": 8, "quant.card": 8, "quant.export": 8,
     "quant.job": 9, "engine.engine": 9, "eval.random_model": 9,
     "quant.variants": 10, "chat.session": 10, "eval.bench": 10, "server.runner": 10,

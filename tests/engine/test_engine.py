@@ -40,6 +40,17 @@ def test_greedy_matches_transformers_generate(smol, hf):
     assert reason == FinishReason.LENGTH
 
 
+def test_prompt_of_several_prefill_chunks_matches_transformers(smol, hf, prose):
+    """A 1100-token prompt goes in as chunks of 512, 512 and 76 (the default): transformers' greedy tokens."""
+    ids = smol.tokenizer.encode(prose, add_bos=True)[:1100]
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert EngineConfig().prefill_chunk == 512
+    [(_, got, _)] = engine(smol, max_seq_len=1200).generate([ids], SamplingParams(temperature=0, max_new_tokens=12,
+                                                                                  ignore_eos=True))
+    assert got == expected
+
+
 def test_batch_of_different_lengths_equals_solo_runs(smol):
     prompts = [smol.tokenizer.encode(p, add_bos=True) for p in PROMPTS]
     solo = [engine(smol).generate([p], GREEDY)[0] for p in prompts]

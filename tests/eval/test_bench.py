@@ -33,14 +33,17 @@ def test_random_gptq_model_reads_fewer_bytes_than_float():
 
 def test_bench_model_and_table():
     model = random_model(TINY, Variant("f32", torch.float32), torch.device("cpu"))
-    config = bench.BenchConfig(batches=(1, 2), prompt_len=4, new_tokens=3, prefill_len=8)
+    config = bench.BenchConfig(batches=(1, 2), prompt_len=4, new_tokens=3, prefill_len=8, prefill_chunk=3,
+                               embeddings_on_host=True)  # chunks 3, 3, 2; host embeddings: a no-op on the CPU
     row = bench.bench_model("f32", model, bench._NullTokenizer(), config)
     assert set(row.decode) == {1, 2} and all(v > 0 for v in row.decode.values())
     assert row.prefill_tps > 0 and row.ttft_ms > 0 and row.graph_tps is None
+    assert row.peak_gb is None and row.peak_all_gb is None  # no memory figures off CUDA
     text = bench.table([row, bench.BenchRow("broken", note="does not fit")], config, copy_gbps=100.0)
     lines = text.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
     assert "decode tok/s b=2" in lines[0] and "does not fit" in lines[3]
+    assert "peak GB (b=1: load, prefill, decode)" in lines[0]
 
 
 def test_decode_rate_counts_the_tokens_of_bursts():

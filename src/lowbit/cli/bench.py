@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from lowbit.cli.common import cache_dir, show_progress
+from lowbit.cli.common import add_engine_args, cache_dir, check_engine_args, engine_options, show_progress
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -17,7 +17,10 @@ def add_bench_parser(sub) -> None:
 
     d = BenchConfig()
     p = sub.add_parser("bench", help="GPU decode/prefill speed, TTFT, memory and weight bandwidth, as one table",
-                       description="Benchmark MODEL, or random models of --shape in several weight formats side by side.")
+                       description="Benchmark MODEL, or random models of --shape in several weight formats side by "
+                                   "side. 'peak GB (b=1: load, prefill, decode)' is the most GPU memory allocated while "
+                                   "loading and serving one request of --context tokens: the figure to hold against "
+                                   "a memory budget.")
     p.add_argument("model", nargs="?", help="model folder/file/Hub id/'smollm2' (omit with --shape)")
     p.add_argument("--shape", help="random weights of a named shape: llama-7b, llama-13b, llama-65b, llama-2-70b")
     p.add_argument("--variants", default="fp16,gptq-4bit-g128,gptq-4bit-g128-act,gptq-8bit-g128,gptq-3bit-g128,"
@@ -28,11 +31,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--prefill-len", type=int, default=d.prefill_len, help="prompt length of the prefill measurement")
     p.add_argument("--context", type=int, help="KV cache length per request (default prompt + new tokens)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
-    p.add_argument("--decode-steps", type=int, default=d.decode_steps,
-                   help=f"greedy tokens per graph replay and host sync, as the engine runs them (default {d.decode_steps}; "
-                        "1 = one per token)")
     p.add_argument("--dtype", default="float16", help="with MODEL: float16 (default) or bfloat16")
     p.add_argument("--out", help="also write the table (with command, date and device) to this markdown file")
+    add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -51,10 +52,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         raise LowbitError(f"--batches must be integers separated by commas, got {args.batches!r}") from None
-    if args.decode_steps < 1:
-        raise LowbitError(f"--decode-steps must be at least 1, got {args.decode_steps}")
+    check_engine_args(args)
     config = bench.BenchConfig(batches, args.prompt_len, args.new_tokens, args.prefill_len, args.context,
-                               cuda_graphs=not args.no_cuda_graphs, decode_steps=args.decode_steps)
+                               cuda_graphs=not args.no_cuda_graphs, **engine_options(args))
     device = torch.device("cuda")
     copy = bench.copy_bandwidth(device)
     if args.shape:
@@ -75,7 +75,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     what = f"--shape {args.shape}" if args.shape else args.model
     header = (f"lowbit bench {what}: batches {args.batches}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
               f"prefill {args.prefill_len}, context {args.context or args.prompt_len + args.new_tokens}, "
-              f"cuda graphs {not args.no_cuda_graphs}, decode steps {args.decode_steps}. {datetime.date.today()}, "
+              f"cuda graphs {not args.no_cuda_graphs}, decode steps {args.decode_steps}, "
+              f"prefill chunk {config.prefill_chunk or 'off'}, embeddings on host {config.embeddings_on_host}. "
+              f"{datetime.date.today()}, "
               f"{torch.cuda.get_device_name(device)}, "
               f"torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {copy:.0f} GB/s (read + write)\n")
     text = header + "\n" + bench.table(rows, config, copy)

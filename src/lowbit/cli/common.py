@@ -79,6 +79,15 @@ def add_engine_args(parser: argparse.ArgumentParser):
                        help=f"on a GPU, greedy tokens decoded per CUDA-graph replay: the host syncs once per this "
                             f"many tokens instead of once per token, so the GPU does not wait for it (default {d}; "
                             "1 = one token per step)")
+    chunk = EngineConfig().prefill_chunk
+    group.add_argument("--embeddings-on-host", action="store_true", help=(
+        "keep the token-embedding table in pinned host memory (as llama.cpp keeps tok_embd on the CPU): a step "
+        "needs only one row per token, which the GPU reads over PCIe, so the table (vocab x hidden x 2 bytes: "
+        "0.33 GB for LLaMA-13B) need not take GPU memory. Untied embeddings only; a tied table is lm_head's "
+        "weight too and stays on the GPU"))
+    group.add_argument("--prefill-chunk", type=_tokens, default=chunk, help=(
+        f"prompt tokens per forward pass during prefill: bounds the activations of long prompts "
+        f"(default {chunk}; 0 = the whole prompt at once, fastest for long prompts, most memory)"))
     return group
 
 
@@ -98,10 +107,27 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
+def _tokens(value: str) -> int:
+    """argparse type of --prefill-chunk: a count >= 0, checked before the model loads."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0 (0 = whole prompt), got {value!r}")
+    return n
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """EngineConfig keywords from the flags of `add_engine_args`."""
+    return {"decode_steps": args.decode_steps, "embeddings_on_host": args.embeddings_on_host,
+            "prefill_chunk": args.prefill_chunk or None}
+
+
 def make_engine(loaded, args, max_seq_len: int):
     from lowbit.engine.engine import Engine, EngineConfig
 
-    config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, decode_steps=args.decode_steps)
+    config = EngineConfig(max_batch=1, max_seq_len=max_seq_len, **engine_options(args))
     return Engine(loaded.model, loaded.tokenizer, config)
 
 

@@ -13,6 +13,7 @@ from lowbit.cli.common import (
     add_engine_args,
     add_model_args,
     check_engine_args,
+    engine_options,
     load_from_args,
     named_template,
 )
@@ -61,8 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(defaults, **given)
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
-        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting, max_wait_s=args.max_wait,
-        decode_steps=args.decode_steps))
+        max_batch=args.max_batch, max_seq_len=args.max_model_len, max_waiting=args.max_waiting,
+        max_wait_s=args.max_wait, **engine_options(args)))
     app = create_app(engine, loaded.tokenizer, named or loaded.chat_template(), config)
     logging.getLogger("lowbit.server").setLevel(logging.INFO)
     print(f"lowbit: serving {config.model_name} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, "

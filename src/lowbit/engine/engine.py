@@ -20,10 +20,12 @@ from torch import Tensor
 
 from lowbit.engine import cuda_graphs
 from lowbit.engine.kv_cache import KVCache
+from lowbit.engine.prefill import prefill
 from lowbit.engine.request import FinishReason, Request, RequestOutput, StopStrings
 from lowbit.engine.sampling import PenaltyHistory, SamplingParams, make_generator, sample
 from lowbit.engine.scheduler import Scheduler
 from lowbit.errors import LowbitError, Overloaded
+from lowbit.model.host_embedding import embeddings_to_host
 from lowbit.model.llama import Transformer
 from lowbit.model.tokenizer import StreamDecoder, Tokenizer
 
@@ -45,6 +47,12 @@ class EngineConfig:
     # not idle while the host handles each token (1 = a step per token). Bursts need graphs or eager_bursts.
     decode_steps: int = 8
     eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
+    prefill_chunk: int | None = 512  # prompts go through the model this many tokens at a time (None: at once)
+    embeddings_on_host: bool = False  # untied token embeddings in pinned host memory (lowbit.model.host_embedding)
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise LowbitError(f"prefill_chunk must be a positive number of tokens (or None), got {self.prefill_chunk}")
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Engine:
         if config.decode_steps < 1:
             raise LowbitError(f"decode_steps must be at least 1, got {config.decode_steps}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        if config.embeddings_on_host:  # before the cache is allocated: the table's GPU memory is freed first
+            embeddings_to_host(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(config.max_seq_len, model.config.max_position_embeddings)
@@ -190,8 +200,7 @@ class Engine:
             if r.request_id in order:
                 out.append(decoded[order[r.request_id]])
                 continue
-            tokens = torch.tensor([r.prompt_ids], device=self.device)  # a whole prompt from position 0
-            out.append(self.model(tokens, None, self.cache, torch.tensor([r.slot], device=self.device), last_only=True)[0, -1])
+            out.append(prefill(self.model, self.cache, r.prompt_ids, r.slot, self.config.prefill_chunk, self.device))
         return torch.stack(out)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:

@@ -40,6 +40,8 @@ class BenchConfig:
     context: int | None = None  # KV cache length per request (default prompt_len + new_tokens)
     cuda_graphs: bool = True
     decode_steps: int = EngineConfig.decode_steps  # greedy tokens per graph replay / host sync
+    prefill_chunk: int | None = EngineConfig.prefill_chunk
+    embeddings_on_host: bool = False
 
 
 @dataclass
@@ -49,8 +51,8 @@ class BenchRow:
     graph_tps: float | None = None  # batch 1, replays of the engine's decode graph alone (no host work)
     prefill_tps: float | None = None
     ttft_ms: float | None = None
-    peak_gb: float | None = None  # at batch 1 with `context` positions cached
-    peak_all_gb: float | None = None  # over every run here (largest batch, long prefill)
+    peak_gb: float | None = None  # one request: load, batch-1 decode at `context` positions, the long prefill
+    peak_all_gb: float | None = None  # over every run here (largest batch too)
     weight_gb: float = 0.0  # bytes one decode step reads
     note: str = ""
 
@@ -66,7 +68,8 @@ class _NullTokenizer:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written. Resets the allocator's
+    peak afterwards, so that its buffers do not count in the peak of a model loaded next."""
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
@@ -77,7 +80,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
         b.copy_(a)
     end.record()
     end.synchronize()
-    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+    gbps = 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+    del a, b
+    _release()
+    _reset_peak(device)
+    return gbps
 
 
 def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
@@ -116,8 +123,29 @@ def _graph_tps(engine: Engine, steps: int, replays: int = 100) -> float | None:
     return replays * steps / (start.elapsed_time(end) * 1e-3)
 
 
+def _peak(device: torch.device) -> int:
+    """The allocator's peak since its last reset, in bytes (0 off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -> BenchRow:
-    """Every measurement of the table for one model (on its device; CPU runs give no memory figures)."""
+    """Every measurement of the table for one model (on its device; CPU runs give no memory figures).
+
+    Memory: callers reset the allocator's peak before loading the model, so its value on entry is the load's.
+    `peak_gb` is the most GPU memory allocated at any point of what one request goes through: the load, the
+    batch-1 decode run (an engine of `context` positions) and the long prefill (an engine of
+    max(context, prefill_len + 1) positions). `peak_all_gb` also covers the larger batches.
+    """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     context = config.context or config.prompt_len + config.new_tokens
@@ -125,16 +153,15 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
 
     def engine(batch: int, seq: int) -> Engine:
         return Engine(model, tokenizer, EngineConfig(max_batch=batch, max_seq_len=seq, cuda_graphs=config.cuda_graphs,
-                                                     decode_steps=config.decode_steps))
+                                                     decode_steps=config.decode_steps,
+                                                     prefill_chunk=config.prefill_chunk,
+                                                     embeddings_on_host=config.embeddings_on_host))
 
-    eng = None
-    cuda = device.type == "cuda"
-    peak = 0
+    peaks = {"load": _peak(device)}
     for batch in config.batches:
+        _reset_peak(device)
+        eng = None
         try:
-            if cuda:
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
-                torch.cuda.reset_peak_memory_stats(device)
             eng = engine(batch, context)
             # compile, capture the single-step and the burst graphs (a burst, then single steps to the end)
             _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 1), config.decode_steps + 2)
@@ -142,27 +169,29 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
             row.decode[batch] = tokens / decode_s
             if batch == 1:
                 row.ttft_ms = first * 1e3
-                row.peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
                 row.graph_tps = _graph_tps(eng, config.decode_steps if eng.bursts is not None else 1)
         except torch.cuda.OutOfMemoryError:
             row.decode[batch] = "oom"
         finally:
+            peaks[batch] = _peak(device)
             eng = None
-            gc.collect()
-            torch.cuda.empty_cache()
+            _release()
+    _reset_peak(device)
     try:
-        eng = engine(1, config.prefill_len + 1)
+        eng = engine(1, max(context, config.prefill_len + 1))
         _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 3), 1)
         first, _, _ = _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 4), 1)
         row.prefill_tps = config.prefill_len / first
     except torch.cuda.OutOfMemoryError:
         row.note = "prefill: oom"
     finally:
+        peaks["prefill"] = _peak(device)
         eng = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    if cuda:
-        row.peak_all_gb = max(peak, torch.cuda.max_memory_allocated(device)) / 1e9
+        _release()
+    if device.type == "cuda":
+        if isinstance(row.decode.get(1), float) and row.prefill_tps is not None:
+            row.peak_gb = max(peaks["load"], peaks[1], peaks["prefill"]) / 1e9
+        row.peak_all_gb = max(peaks.values()) / 1e9
     return row
 
 
@@ -176,6 +205,7 @@ def bench_shape(shape: str, variants: list[str], config: BenchConfig, device: to
         raise LowbitError(f"unknown variant {unknown[0]!r}; choose {', '.join(VARIANTS)}")
     rows = []
     for name in variants:
+        _reset_peak(device)  # the load's peak is this variant's
         try:
             model = random_model(SHAPES[shape], VARIANTS[name], device)
         except LowbitError as e:
@@ -188,8 +218,7 @@ def bench_shape(shape: str, variants: list[str], config: BenchConfig, device: to
                 log.exception("%s failed", name)
                 rows.append(BenchRow(name, note=f"error: {type(e).__name__}: {e}"[:200]))
         model = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        _release()
         report(rows[-1])
     return rows
 
@@ -201,7 +230,8 @@ def table(rows: list[BenchRow], config: BenchConfig, copy_gbps: float) -> str:
 
     head = ["variant"] + [f"decode tok/s b={b}" for b in config.batches]
     head += ["b=1 graph-only tok/s", f"prefill tok/s ({config.prefill_len})", f"TTFT ms ({config.prompt_len})",
-             "peak GB (b=1)", "peak GB (all)", "weights GB/token", "weight GB/s (b=1)", "% of copy BW", "note"]
+             "peak GB (b=1: load, prefill, decode)", "peak GB (all)", "weights GB/token", "weight GB/s (b=1)",
+             "% of copy BW", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         tps = r.decode.get(1)

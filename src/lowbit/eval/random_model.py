@@ -86,15 +86,14 @@ def random_model(shape: ModelConfig, variant: Variant, device: torch.device, see
 
     _check_fits(shape, variant, device)
     with torch.device("meta"):
-        model = Transformer(shape, make_linear)
-    model.to_empty(device=device)
+        model = Transformer(shape, make_linear).to(variant.dtype)
+    model.to_empty(device=device)  # in variant.dtype from the start: no float32 copies at load, as a real load
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-        model.to(variant.dtype)
         model.rotary = type(model.rotary)(shape).to(device)  # computed in float32, not random
         for m in model.modules():
             if isinstance(m, QuantLinear):
