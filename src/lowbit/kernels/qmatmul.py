@@ -47,7 +47,7 @@ class QWeight:
     qweight: Tensor  # int32 [Kp/F, N]: block b, word w, field j -> packed row 16*F*b + 16*j + w
     qhigh: Tensor | None  # int16 [Kp/16, N], 3-bit only: bit j of word 16b+w -> high bit of row 256b + 16j + w
     scales: Tensor  # fp16 [R, N], one row per run of 16*group_slots packed rows (no g_idx lookup in kernels)
-    zeros: Tensor  # fp16 [R, N], true zero points (small integers, exact)
+    zeros: Tensor  # uint8 [R, N], true zero points (fp16 in the rare file whose zeros leave 0..255)
     slot_group: Tensor  # int32 [Kp/16]: group of each slot of 16 packed rows (for inspection and tests)
     perm: Tensor | None  # int32 [Kp]: input channel of each packed row, -1 = padding; None = identity
     locks: Tensor  # int32 [ceil(N/16)]: split-K tile counters, zero between launches (one stream at a time)
@@ -115,6 +115,7 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     else:
         qweight, qhigh = _wrap(_pack_fields(rows, bits, fields), torch.int32), None
 
+    zero_dtype = torch.uint8 if bool(((zeros >= 0) & (zeros <= 255)).all()) else torch.float16  # half the bytes
     group_slots = fields
     while group_slots > 1 and not bool((slot_group.view(-1, group_slots) == slot_group.view(-1, group_slots)[:, :1]).all()):
         group_slots //= 2
@@ -125,7 +126,7 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     return QWeight(
         qweight=qweight, qhigh=qhigh,
         scales=scales.to(device=dev, dtype=torch.float16)[run_group].contiguous(),
-        zeros=zeros.to(device=dev, dtype=torch.float16)[run_group].contiguous(),
+        zeros=zeros.to(device=dev, dtype=zero_dtype)[run_group].contiguous(),
         slot_group=slot_group.to(torch.int32),
         perm=None if in_order else src.to(torch.int32),
         locks=torch.zeros(-(-n // 16), dtype=torch.int32, device=dev),
@@ -474,17 +475,18 @@ def _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, offs_n, n_ok, N, BITS: tl.
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K,
+def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, n0, n1,
                     BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                     BK: tl.constexpr, BN: tl.constexpr):
-    """W [K, N] in input-channel order (rows scattered back through perm)."""
+    """W[:, n0:n1] [K, n1 - n0] in input-channel order (rows scattered back through perm)."""
     rows = tl.program_id(0) * BK + tl.arange(0, BK)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
+    offs_n = n0 + tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = offs_n < n1
     w = _rows_dequant(qw_ptr, qh_ptr, s_ptr, z_ptr, rows, offs_n, n_ok, N, BITS, FIELDS, GROUP_SLOTS)
     dst = tl.load(perm_ptr + rows) if HAS_PERM else rows
     mask = ((dst >= 0) & (dst < K))[:, None] & n_ok[None, :]
-    tl.store(w_ptr + dst[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    out = dst[:, None] * (n1 - n0) + (offs_n - n0)[None, :]
+    tl.store(w_ptr + out, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -577,18 +579,38 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
         num_warps=num_warps, num_stages=num_stages)
 
 
-def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN: int = 128) -> Tensor:
-    """-> W [K, N] in `dtype`, rows in input-channel order: y = x @ W."""
+def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN: int = 128,
+               cols: tuple[int, int] | None = None) -> Tensor:
+    """-> W [K, N] (or its columns cols = (n0, n1)) in `dtype`, rows in input-channel order: y = x @ W."""
     n, k = w.out_features, w.in_features
-    out = torch.empty(k, n, dtype=dtype, device=w.qweight.device)
+    n0, n1 = cols or (0, n)
+    out = torch.empty(k, n1 - n0, dtype=dtype, device=w.qweight.device)
     perm = w.perm if w.perm is not None else w.slot_group
     qh = w.qhigh if w.qhigh is not None else w.qweight
-    grid = (triton.cdiv(w.padded_rows, BK), triton.cdiv(n, BN))
-    _dequant_kernel[grid](w.qweight, qh, w.scales, w.zeros, perm, out, n, k,
+    grid = (triton.cdiv(w.padded_rows, BK), triton.cdiv(n1 - n0, BN))
+    _dequant_kernel[grid](w.qweight, qh, w.scales, w.zeros, perm, out, n, k, n0, n1,
                           BITS=w.bits, FIELDS=fields_per_word(w.bits), GROUP_SLOTS=w.group_slots,
                           HAS_PERM=w.perm is not None,
                           BK=BK, BN=BN, num_warps=4)
     return out
+
+
+DEQUANT_WORKSPACE = 64 << 20  # bytes of float weight the large-M path holds at once (it goes slice by slice)
+
+
+def _dequant_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, workspace: int = DEQUANT_WORKSPACE,
+                    **config) -> None:
+    """y = x2 @ W + bias through cuBLAS, dequantizing W a column slice at a time: a prefill's transient memory
+    stays ~64 MB instead of a whole float copy of the largest weight (283 MB for 13B's fused gate/up)."""
+    k, n = w.in_features, w.out_features
+    step = max(128, workspace // (k * x2.element_size()) // 128 * 128)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        W = dequantize(w, x2.dtype, cols=(n0, n1), **config)
+        if bias is None:
+            torch.matmul(x2, W, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1].to(x2.dtype), x2, W, out=y[:, n0:n1])
 
 
 KERNELS = ("gemv", "dot", "dequant")
@@ -626,11 +648,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     config = dict(config or {})
     gather = config.pop("host_gather", m >= HOST_GATHER_MIN_M)
     if kernel == "dequant":
-        W = dequantize(w, x.dtype, **config)
-        if bias is None:
-            torch.matmul(x2, W, out=y)
-        else:
-            torch.addmm(bias.to(x.dtype), x2, W, out=y)
+        _dequant_matmul(x2, w, bias, y, **config)
         return y.view(*lead, n)
     if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
         x2 = x2.index_select(1, w.perm[:k].long())
