@@ -168,9 +168,9 @@ def tinygemm(m, shapes=SHAPES):
 def _sweep_configs():
     # The GEMV owns two [16, BN] column chunks a program; Triton gives a thread 4 adjacent columns of each, so
     # num_warps = BN / 16 keeps 2 word rows a thread (the SASS with the fewest instructions a weight)
-    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv})
-            for bn, nw, waves in ((64, 4, (8, 4, 16)), (32, 2, (8, 16, 32)), (128, 8, (4, 8)), (64, 8, (4, 8)),
-                                  (256, 8, (2, 4)))
+    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "unroll": un})
+            for bn, nw, un, waves in ((64, 4, 1, (8, 4, 2)), (64, 4, 2, (8, 4, 2)), (32, 2, 1, (8, 4)),
+                                      (32, 2, 2, (8, 4)), (64, 8, 1, (4, 2)), (64, 8, 2, (4, 2)))
             for wv in waves]
     dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": st})
              for bn, nw, wv, st in ((128, 2, 4, 2), (128, 2, 8, 2), (128, 2, 2, 3), (128, 4, 2, 3), (256, 4, 2, 2),
@@ -191,7 +191,7 @@ def sweep(w4):
     say("## tile sweep, 4-bit g128, one 7B block as the model runs it (4 fused launches), us\n")
     say("| M | kernel | config | us |")
     say("|---|---|---|---|")
-    for m in [int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,2048").split(",")]:
+    for m in [int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,2048").split(",") if v]:  # "": no sweep
         for kernel, config in SWEEP[m]:
             if time.time() > SWEEP_DEADLINE:
                 say("| (sweep cut short by the time budget) |")

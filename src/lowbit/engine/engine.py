@@ -47,7 +47,10 @@ class EngineConfig:
     # not idle while the host handles each token (1 = a step per token). Bursts need graphs or eager_bursts.
     decode_steps: int = 8
     eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
-    prefill_chunk: int | None = 512  # prompts go through the model this many tokens at a time (None: at once)
+    # prompts go through the model this many tokens at a time (None: at once): bounds a long prompt's activations;
+    # smaller chunks save memory (512: 13B in 9 GB) but re-read every weight per chunk (7B 4-bit prefill of 1024
+    # tokens: 23k tok/s at once, 8.9k in chunks of 512; H100, benchmarks/results/gpu.md)
+    prefill_chunk: int | None = 2048
     embeddings_on_host: bool = False  # untied token embeddings in pinned host memory (lowbit.model.host_embedding)
 
     def __post_init__(self) -> None:

@@ -189,6 +189,7 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
         eng = None
         _release()
     if device.type == "cuda":
+        log.info("%s peak GB: %s", name, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in peaks.items()))
         if isinstance(row.decode.get(1), float) and row.prefill_tps is not None:
             row.peak_gb = max(peaks["load"], peaks[1], peaks["prefill"]) / 1e9
         row.peak_all_gb = max(peaks.values()) / 1e9

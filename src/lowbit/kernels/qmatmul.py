@@ -87,6 +87,9 @@ def _wrap(words: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(words >= 1 << (width - 1), words - (1 << width), words).to(dtype)
 
 
+REPACK_ELEMENTS = 8 << 20  # int64 codes repack holds at once (64 MB): the load's transient memory
+
+
 def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> QWeight:
     """codes uint8 [K, N], TRUE zero points int [G, N], scales [G, N], g_idx int [K] -> QWeight."""
     fields = fields_per_word(bits)
@@ -107,13 +110,17 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     slot_group = torch.full((kp // SLOT,), groups - 1, dtype=torch.int64, device=dev)
     slot_group[: int(padded.sum()) // SLOT] = torch.repeat_interleave(torch.arange(groups, device=dev), padded // SLOT)
 
-    rows = codes.to(torch.int64)[src.clamp(min=0)]
-    rows[src < 0] = 0
-    if bits == 3:
-        qweight = _wrap(_pack_fields(rows & 3, 2, fields), torch.int32)
-        qhigh = _wrap(_pack_fields(rows >> 2, 1, fields), torch.int16)
-    else:
-        qweight, qhigh = _wrap(_pack_fields(rows, bits, fields), torch.int32), None
+    qweight = torch.empty(kp // fields, n, dtype=torch.int32, device=dev)
+    qhigh = torch.empty(kp // SLOT, n, dtype=torch.int16, device=dev) if bits == 3 else None
+    step = max(64, REPACK_ELEMENTS // kp)  # columns at a time: the int64 working copy stays ~64 MB (else 1 GB)
+    for c0 in range(0, n, step):
+        rows = codes[:, c0:c0 + step].to(torch.int64)[src.clamp(min=0)]
+        rows[src < 0] = 0
+        if bits == 3:
+            qweight[:, c0:c0 + step] = _wrap(_pack_fields(rows & 3, 2, fields), torch.int32)
+            qhigh[:, c0:c0 + step] = _wrap(_pack_fields(rows >> 2, 1, fields), torch.int16)
+        else:
+            qweight[:, c0:c0 + step] = _wrap(_pack_fields(rows, bits, fields), torch.int32)
 
     zero_dtype = torch.uint8 if bool(((zeros >= 0) & (zeros <= 255)).all()) else torch.float16  # half the bytes
     group_slots = fields
@@ -495,7 +502,7 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, n0, n1,
 # with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
 # dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
 CUDA_CONFIGS: list[tuple[int, str, dict]] = [
-    (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 8}),
+    (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "unroll": 2}),
     (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
     (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
     (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
