@@ -48,7 +48,7 @@ class EngineConfig:
     decode_steps: int = 8
     eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
     # prompts go through the model this many tokens at a time (None: at once): bounds a long prompt's activations;
-    # smaller chunks save memory (512: 13B in 9 GB) but re-read every weight per chunk (7B 4-bit prefill of 1024
+    # smaller chunks save memory (256: 13B in 9 GB) but re-read every weight per chunk (7B 4-bit prefill of 1024
     # tokens: 23k tok/s at once, 8.9k in chunks of 512; H100, benchmarks/results/gpu.md)
     prefill_chunk: int | None = 2048
     embeddings_on_host: bool = False  # untied token embeddings in pinned host memory (lowbit.model.host_embedding)

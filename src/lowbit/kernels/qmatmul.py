@@ -505,7 +505,7 @@ CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "unroll": 2}),
     (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
     (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
-    (255, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),
+    (256, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),  # 256: a 256-token prefill chunk needs no float copy
     (1 << 62, "dequant", {}),
 ]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
