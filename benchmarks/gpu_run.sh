@@ -13,6 +13,9 @@ for stage in "$@"; do
         tests/engine/test_prefill.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
         > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
     smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
+      if [ -f /tmp/smol/hf/config.json ] && [ -z "${LOWBIT_TEST_CACHE:-}" ]; then  # staged by .dev-smolB/finish.sh
+        mkdir -p /tmp/tc/models && ln -sfn /tmp/smol/hf /tmp/tc/models/SmolLM2-135M-Instruct && export LOWBIT_TEST_CACHE=/tmp/tc
+      fi
       timeout "${SMOL_SECONDS:-300}" python3 -m pytest -v -p no:cacheprovider tests/engine/test_gpu_smollm2.py \
         > "$OUT/pytest_smollm2.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed|diverges" "$OUT/pytest_smollm2.txt" | tail -n 20 ;;
     decode)  # whole-model decode table, LLaMA-7B shape
