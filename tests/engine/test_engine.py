@@ -26,8 +26,8 @@ def hf(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
-def engine(smol, max_batch=1, max_seq_len=256):
-    return Engine(smol.model, smol.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len))
+def engine(smol, max_batch=1, max_seq_len=256, **config):
+    return Engine(smol.model, smol.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, **config))
 
 
 def test_greedy_matches_transformers_generate(smol, hf):
@@ -41,12 +41,11 @@ def test_greedy_matches_transformers_generate(smol, hf):
 
 
 def test_prompt_of_several_prefill_chunks_matches_transformers(smol, hf, prose):
-    """A 1100-token prompt goes in as chunks of 512, 512 and 76 (the default): transformers' greedy tokens."""
+    """A 1100-token prompt goes in as chunks of 512, 512 and 76: transformers' greedy tokens."""
     ids = smol.tokenizer.encode(prose, add_bos=True)[:1100]
     expected = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    assert EngineConfig().prefill_chunk == 512
-    [(_, got, _)] = engine(smol, max_seq_len=1200).generate([ids], SamplingParams(temperature=0, max_new_tokens=12,
+    [(_, got, _)] = engine(smol, max_seq_len=1200, prefill_chunk=512).generate([ids], SamplingParams(temperature=0, max_new_tokens=12,
                                                                                   ignore_eos=True))
     assert got == expected
 
