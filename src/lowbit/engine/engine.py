@@ -54,6 +54,8 @@ class EngineConfig:
     embeddings_on_host: bool = False  # untied token embeddings in pinned host memory (lowbit.model.host_embedding)
 
     def __post_init__(self) -> None:
+        if self.decode_steps < 1:
+            raise LowbitError(f"decode_steps must be at least 1, got {self.decode_steps}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be a positive number of tokens (or None), got {self.prefill_chunk}")
 
@@ -70,8 +72,6 @@ class _Live:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
-        if config.decode_steps < 1:
-            raise LowbitError(f"decode_steps must be at least 1, got {config.decode_steps}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         if config.embeddings_on_host:  # before the cache is allocated: the table's GPU memory is freed first
             embeddings_to_host(model)
