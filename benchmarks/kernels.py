@@ -138,6 +138,21 @@ def ours(weights, m, kernel=None, config=None, dtype=torch.float16):
     return fn
 
 
+def without_pdl(fn):
+    """fn with programmatic dependent launch off (LOWBIT_PDL=0 while it launches): the A/B for PDL's share."""
+    def run():
+        old = os.environ.get("LOWBIT_PDL")
+        os.environ["LOWBIT_PDL"] = "0"
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["LOWBIT_PDL"]
+            else:
+                os.environ["LOWBIT_PDL"] = old
+    return run
+
+
 def cublas(m, shapes=SHAPES):
     ws = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.01 for k, n in shapes]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for k, _ in shapes]
@@ -209,18 +224,17 @@ def sweep(w4):
 
 
 def per_shape(w4, best):
-    """Each fused launch alone at M=1 (best config and the previous default): where the time goes."""
+    """Each fused launch alone at M=1 (best config, with and without PDL): where the time goes."""
     if 1 not in best:
         return
     say("## M=1 per launch, us (GB/s of weight bytes)\n")
-    say("| K x N | best | previous default | ideal at 3.0 TB/s |")
+    say("| K x N | best | best, PDL off | ideal at 3.0 TB/s |")
     say("|---|---|---|---|")
-    old = SWEEP[1][0]
     for w in w4:
         nbytes = w.qweight.numel() * 4 + w.scales.numel() * 4
         cells = []
-        for kernel, config in ((best[1][1], best[1][2]), old):
-            t = graph_time(ours([w] * 1, 1, kernel, config), reps=20)
+        for wrap in (lambda fn: fn, without_pdl):
+            t = graph_time(wrap(ours([w] * 1, 1, best[1][1], best[1][2])), reps=20)
             cells.append(f"{t:.1f} ({nbytes / t / 1e3:.0f})")
         say(f"| {w.in_features} x {w.out_features} | {cells[0]} | {cells[1]} | {nbytes / 3e6:.1f} |")
     say("")
@@ -232,6 +246,7 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
     w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(shapes)]
     variants = [("fp16 cuBLAS", lambda m: cublas(m, shapes)),
                 ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m))),
+                ("ours 4-bit g128, PDL off", lambda m: without_pdl(ours(w4, m, *pick(m)))),
                 ("ours 4-bit g128 act-order", lambda m: ours(w4a, m, *pick(m))),
                 ("ours 4-bit g128 act-order, in-kernel gather", lambda m: ours(w4a, m, *pick(m, host_gather=False))),
                 ("ours 8-bit g128", lambda m: ours(w8, m, *pick(m))),

@@ -45,3 +45,29 @@ def test_decode_attention(H, KV, D, S, dtype):
 
 def test_splits_grow_with_the_cache():
     assert num_splits(256) == 1 and num_splits(257) == 2 and num_splits(2048) == 8 and num_splits(1 << 20) == 16
+
+
+@pytest.mark.parametrize("H,KV,D,dtype", [(9, 3, 64, torch.float32), (8, 2, 128, torch.float16)])
+def test_decode_attention_applies_rope(H, KV, D, dtype):
+    """With rope=(cos, sin) the kernel rotates q and the new key itself: the same as rotating first (the rope
+    reference) and attending unrotated, and the cache receives the rotated key."""
+    from lowbit.kernels.reference import rope_reference
+
+    B, S = 2, 300
+    kc = torch.randn(B, KV, S, D, device=DEVICE).to(dtype)
+    vc = torch.randn(B, KV, S, D, device=DEVICE).to(dtype)
+    rows, pos = torch.tensor([1, 0], device=DEVICE), torch.tensor([299, 5], device=DEVICE)
+    qkv = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE).to(dtype)
+    angles = pos.double()[:, None] * torch.rand(D // 2, device=DEVICE, dtype=torch.float64)
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    rotated = rope_reference(qkv.double(), cos.double()[:, None], sin.double()[:, None], H + KV).to(dtype)
+    q, k, v = qkv.split((H, KV, KV), dim=2)
+    rq, rk, _ = rotated.split((H, KV, KV), dim=2)
+    locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, rope=(cos, sin))
+    want = decode_attention(rq[:, 0].contiguous(), rk[:, 0].contiguous(), v[:, 0], kc2, vc2, rows, pos, locks)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(kc, kc2, rtol=tol, atol=tol)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -153,6 +153,21 @@ def test_split_k_is_deterministic():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("k,act_order,kernel", [(256, False, "gemv"), (200, True, "gemv"), (200, False, "dot")])
+def test_gated_input_is_swiglu(k, act_order, kernel):
+    """gated=True: x holds (gate, up) and the product is with silu(gate) * up, applied by the GEMV as it loads
+    x (through act-order's perm, over a ragged K) and computed first for the other kernels."""
+    from lowbit.kernels.reference import silu_mul_reference
+
+    w, _ = make_weight(k, 96, 4, 64, act_order, False, "gptq", seed=k)
+    gate_up = (torch.randn(1, 2 * k) * 3).half().to(DEVICE)
+    got = run(gate_up, w, kernel=kernel, gated=True)
+    want = run(silu_mul_reference(gate_up), w, kernel=kernel)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="twice"):
+        qmatmul(gate_up[:, :k], w, gated=True)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
@@ -184,6 +199,42 @@ def test_qmatmul_gpu_awkward_shapes(bits, group_size, act_order):
     for m in ms:
         x = torch.randn(m, 4000, device="cuda").half()
         check(run(x, w, bias), reference(x, w, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_dependent_launches_in_a_graph(pdl, monkeypatch):
+    """A chain of launches, each reading the one before's output, replayed as a CUDA graph: with programmatic
+    dependent launch a kernel starts before its predecessor ends, so a missing wait would read stale x."""
+    from lowbit.kernels import norm_rope
+
+    monkeypatch.setenv("LOWBIT_PDL", pdl)
+    w1, _ = make_weight(4096, 4096, 4, 128, False, False, "gptq", seed=1)
+    w2, _ = make_weight(4096, 4096, 4, 128, True, False, "gptq", seed=2)
+    norm = torch.rand(4096, device="cuda").half() + 0.5
+    x = torch.zeros(1, 4096, device="cuda").half()
+
+    def chain():
+        h = x
+        for _ in range(4):  # gemv -> norm -> dot (M=1 forced) -> norm: every kernel kind of the decode step
+            h = norm_rope.rms_norm(qmatmul(h, w1), norm, 1e-6)
+            h = norm_rope.rms_norm(qmatmul(h, w2, kernel="dot"), norm, 1e-6)
+        return h
+
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(3):  # fresh input each replay: stale reads would give the previous replay's answer
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).half())
+        graph.replay()
+        h = x.double()
+        for _ in range(4):
+            for w in (w1, w2):
+                h = h @ dequant_reference(w).double()
+                h = (h.half().double() * torch.rsqrt(h.half().double().pow(2).mean(-1, keepdim=True) + 1e-6)
+                     ).half().double() * norm.double()
+        torch.testing.assert_close(out.double(), h, rtol=3e-2, atol=3e-2 * float(h.abs().max()))
 
 
 def test_zero_points_take_one_byte_unless_they_cannot():

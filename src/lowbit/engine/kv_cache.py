@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lowbit.config import ModelConfig
+from lowbit.kernels import ops
 from lowbit.kernels.reference import sdpa_reference
 
 
@@ -44,19 +45,21 @@ class KVCache:
         return k_all[rows], v_all[rows]
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None) -> Tensor:
-        """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE applied) -> attention output [B, T, H, D].
+               mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H, D].
 
-        k/v are stored at input_pos of slots `rows` first. mask [B, 1, T, S] says which cached positions each
-        token sees; None means the rows are fresh sequences at positions 0..T-1, attending among themselves.
+        q and k are rotated by rope = (cos, sin) [B, T, D] (on CUDA q/k may be rotated in place), then k/v are
+        stored at input_pos of slots `rows`. mask [B, 1, T, S] says which cached positions each token sees;
+        None means the rows are fresh sequences at positions 0..T-1, attending among themselves.
         """
-        if q.is_cuda and q.shape[1] == 1 and mask is not None:
+        if q.is_cuda and q.shape[1] == 1 and mask is not None:  # decode: rotate, append, attend in one launch
             from lowbit.kernels.attention import decode_attention
 
             slots = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
             out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
-                                   input_pos[:, 0], self.locks)
+                                   input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]))
             return out[:, None]
+        q, k = ops.rope(q, *rope, q.shape[2]), ops.rope(k, *rope, k.shape[2])
         k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))
         if mask is None:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)

@@ -1,8 +1,8 @@
-"""Decode attention over the static KV cache, fused with appending the new token's key and value.
+"""Decode attention over the static KV cache, fused with RoPE and with appending the new token's key and value.
 
-One launch per layer and step: program (b, kv head, split) reads the cached positions of its split up to
-row b's position, and the split that holds that position also writes the new key/value into the cache (and
-uses them from registers). The query heads that share a kv head (GQA) are one tensor-core tile. Splits
+One launch per layer and step: program (b, kv head, split) rotates the row's query and new key, reads the
+cached positions of its split up to row b's position, and the split that holds that position also writes the
+new key/value into the cache (and uses them from registers). The query heads that share a kv head (GQA) are one tensor-core tile. Splits
 (flash-decoding) keep the SMs busy at batch 1; the last split to finish merges the partial softmaxes in a
 fixed order (deterministic) and resets its counter, so nothing else is launched. Reads stop at each row's
 length, not at the cache's. The torch reference is `lowbit.kernels.reference.sdpa_reference`.
@@ -15,18 +15,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.qmatmul import fence_gpu, interpreting
+from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
 
 BLOCK = 64  # cached positions per loop step
 CHUNK = 256  # positions per split, until MAX_SPLITS splits cover the cache
 
 
 @triton.jit
+def _rotate(x, ptr, d, dm, c, s, HALF):
+    """RoPE of a [.., BD] row tile x loaded from ptr + d: x*cos + (-x2, x1)*sin in float32, rounded once."""
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    other = tl.load(ptr + partner, mask=dm, other=0.0).to(tl.float32)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    return (x.to(tl.float32) * c + sign * other * s).to(x.dtype)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
-                   stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob,
+                   cos_ptr, sin_ptr,
+                   stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
                    n_kv, D, chunk, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
-                   SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr):
+                   SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
+                   ROPE: tl.constexpr, PDL: tl.constexpr):
+    release_next(PDL)
+    wait_previous(PDL)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(rows_ptr + b).to(tl.int64)
     p = tl.load(pos_ptr + b).to(tl.int32)
@@ -34,9 +47,16 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
     gm, dm = g < G, d < D
     heads = kvh * G + g  # query heads of this kv head; q/out heads are D apart, kv heads too
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    k_new = tl.load(kn_ptr + b64 * stride_kb + kvh * D + d, mask=dm, other=0.0)
+    q_row = q_ptr + b64 * stride_qb + heads[:, None] * D
+    q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    k_row = kn_ptr + b64 * stride_kb + kvh * D
+    k_new = tl.load(k_row + d, mask=dm, other=0.0)
     v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0)
+    if ROPE:  # q and the new key arrive unrotated: rotate them here instead of in a launch of their own
+        c = tl.load(cos_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
+        q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], c[None, :], s[None, :], D // 2)
+        k_new = _rotate(k_new, k_row, d, dm, c, s, D // 2)
     cache = slot * stride_cs + kvh * stride_ch
     start = split * chunk
     end = tl.minimum(start + chunk, p + 1)
@@ -113,12 +133,14 @@ def num_splits(max_seq_len: int) -> int:
 
 
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
-                     pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None) -> Tensor:
+                     pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
+                     rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride), k_cache/v_cache
     [slots, KV, S, D], rows/pos [B] int, locks int32 [>= B * KV] zeros (left zero). -> [B, H, D] (in `out`
-    when given).
+    when given). rope = (cos, sin) [B, D] (half-split layout): q and k_new are rotated first (as
+    `lowbit.kernels.norm_rope.rope_`, in float32, rounded once), and the rotated key is what gets cached.
     """
     B, H, D = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]
@@ -136,12 +158,15 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device) if out is None else out
     ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     scale = D ** -0.5 if scale is None else scale
+    cos, sin = rope if rope is not None else (q, q)
+    if rope is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride() or D % 2):
+        raise ValueError("rope: cos/sin need one layout with the head dim contiguous, and an even head dim")
     if B:
         _decode_kernel[(B, n_kv, splits)](
-            q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks,
+            q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks, cos, sin,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), n_kv, D, chunk, scale * 1.4426950408889634,
+            out.stride(0), cos.stride(0), n_kv, D, chunk, scale * 1.4426950408889634,
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
-            IEEE=q.dtype == torch.float32, num_warps=4)
+            IEEE=q.dtype == torch.float32, ROPE=rope is not None, num_warps=4, **pdl_launch(q))
     return out

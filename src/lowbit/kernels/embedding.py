@@ -15,12 +15,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
+
 MAX_BLOCK = 1024  # columns per program: 2 KB of float16 per load, many loads in flight across PCIe
 
 
 @triton.jit
-def _gather_kernel(table_ptr, ids_ptr, out_ptr, D, BLOCK: tl.constexpr):
+def _gather_kernel(table_ptr, ids_ptr, out_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, column block): copy BLOCK columns of the token's row."""
+    release_next(PDL)
+    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < D
@@ -43,5 +47,5 @@ def gather_rows(table: Tensor, ids: Tensor) -> Tensor:
     if flat.numel() == 0:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(d))
-    _gather_kernel[(flat.numel(), triton.cdiv(d, block))](table, flat, out, d, BLOCK=block)
+    _gather_kernel[(flat.numel(), triton.cdiv(d, block))](table, flat, out, d, BLOCK=block, **pdl_launch(ids))
     return out

@@ -13,11 +13,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr): one program per row."""
+    release_next(PDL)
+    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
@@ -43,14 +47,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     block = triton.next_power_of_2(d)
     if rows:
         _rms_norm_kernel[(rows,)](x2, r, weight, y, h, d, eps, HAS_RES=residual is not None, BLOCK=block,
-                                  num_warps=8 if block >= 4096 else 4)
+                                  num_warps=8 if block >= 4096 else 4, **pdl_launch(x))
     return y if residual is None else (y, h)
 
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, n_rot, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
-                 HALF, BH: tl.constexpr, BHALF: tl.constexpr):
+                 HALF, BH: tl.constexpr, BHALF: tl.constexpr, PDL: tl.constexpr):
     """Rotate heads [0, n_rot) of row (b, t) in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    release_next(PDL)
+    wait_previous(PDL)
     bt = tl.program_id(0)
     b, t = bt // T, bt % T
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -76,13 +82,15 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
     if B * T and n_rot:
         _rope_kernel[(B * T, triton.cdiv(n_rot, bh))](
             x, cos, sin, T, n_rot, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            D // 2, BH=bh, BHALF=triton.next_power_of_2(D // 2), num_warps=4)
+            D // 2, BH=bh, BHALF=triton.next_power_of_2(D // 2), num_warps=4, **pdl_launch(x))
     return x
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, y_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[r] = silu(x[r, :I]) * x[r, I:], silu rounded to the dtype first (as torch's silu, then mul)."""
+    release_next(PDL)
+    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
@@ -100,5 +108,5 @@ def silu_mul(x: Tensor) -> Tensor:
     y = torch.empty(*x.shape[:-1], i, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(i))
     if x2.shape[0]:
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](x2, y, i, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](x2, y, i, BLOCK=block, num_warps=4, **pdl_launch(x))
     return y

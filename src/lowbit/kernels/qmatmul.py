@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
+
 SLOT = 16  # rows per field of a 16-word tile; also the K of one tensor-core step
 
 
@@ -212,13 +214,6 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def fence_gpu(t):
-    """Make this thread's earlier global stores visible GPU-wide (split-K partials before the tile counter)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
             HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr):
     """Write the [BM, BN] fp32 tile `out` (+ bias) to y; with split > 1 (SP = its next power of two, so few
@@ -248,13 +243,26 @@ def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, 
 
 
 @triton.jit
-def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
+def _x_at(x_ptr, idx, ok, K, GATED: tl.constexpr):
+    """x[idx] in float32 (0 where not ok); GATED: x is (gate, up) of 2K values and x[i] = silu(gate[i]) * up[i],
+    rounded to x's dtype at the same two points as torch's silu then mul (SwiGLU applied as x is loaded)."""
+    if GATED:
+        g = tl.load(x_ptr + idx, mask=ok, other=0.0)
+        u = tl.load(x_ptr + K + idx, mask=ok, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        return (act * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+    return tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr, GATED: tl.constexpr):
     """x values (float32) of packed rows `row` (any shape); 0 for padding rows."""
     if HAS_PERM:
         src = tl.load(perm_ptr + row, mask=ok, other=-1)
-        return tl.load(x_ptr + src, mask=ok & (src >= 0), other=0.0).to(tl.float32)
+        return _x_at(x_ptr, src, ok & (src >= 0), K, GATED)
     else:
-        return tl.load(x_ptr + row, mask=ok & (row < K), other=0.0).to(tl.float32)
+        return _x_at(x_ptr, row, ok & (row < K), K, GATED)
 
 
 @triton.jit
@@ -299,7 +307,7 @@ def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.const
 def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
                 acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                MAYBE_DEAD: tl.constexpr):
+                MAYBE_DEAD: tl.constexpr, GATED: tl.constexpr):
     """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
     block may be a re-read past the end, with `live` 0)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
@@ -311,10 +319,10 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
         for jj in tl.static_range(GROUP_SLOTS):  # this run's fields, summed per word: no cross-thread work
             j = a * GROUP_SLOTS + jj
             row = blk * (16 * FIELDS) + j * 16 + wi
-            if EVEN_K and not HAS_PERM and not MAYBE_DEAD:
+            if EVEN_K and not HAS_PERM and not MAYBE_DEAD and not GATED:
                 xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
             else:
-                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM)[:, None]
+                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, GATED)[:, None]
             t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
             t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
             if jj == 0:
@@ -333,7 +341,8 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
-                 SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr):
+                 SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
+                 GATED: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
@@ -341,7 +350,9 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     out as 4 adjacent columns a thread (one 16-byte load), and every x value a thread loads, converts and
     scales serves 8 columns. A weight then costs an AND and an FMA (SUB: the code read in place as a float32
     subnormal), ~3.6 instructions all told; per run the part is scaled once: sum x W = a*part - b*sum x.
-    UNROLL=2 issues the next block's loads before this block's math (more bytes in flight a thread)."""
+    UNROLL=2 issues the next block's loads before this block's math (more bytes in flight a thread).
+    PDL: the first blocks' words are loaded before waiting for the previous kernel (they are not its output),
+    so a program's first loads overlap that kernel's tail (most programs own only 2-6 blocks)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
     c1 = c0 + BN
@@ -351,22 +362,31 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     acc1 = tl.zeros((16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+    w0, h0 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c0, ok0, N, BITS, EVEN_N)
+    w1, h1 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c1, ok1, N, BITS, EVEN_N)
+    if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
+        nxt = tl.minimum(b_start + 1, b_end - 1)
+        v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
+        v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
+    release_next(PDL)
+    wait_previous(PDL)
     for blk in range(b_start, b_end, UNROLL):
-        w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
-        w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
-        if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
-            nxt = tl.minimum(blk + 1, b_end - 1)
-            v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
-            v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
+        if blk != b_start:  # the first iteration's words were loaded above
+            w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
+            w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
+            if UNROLL == 2:
+                nxt = tl.minimum(blk + 1, b_end - 1)
+                v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
+                v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
         acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
                                  ok0, ok1, wi,
                                  N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
-                                 False)
+                                 False, GATED)
         if UNROLL == 2:
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
                                      tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                      ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, GATED)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = tl.reshape(tl.permute(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)), (1, 0)), (2 * BN,))
     offs_n = pid_n * (2 * BN) + tl.arange(0, 2 * BN)
@@ -400,7 +420,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                 BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 GROUP_M: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                SUB: tl.constexpr, PER_SLOT: tl.constexpr):
+                SUB: tl.constexpr, PER_SLOT: tl.constexpr, PDL: tl.constexpr):
     """y = x W on tensor cores, the K loop optionally split over grid axis 1 (split > 1 needs M <= BM).
 
     SUB (fp16 x): B is the exact fp16 subnormal (q - z) * 2^-24 and the scale is applied per group to
@@ -420,6 +440,8 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
     m_ok, n_ok = offs_m < M, offs_n < N
     wi, ji, ri = tl.arange(0, 16), tl.arange(0, GROUP_SLOTS), tl.arange(0, RG)
     acc = tl.zeros((BM, BN), tl.float32)
+    release_next(PDL)
+    wait_previous(PDL)
     b_start = pid_k * blocks_per_split
     for i in range(0, blocks_per_split):
         blk = tl.minimum(b_start + i, num_blocks - 1)  # past the end: block re-read, all of x masked
@@ -518,15 +540,6 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: few programs, but split-K still exercised
 
 
-def interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None and hasattr(knobs, "runtime"):
-        return bool(getattr(knobs.runtime, "interpret", False))
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _split(num_blocks: int, tiles: int, target: int, step: int = 1) -> tuple[int, int]:
     """(splits, blocks per split): about `target` programs over `tiles` output tiles, whole `step`s each."""
     split = max(1, min(round(target / tiles), -(-num_blocks // step)))
@@ -543,7 +556,8 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
     return qh, perm, b, fence
 
 
-def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1):
+def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
+          gated=False):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // (2 * BN))
@@ -557,7 +571,8 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=n % (2 * BN) == 0,
-        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, GATED=gated, num_warps=num_warps,
+        num_stages=num_stages, **pdl_launch(x2))
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -583,7 +598,7 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SP=triton.next_power_of_2(splits), FENCE=fence,
         IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
 
 
 def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN: int = 128,
@@ -631,16 +646,18 @@ def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
 
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
-            config: dict | None = None, out: Tensor | None = None) -> Tensor:
+            config: dict | None = None, out: Tensor | None = None, gated: bool = False) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
 
+    gated: x is [..., 2K], gate then up, and the input is SwiGLU's silu(gate) * up: the GEMV applies it as it
+    loads x (one launch less a layer in decode); other kernels get it computed first.
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    if x.shape[-1] != k * (2 if gated else 1):
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}" + (" twice (gate, up)" if gated else ""))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     if kernel is None:
         kernel, picked = pick_kernel(m, x.device)
@@ -649,6 +666,12 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
+    if gated and kernel == "gemv":
+        config = {**(config or {}), "gated": True}
+    elif gated:
+        from lowbit.kernels.norm_rope import silu_mul
+
+        x2 = silu_mul(x2)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
     if m == 0:
         return y.view(*lead, n)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.config import QuantConfig
+from lowbit.kernels import ops
 from lowbit.quant import pack
 
 
@@ -119,6 +120,15 @@ class QuantLinear(nn.Module):
             return qmatmul(x, self.kernel_weight, self.bias)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_gated(self, gate_up: Tensor) -> Tensor:
+        """forward(silu(gate) * up) for gate_up = [..., 2 * in_features] (gate, then up): the "triton" GEMV
+        applies SwiGLU as it loads its input, saving decode a launch per layer."""
+        if self.kernel_weight is not None:
+            from lowbit.kernels.qmatmul import qmatmul
+
+            return qmatmul(gate_up, self.kernel_weight, self.bias, gated=True)
+        return self(ops.silu_mul(gate_up))
 
     def extra_repr(self) -> str:
         q = self.quant

@@ -32,9 +32,10 @@ class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None) -> Tensor:
-        """Store k/v [B, T, n_kv, D] at input_pos [B, T] of slots `rows`; return attention [B, T, H, D] of q
-        [B, T, H, D] over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal)."""
+               mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
+        into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H, D] of q
+        over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal)."""
 
 
 class RMSNorm(nn.Module):
@@ -114,11 +115,12 @@ class Attention(nn.Module):
                 rows: Tensor | None, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
-        q, k, v = qkv.split(self.split, dim=2)
-        if cache is not None:
-            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask)
+        if cache is not None:  # the cache applies RoPE (its decode kernel does it on the fly)
+            q, k, v = qkv.split(self.split, dim=2)
+            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope)
         else:  # GQA: sdpa_reference repeats each kv head for its n_heads / n_kv query heads
+            qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
+            q, k, v = qkv.split(self.split, dim=2)
             y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
         return self.wo(y.reshape(B, T, -1))
 
@@ -131,7 +133,9 @@ class MLP(nn.Module):
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(ops.silu_mul(self.w13(x)))  # w13 holds gate then up
+        gate_up = self.w13(x)  # gate then up
+        gated = getattr(self.w2, "forward_gated", None)  # a linear that applies SwiGLU itself (QuantLinear)
+        return gated(gate_up) if gated is not None else self.w2(ops.silu_mul(gate_up))
 
 
 class Block(nn.Module):
@@ -143,9 +147,22 @@ class Block(nn.Module):
         self.mlp = MLP(config, layer, make_linear)
 
     def forward(self, x: Tensor, rope, mask, cache, rows, input_pos) -> Tensor:
-        a = self.attention(self.attention_norm(x), rope, mask, cache, rows, input_pos)
-        n, h = self.ffn_norm.add_forward(a, x)  # h = x + a
-        return h + self.mlp(n)
+        """The block's output hidden state (calibration runs the model block by block through this)."""
+        m, h = self.forward_split(x, None, rope, mask, cache, rows, input_pos)
+        return h + m
+
+    def forward_split(self, x: Tensor, residual: Tensor | None, rope, mask, cache, rows,
+                      input_pos) -> tuple[Tensor, Tensor]:
+        """The block on hidden state x + residual (residual None: just x), returned as the pair (MLP output,
+        residual stream) whose sum is the output: the model adds them inside the next block's norm (one launch
+        for the add and the norm)."""
+        if residual is None:
+            n, h = self.attention_norm(x), x
+        else:
+            n, h = self.attention_norm.add_forward(x, residual)
+        a = self.attention(n, rope, mask, cache, rows, input_pos)
+        n, h = self.ffn_norm.add_forward(a, h)  # h = h + a
+        return self.mlp(n), h
 
 
 class Transformer(nn.Module):
@@ -181,8 +198,10 @@ class Transformer(nn.Module):
             kv_len = cache.max_seq_len
             mask = torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]  # [B, T, S]
             mask = mask[:, None]
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, mask, cache, rows, input_pos)
+            x, residual = layer.forward_split(x, residual, rope, mask, cache, rows, input_pos)
         if last_only:
-            x = x[:, -1:]
-        return self.output(self.norm(x))
+            x, residual = x[:, -1:], residual[:, -1:] if residual is not None else None
+        x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
+        return self.output(x)
