@@ -53,10 +53,10 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
     k_new = tl.load(k_row + d, mask=dm, other=0.0)
     v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0)
     if ROPE:  # q and the new key arrive unrotated: rotate them here instead of in a launch of their own
-        c = tl.load(cos_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
-        q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], c[None, :], s[None, :], D // 2)
-        k_new = _rotate(k_new, k_row, d, dm, c, s, D // 2)
+        cos = tl.load(cos_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
+        q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], cos[None, :], sin[None, :], D // 2)
+        k_new = _rotate(k_new, k_row, d, dm, cos, sin, D // 2)
     cache = slot * stride_cs + kvh * stride_ch
     start = split * chunk
     end = tl.minimum(start + chunk, p + 1)
