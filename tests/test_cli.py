@@ -97,6 +97,18 @@ def test_bad_prefill_chunk_exits_2_before_loading(capsys):
     assert e.value.code == 2 and "--prefill-chunk" in capsys.readouterr().err
 
 
+def test_overlap_bursts_is_on_unless_turned_off():
+    import argparse
+
+    from lowbit.cli.common import add_engine_args, engine_options
+    from lowbit.engine.engine import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert EngineConfig(**engine_options(parser.parse_args([]))).overlap_bursts
+    assert not EngineConfig(**engine_options(parser.parse_args(["--no-overlap-bursts"]))).overlap_bursts
+
+
 def test_generate_with_prefill_chunks_and_host_embeddings_prints_the_same(capsys, tmp_path):
     """On a CPU --embeddings-on-host is a no-op; chunks of 2 tokens give the one-shot prefill's greedy text."""
     from tests.chat_model import write_tiny_chat_model

@@ -72,11 +72,11 @@ def test_graphs_decode_like_eager_steps(models):
     assert not engine.cache.locks.any()
 
 
-def burst_run(model, prompts, params, steps: int, graphs: bool = True, max_seq_len: int = 128):
+def burst_run(model, prompts, params, steps: int, graphs: bool = True, max_seq_len: int = 128, overlap: bool = True):
     """Greedy token ids per prompt from an engine with `steps` decode steps per burst (eager bursts where
     graphs are off), and the engine."""
     config = EngineConfig(max_batch=len(prompts), max_seq_len=max_seq_len, cuda_graphs=graphs, decode_steps=steps,
-                          eager_bursts=True)
+                          eager_bursts=True, overlap_bursts=overlap)
     engine = Engine(model, _NullTokenizer(), config)
     rids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
     ids = {rid: [] for rid in rids}
@@ -106,3 +106,29 @@ def test_graph_bursts_decode_like_single_steps(models):
     long = [SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)]
     want = burst_run(fast, prompts[1:2], long, 1, max_seq_len=len(prompts[1]) + 19)[0]
     assert len(want[0]) == 19 and burst_run(fast, prompts[1:2], long, 8, max_seq_len=len(prompts[1]) + 19)[0] == want
+
+
+def test_overlapped_graph_bursts_decode_like_single_steps(models, monkeypatch):
+    """Bursts launched while the host applies the previous one (their tokens fed from its last argmax on the
+    device, 3 rows in a padded bucket of 4) against bursts one at a time and single steps: the same greedy
+    tokens, also with a stop id hit in a burst whose successor is already in flight."""
+    fast, _ = models
+    fed = []
+    run = DecodeGraphs.run
+
+    def spy(self, tokens, *args):
+        fed.append(isinstance(tokens, torch.Tensor))
+        return run(self, tokens, *args)
+
+    monkeypatch.setattr(DecodeGraphs, "run", spy)
+    prompts = [torch.randint(1, CFG["vocab_size"], (n,)).tolist() for n in (5, 40, 17)]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (45, 37, 60)]
+    single, _ = burst_run(fast, prompts, params, 1)
+    assert burst_run(fast, prompts, params, 8, overlap=False)[0] == single and not any(fed)
+    piped, engine = burst_run(fast, prompts, params, 8)
+    assert piped == single and fed.count(True) >= 3 and engine._pending is None
+    stop = single[1][12]
+    params[1] = SamplingParams(temperature=0, max_new_tokens=37, ignore_eos=True, stop_token_ids=(stop,))
+    want = burst_run(fast, prompts, params, 1)[0]
+    assert want[1] == single[1][:single[1].index(stop)] and burst_run(fast, prompts, params, 8)[0] == want
+    assert not engine.cache.locks.any()

@@ -76,6 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     header = (f"lowbit bench {what}: batches {args.batches}, prompt {args.prompt_len}, new tokens {args.new_tokens}, "
               f"prefill {args.prefill_len}, context {args.context or args.prompt_len + args.new_tokens}, "
               f"cuda graphs {not args.no_cuda_graphs}, decode steps {args.decode_steps}, "
+              f"overlap bursts {config.overlap_bursts}, "
               f"prefill chunk {config.prefill_chunk or 'off'}, embeddings on host {config.embeddings_on_host}. "
               f"{datetime.date.today()}, "
               f"{torch.cuda.get_device_name(device)}, "

@@ -79,6 +79,9 @@ def add_engine_args(parser: argparse.ArgumentParser):
                        help=f"on a GPU, greedy tokens decoded per CUDA-graph replay: the host syncs once per this "
                             f"many tokens instead of once per token, so the GPU does not wait for it (default {d}; "
                             "1 = one token per step)")
+    group.add_argument("--no-overlap-bursts", action="store_true",
+                       help="wait for the host to handle each burst's tokens before launching the next (default: "
+                            "the next burst already runs on the GPU meanwhile; the same tokens either way)")
     chunk = EngineConfig().prefill_chunk
     group.add_argument("--embeddings-on-host", action="store_true", help=(
         "keep the token-embedding table in pinned host memory (as llama.cpp keeps tok_embd on the CPU): a step "
@@ -120,8 +123,8 @@ def _tokens(value: str) -> int:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """EngineConfig keywords from the flags of `add_engine_args`."""
-    return {"decode_steps": args.decode_steps, "embeddings_on_host": args.embeddings_on_host,
-            "prefill_chunk": args.prefill_chunk or None}
+    return {"decode_steps": args.decode_steps, "overlap_bursts": not args.no_overlap_bursts,
+            "embeddings_on_host": args.embeddings_on_host, "prefill_chunk": args.prefill_chunk or None}
 
 
 def make_engine(loaded, args, max_seq_len: int):

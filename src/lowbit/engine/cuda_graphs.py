@@ -4,12 +4,14 @@
 feeding its argmax to step s+1 at positions + s, so the host syncs once per S tokens instead of once per
 token. `DecodeGraphs` captures that loop, one graph per (batch bucket, S) (buckets are powers of two), and
 replays it with the step's inputs copied into static buffers: one launch instead of hundreds per token.
-`EagerDecode` runs the same loop without capture (CPU tests, or where graphs cannot run).
+`EagerDecode` runs the same loop without capture (CPU tests, or where graphs cannot run). A burst's input
+tokens may be host ints or a device tensor (the previous burst's last argmax, fed device to device), and
+`HostCopy` brings its outputs back without waiting for work queued after them (the engine's next burst).
 
 Owns capture (lazily, the first time a bucket is needed), padding a batch to its bucket (padded rows repeat
 row 0 and follow row 0's tokens, so they write the same keys/values at the same cache positions as row 0
-and their outputs are dropped) and the staging of inputs through pinned memory. The model, cache and kernels
-know nothing of graphs; which steps may run as a burst is the engine's decision.
+and their outputs are dropped) and the staging of inputs and outputs through pinned memory. The model, cache
+and kernels know nothing of graphs; which steps may run as a burst, and when, is the engine's decision.
 """
 
 from __future__ import annotations
@@ -54,6 +56,27 @@ def decode_steps(model: Transformer, cache: KVCache, inputs: Tensor, steps: int)
     return torch.stack(out), logits
 
 
+class HostCopy:
+    """A device tensor's copy to host memory, started without waiting: on CUDA into pinned memory with an event,
+    so `get()` waits for this copy only and not for what was queued after it (a plain `.tolist()` would wait
+    for the whole stream). Off CUDA the tensor itself (already computed)."""
+
+    def __init__(self, t: Tensor):
+        self.done = None
+        if t.device.type != "cuda":
+            self.host = t
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # the caching host allocator: cheap
+        self.host.copy_(t, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record(torch.cuda.current_stream(t.device))
+
+    def get(self) -> Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
+
+
 class EagerDecode:
     """`decode_steps` called directly: the reference for the graphs, and the burst runner without CUDA."""
 
@@ -61,10 +84,12 @@ class EagerDecode:
         self.model, self.cache = model, cache
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
+    def run(self, tokens: list[int] | Tensor, positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
         """(the last step's logits [n, vocab], greedy tokens [steps, n]), as `DecodeGraphs.run`."""
-        inputs = torch.tensor([tokens, positions, slots, list(range(len(tokens)))], device=self.cache.k.device)
-        greedy, logits = decode_steps(self.model, self.cache, inputs, steps)
+        device = self.cache.k.device
+        rest = torch.tensor([positions, slots, list(range(len(positions)))], device=device)
+        first = tokens.to(device)[None] if isinstance(tokens, Tensor) else torch.tensor([tokens], device=device)
+        greedy, logits = decode_steps(self.model, self.cache, torch.cat([first, rest]), steps)
         return logits, greedy
 
 
@@ -91,19 +116,24 @@ class DecodeGraphs:
         return 1 << max(0, n - 1).bit_length()
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
+    def run(self, tokens: list[int] | Tensor, positions: list[int], slots: list[int], steps: int = 1) -> tuple[Tensor, Tensor]:
         """`steps` greedy decode steps for n rows -> (the last step's logits [n, vocab], greedy tokens
-        [steps, n]), views of static outputs that the next replay overwrites."""
-        n = len(tokens)
+        [steps, n]), views of static outputs that the next replay overwrites. tokens: host ints, or an int64
+        device tensor [n] (e.g. the previous replay's last greedy row), copied on the device: no host sync."""
+        n = len(positions)
         b = self.bucket(n)
         g = self.graphs.get((b, steps)) or self._capture(b, steps)
         self._staged.synchronize()  # the previous step's copy has left the pinned buffer
         host = self._staging[:, :b]
-        for i, values in enumerate((tokens, positions, slots, range(n))):
+        on_device = isinstance(tokens, Tensor)
+        for i, values in enumerate(([0] * n if on_device else tokens, positions, slots, range(n))):
             host[i, :n] = torch.tensor(values, dtype=torch.int64)
             host[i, n:] = values[0]
         g.inputs.copy_(host, non_blocking=True)
         self._staged.record()
+        if on_device:  # stream order: after the copy above, before the replay that overwrites g.greedy
+            g.inputs[0, :n].copy_(tokens)
+            g.inputs[0, n:].copy_(tokens[:1].expand(b - n))  # padded rows follow row 0
         g.graph.replay()
         return g.logits[:n], g.greedy[:, :n]
 

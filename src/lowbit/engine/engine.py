@@ -3,8 +3,11 @@
 One `step()` is schedule -> forward -> sample -> update. Requests join (prefill into a free cache slot) and
 leave (slot freed) at any step, so several prompts of different lengths decode together. A decode step of
 greedy rows runs as a burst of `decode_steps` tokens (one graph replay, one host sync), whose tokens the
-update applies row by row in order. Chat, the server and the benchmarks use only `add_request`, `step`,
-`abort`, `stream` and `generate`.
+update applies row by row in order. With `overlap_bursts`, while the host applies a burst's tokens the GPU
+already runs the next burst for the same rows (fed the last argmax on the device), which the next step then
+applies: launched only when the next step would be that very burst, and applied (drained) before anything
+changes the batch, so every step returns what it would without overlap. Chat, the server and the benchmarks
+use only `add_request`, `step`, `abort`, `stream` and `generate`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class EngineConfig:
     # not idle while the host handles each token (1 = a step per token). Bursts need graphs or eager_bursts.
     decode_steps: int = 8
     eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
+    # launch the next burst before the host applies this one's tokens, so the GPU does not idle while the host
+    # detokenizes and checks stops (off: the GPU waits for the host after every burst)
+    overlap_bursts: bool = True
     # prompts go through the model this many tokens at a time (None: at once): bounds a long prompt's activations;
     # smaller chunks save memory (256: 13B in 9 GB) but re-read every weight per chunk (7B 4-bit prefill of 1024
     # tokens: 23k tok/s at once, 8.9k in chunks of 512; H100, benchmarks/results/gpu.md)
@@ -70,6 +76,15 @@ class _Live:
     generator: torch.Generator | None
 
 
+@dataclass
+class _Burst:
+    """A launched burst whose tokens the rows' host state does not include yet."""
+
+    requests: list[Request]
+    greedy: Tensor  # int64 [S, n] on the device (a view the runner's next burst overwrites)
+    copy: cuda_graphs.HostCopy  # of greedy, started before anything else was queued
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -88,6 +103,7 @@ class Engine:
         eager = cuda_graphs.EagerDecode(model, self.cache) if config.eager_bursts else None
         self.bursts = self.graphs if use_graphs else eager  # what runs a burst of decode_steps (None: no bursts)
         self._greedy: Tensor | None = None  # the graph's argmax, when the whole step was one replay
+        self._pending: _Burst | None = None  # the burst the next step applies, already running (overlap_bursts)
 
     # ----- API -----
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -127,14 +143,17 @@ class Engine:
         return self.scheduler.num_waiting
 
     def step(self) -> list[RequestOutput]:
-        """One engine step: schedule -> forward -> sample -> update (plus the requests that waited too long)."""
+        """One engine step: schedule -> forward -> sample -> update (plus the requests that waited too long).
+        A burst the previous step launched (overlap_bursts) is this step: only its update is left to do."""
         expired = self._expire()
+        if self._pending is not None:  # launched by the previous step for the same rows: this step's tokens
+            return expired + self._land(self._pending)
         plan = self.scheduler.schedule(self._allocate)
         if not plan:
             return expired
         requests = [self.live[rid].request for rid in plan]
         if self._burst_fits(requests, plan):
-            return expired + self._burst(requests)
+            return expired + self._land(self._launch(requests, [r.output_ids[-1] for r in requests]))
         logits = self._forward(requests, plan)
         tokens = self._sample(requests, logits)
         return expired + self._update(requests, [[t] for t in tokens])
@@ -223,25 +242,63 @@ class Engine:
         row's S key/value writes (positions length-1 .. length+S-2) inside the cache, and some row that wants
         all S tokens (a row that wants fewer finishes with LENGTH mid-burst: at batch > 1 its extra steps
         cost nothing, while falling back would cost the other rows a host sync per token)."""
-        S = self.config.decode_steps
-        return (self.bursts is not None and S > 1
+        return (self.bursts is not None and self.config.decode_steps > 1
                 and all(plan[r.request_id] == 1 and r.output_ids for r in requests)
                 and cuda_graphs.greedy_only([r.params for r in requests])
-                and all(r.length + S - 1 <= self.max_seq_len for r in requests)
-                and max(r.params.max_new_tokens - len(r.output_ids) for r in requests) >= S)
+                and self._room_for_burst(requests))
 
-    def _burst(self, requests: list[Request]) -> list[RequestOutput]:
-        """S greedy decode steps in one run, one host sync; the update applies each row's tokens in order and
-        drops those after the row finishes (their keys sit past its end in its own slot: never read)."""
-        slots = [r.slot for r in requests]
-        _, greedy = self.bursts.run([r.output_ids[-1] for r in requests], [r.length - 1 for r in requests], slots,
-                                    self.config.decode_steps)
-        before = [len(r.output_ids) for r in requests]
-        outputs = self._update(requests, greedy.T.tolist())
+    def _room_for_burst(self, requests: list[Request], ahead: int = 0) -> bool:
+        """`_burst_fits`'s length rule, for a burst `ahead` tokens past the rows' host state: every row's key
+        writes (up to position length + ahead + S - 2) inside the cache, and some row wanting all S tokens."""
+        S = self.config.decode_steps
+        return (all(r.length + ahead + S - 1 <= self.max_seq_len for r in requests)
+                and max(r.params.max_new_tokens - len(r.output_ids) - ahead for r in requests) >= S)
+
+    def _launch(self, requests: list[Request], tokens: list[int] | Tensor, ahead: int = 0) -> _Burst:
+        """Queue S greedy decode steps for these rows from `tokens` (their last, uncached token: host ints, or
+        the previous burst's last argmax on the device) at `ahead` positions past their host state; no sync."""
+        positions = [r.length - 1 + ahead for r in requests]
+        _, greedy = self.bursts.run(tokens, positions, [r.slot for r in requests], self.config.decode_steps)
+        return _Burst(requests, greedy, cuda_graphs.HostCopy(greedy))  # the copy is queued before any next burst
+
+    def _land(self, burst: _Burst) -> list[RequestOutput]:
+        """Apply a launched burst's tokens, having first launched the next burst for the same rows when
+        `_may_overlap` says the next step would be exactly that burst (it becomes `_pending`).
+
+        The update keeps each row's tokens up to its finish and drops the rest; a row that finished (or was
+        aborted) before its burst lands gets nothing from it. The dropped steps wrote keys past the row's end
+        in its own slot, which may be freed and handed to a new request before the GPU has even run them. That
+        is safe: all engine work is queued on one stream, so the new owner's prefill and decode steps run after
+        those writes, and a sequence attends only to positions 0..its own, each written by itself first."""
+        overlap = self._may_overlap(burst.requests)
+        self._pending = self._launch(burst.requests, burst.greedy[-1], self.config.decode_steps) if overlap else None
+        rows = burst.copy.get().T.tolist()  # waits for this burst's tokens only, not for the pending burst
+        running = [(r, row) for r, row in zip(burst.requests, rows) if r.finish_reason is None]
+        requests, tokens = [r for r, _ in running], [row for _, row in running]
+        slots, before = [r.slot for r in requests], [len(r.output_ids) for r in requests]
+        outputs = self._update(requests, tokens)
         kept = [(slot, t) for r, n, slot in zip(requests, before, slots) for t in r.output_ids[n:]]
-        kept = torch.tensor(kept, device=self.device).T  # [2, kept tokens]: slots, tokens
-        self.history.append(kept[1], kept[0])
+        if kept:
+            kept_slots, kept_tokens = self._to_device(kept)
+            self.history.append(kept_tokens, kept_slots)
         return outputs
+
+    def _may_overlap(self, requests: list[Request]) -> bool:
+        """Whether to launch the next burst for these rows before applying the one in flight: only when the next
+        step would be that very burst for the rows still running after it, whichever of them finish in this one
+        (LENGTH, a stop id or string), so every step returns what it would without overlap. That holds when
+        overlap is on, no request is waiting (one could take a freed slot), every row is still running, and
+        every row alone meets `_burst_fits`'s length rule S tokens ahead (its keys inside the cache, S tokens
+        wanted after this burst). `_land` drops the next burst's tokens of rows that finish in this one."""
+        S = self.config.decode_steps
+        return (self.config.overlap_bursts and self.scheduler.num_waiting == 0
+                and all(r.finish_reason is None and self._room_for_burst([r], ahead=S) for r in requests))
+
+    def _to_device(self, rows: list) -> Tensor:
+        """int64 [columns, len(rows)] on the engine's device, through pinned memory: a plain copy from host
+        memory waits for the GPU, which may be running the pending burst."""
+        t = torch.tensor(rows, dtype=torch.int64).T
+        return t.contiguous().pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _update(self, requests: list[Request], tokens: list[list[int]]) -> list[RequestOutput]:
         """Apply each row's new tokens in order (stop ids, stop strings, LENGTH); one output per row."""
@@ -280,3 +337,5 @@ class Engine:
             self.cache.free(request.slot)
             request.slot = None
         self.live.pop(request.request_id, None)
+        if self._pending is not None and all(r.finish_reason is not None for r in self._pending.requests):
+            self._pending = None  # nothing left to apply (the GPU finishes it in stream order; its tokens are dropped)

@@ -3,7 +3,8 @@ weight bandwidth a decode step achieves against the device's measured copy bandw
 
 Owns the measurement protocol (warm-up runs that compile kernels and capture graphs, then timed runs of
 greedy requests that ignore EOS, through the engine as users get it: CUDA graphs and bursts of
-`decode_steps` tokens per host sync unless told otherwise) and the table. The "graph-only" column replays
+`decode_steps` tokens per host sync, the next burst running while the host handles one, unless told
+otherwise) and the table. The "graph-only" column replays
 the batch-1 graph the engine decodes with (a burst of decode_steps tokens) with no host work between
 replays: what the GPU alone sustains, the ceiling of the engine's b=1 column. What is measured comes in as a model: a loaded checkpoint
 or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is used.
@@ -40,6 +41,7 @@ class BenchConfig:
     context: int | None = None  # KV cache length per request (default prompt_len + new_tokens)
     cuda_graphs: bool = True
     decode_steps: int = EngineConfig.decode_steps  # greedy tokens per graph replay / host sync
+    overlap_bursts: bool = EngineConfig.overlap_bursts  # the next burst runs while the host handles this one
     prefill_chunk: int | None = EngineConfig.prefill_chunk
     embeddings_on_host: bool = False
 
@@ -154,6 +156,7 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
     def engine(batch: int, seq: int) -> Engine:
         return Engine(model, tokenizer, EngineConfig(max_batch=batch, max_seq_len=seq, cuda_graphs=config.cuda_graphs,
                                                      decode_steps=config.decode_steps,
+                                                     overlap_bursts=config.overlap_bursts,
                                                      prefill_chunk=config.prefill_chunk,
                                                      embeddings_on_host=config.embeddings_on_host))
 
