@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|decode|kernels|memory ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -25,6 +25,9 @@ for stage in "$@"; do
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host --prefill-chunk 256 ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1
       tail -n 4 "$OUT/memory_log.txt" ;;
+    steps)  # the GPU time of each kernel in one captured decode step, PDL on and off
+      timeout "${STEPS_SECONDS:-200}" python3 benchmarks/profile_decode.py ${STEPS_ARGS:-} > "$OUT/profile_decode_log.txt" 2>&1
+      tail -n 40 "$OUT/profile_decode_log.txt" ;;
     kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm
       timeout "${KERNELS_SECONDS:-300}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$OUT/kernels_log.txt" 2>&1
       tail -n 14 "$OUT/kernels_log.txt" ;;
