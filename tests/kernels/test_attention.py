@@ -43,8 +43,11 @@ def test_decode_attention(H, KV, D, S, dtype):
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
 
 
-def test_splits_grow_with_the_cache():
+def test_splits_grow_with_the_cache_and_fill_the_sms():
     assert num_splits(256) == 1 and num_splits(257) == 2 and num_splits(2048) == 8 and num_splits(1 << 20) == 16
+    assert num_splits(384, programs=32, sms=132) == 6  # LLaMA-7B at batch 1: one split per 64 positions
+    assert num_splits(2048, programs=32, sms=132) == 9 and num_splits(2048, programs=64 * 32, sms=132) == 8
+    assert num_splits(40, programs=1, sms=132) == 1  # never a split without a block of positions
 
 
 @pytest.mark.parametrize("H,KV,D,dtype", [(9, 3, 64, torch.float32), (8, 2, 128, torch.float16)])

@@ -153,19 +153,19 @@ def test_split_k_is_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("k,act_order,kernel", [(256, False, "gemv"), (200, True, "gemv"), (200, False, "dot")])
-def test_gated_input_is_swiglu(k, act_order, kernel):
-    """gated=True: x holds (gate, up) and the product is with silu(gate) * up, applied by the GEMV as it loads
-    x (through act-order's perm, over a ragged K) and computed first for the other kernels."""
+@pytest.mark.parametrize("n,act_order,kernel", [(256, False, "gemv"), (200, True, "gemv"), (200, False, "dot")])
+def test_swiglu_output(n, act_order, kernel):
+    """swiglu=True: the columns are gate then up and the result is silu(gate) * up, computed by the GEMV in its
+    split-K finish (whole and ragged column tiles, act-order) and after the product by the other kernels."""
     from lowbit.kernels.reference import silu_mul_reference
 
-    w, _ = make_weight(k, 96, 4, 64, act_order, False, "gptq", seed=k)
-    gate_up = (torch.randn(1, 2 * k) * 3).half().to(DEVICE)
-    got = run(gate_up, w, kernel=kernel, gated=True)
-    want = run(silu_mul_reference(gate_up), w, kernel=kernel)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
-    with pytest.raises(ValueError, match="twice"):
-        qmatmul(gate_up[:, :k], w, gated=True)
+    w, _ = make_weight(192, n, 4, 64, act_order, False, "gptq", seed=n)
+    x = torch.randn(1, 192).half().to(DEVICE)
+    out = torch.full((1, n // 2), float("nan"), dtype=torch.float16, device=DEVICE)
+    got = qmatmul(x, w, kernel=kernel, swiglu=True, out=out)
+    assert got.data_ptr() == out.data_ptr() and not w.locks.any()
+    want = silu_mul_reference(run(x, w, kernel=kernel).cpu()).to(DEVICE)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -15,10 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.qmatmul import sm_count
 from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
 
 BLOCK = 64  # cached positions per loop step
-CHUNK = 256  # positions per split, until MAX_SPLITS splits cover the cache
+CHUNK = 256  # at least one split per this many cache positions
+MAX_SPLITS = 16
+WAVES = 2  # and enough splits for about this many programs per SM (batch 1 of LLaMA-7B: 32 heads x 9 splits)
 
 
 @triton.jit
@@ -34,7 +37,7 @@ def _rotate(x, ptr, d, dm, c, s, HALF):
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
                    cos_ptr, sin_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
-                   n_kv, D, chunk, qk_scale,
+                   n_kv, D, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
                    SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
                    ROPE: tl.constexpr, PDL: tl.constexpr):
@@ -58,8 +61,9 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
         q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], cos[None, :], sin[None, :], D // 2)
         k_new = _rotate(k_new, k_row, d, dm, cos, sin, D // 2)
     cache = slot * stride_cs + kvh * stride_ch
+    chunk = tl.cdiv(tl.cdiv(p + 1, SPLITS), BLOCK) * BLOCK  # the row's positions, shared evenly by the splits
     start = split * chunk
-    end = tl.minimum(start + chunk, p + 1)
+    end = tl.minimum(start + chunk, p + 1)  # empty for the last splits of a short row: they report m = -inf
     mine = d < tl.where((p >= start) & (p < start + chunk), D, 0)  # this split appends the new key/value
     tl.store(kc_ptr + cache + p * stride_ct + d, k_new, mask=mine)
     tl.store(vc_ptr + cache + p * stride_ct + d, v_new, mask=mine)
@@ -127,9 +131,14 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
             tl.atomic_xchg(lock, 0)
 
 
-def num_splits(max_seq_len: int) -> int:
-    """Splits per (row, kv head): one per CHUNK positions of the cache, at most 16."""
-    return max(1, min(16, triton.cdiv(max_seq_len, CHUNK)))
+def num_splits(max_seq_len: int, programs: int = 1, sms: int = 0) -> int:
+    """Splits per (row, kv head), for a cache of max_seq_len positions and `programs` (rows x kv heads): one per
+    CHUNK positions, and more while the programs would leave `sms` SMs short of WAVES each (a decode step at
+    batch 1 is latency-bound: 64 programs of 3 serial blocks took 10 us a layer on an H100, 30% of the step's
+    time outside the linears); at most one per BLOCK positions and MAX_SPLITS. Fixed by the cache's length, not
+    the row's, so a captured graph holds for every step; each row divides its own positions among them."""
+    fill = triton.cdiv(WAVES * sms, max(1, programs))
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_seq_len, BLOCK), max(triton.cdiv(max_seq_len, CHUNK), fill)))
 
 
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
@@ -152,8 +161,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     if locks.numel() < B * n_kv:
         raise ValueError(f"locks has {locks.numel()} counters, needs {B * n_kv}")
     G = H // n_kv
-    splits = num_splits(S)
-    chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK) * BLOCK
+    splits = num_splits(S, B * n_kv, sm_count(q.device) if q.is_cuda else 0)
     bd = max(16, triton.next_power_of_2(D))
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device) if out is None else out
     ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
@@ -165,7 +173,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         _decode_kernel[(B, n_kv, splits)](
             q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks, cos, sin,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            out.stride(0), cos.stride(0), n_kv, D, chunk, scale * 1.4426950408889634,
+            out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=q.dtype == torch.float32, ROPE=rope is not None, num_warps=4, **pdl_launch(q))

@@ -214,19 +214,43 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
-            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr):
-    """Write the [BM, BN] fp32 tile `out` (+ bias) to y; with split > 1 (SP = its next power of two, so few
-    compiled variants) the last of the K-splits to arrive sums all partials (fixed order, so results are
-    deterministic) with their loads issued together, and resets the tile's counter."""
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+def _halves(t):
+    """[1, 2B] -> its two [B] halves."""
+    B: tl.constexpr = t.shape[1] // 2
+    return tl.split(tl.permute(tl.reshape(t, (2, B)), (1, 0)))
+
+
+@triton.jit
+def _store(y_ptr, mn, mask, total, SWIGLU: tl.constexpr):
+    """y[mn] = total; SWIGLU: total [1, 2B] is gate columns then their up columns, and y gets silu(gate) * up at
+    the gate columns, rounded where torch's silu-then-mul rounds (gate/up, silu, product)."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    if SWIGLU:
+        g, u = _halves(total)
+        mn_g, _ = _halves(mn)
+        ok_g, _ = _halves(mask)
+        gf = g.to(dt).to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
+        tl.store(y_ptr + mn_g, (act * u.to(dt).to(tl.float32)).to(dt), mask=ok_g)
+    else:
+        tl.store(y_ptr + mn, total.to(dt), mask=mask)
+
+
+@triton.jit
+def _finish(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
+            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr):
+    """Write the [BM, BN] fp32 tile `out` (+ bias) of columns offs_n (n_ok: which exist) to y (see `_store`);
+    with split > 1 (SP = its next power of two, so few compiled variants) the last of the K-splits to arrive
+    sums all partials (fixed order, so results are deterministic) with their loads issued together, and resets
+    the tile's counter."""
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
     mn = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     else:
         bias = tl.zeros((1, out.shape[1]), tl.float32)
     if SP == 1:
-        tl.store(y_ptr + mn, (out + bias).to(y_ptr.dtype.element_ty), mask=mask)
+        _store(y_ptr, mn, mask, out + bias, SWIGLU)
     else:
         tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
         if FENCE:
@@ -236,33 +260,20 @@ def _finish(out, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, 
         if count == split - 1:
             total = bias + tl.load(ws_ptr + mn, mask=mask, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SP):  # unrolled: the partials' loads are issued together
-                live = (offs_m[:, None] < tl.where(s < split, M, 0)) & (offs_n[None, :] < N)
+                live = (offs_m[:, None] < tl.where(s < split, M, 0)) & n_ok[None, :]
                 total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + mn, total.to(y_ptr.dtype.element_ty), mask=mask)
+            _store(y_ptr, mn, mask, total, SWIGLU)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
 
 
 @triton.jit
-def _x_at(x_ptr, idx, ok, K, GATED: tl.constexpr):
-    """x[idx] in float32 (0 where not ok); GATED: x is (gate, up) of 2K values and x[i] = silu(gate[i]) * up[i],
-    rounded to x's dtype at the same two points as torch's silu then mul (SwiGLU applied as x is loaded)."""
-    if GATED:
-        g = tl.load(x_ptr + idx, mask=ok, other=0.0)
-        u = tl.load(x_ptr + K + idx, mask=ok, other=0.0)
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        return (act * u.to(tl.float32)).to(g.dtype).to(tl.float32)
-    return tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr, GATED: tl.constexpr):
+def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
     """x values (float32) of packed rows `row` (any shape); 0 for padding rows."""
     if HAS_PERM:
         src = tl.load(perm_ptr + row, mask=ok, other=-1)
-        return _x_at(x_ptr, src, ok & (src >= 0), K, GATED)
+        return tl.load(x_ptr + src, mask=ok & (src >= 0), other=0.0).to(tl.float32)
     else:
-        return _x_at(x_ptr, row, ok & (row < K), K, GATED)
+        return tl.load(x_ptr + row, mask=ok & (row < K), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -307,7 +318,7 @@ def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.const
 def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
                 acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                MAYBE_DEAD: tl.constexpr, GATED: tl.constexpr):
+                MAYBE_DEAD: tl.constexpr):
     """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
     block may be a re-read past the end, with `live` 0)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
@@ -319,10 +330,10 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
         for jj in tl.static_range(GROUP_SLOTS):  # this run's fields, summed per word: no cross-thread work
             j = a * GROUP_SLOTS + jj
             row = blk * (16 * FIELDS) + j * 16 + wi
-            if EVEN_K and not HAS_PERM and not MAYBE_DEAD and not GATED:
+            if EVEN_K and not HAS_PERM and not MAYBE_DEAD:
                 xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
             else:
-                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, GATED)[:, None]
+                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM)[:, None]
             t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
             t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
             if jj == 0:
@@ -342,7 +353,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 GATED: tl.constexpr, PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
@@ -354,9 +365,15 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     PDL: the first blocks' words are loaded before waiting for the previous kernel (they are not its output),
     so a program's first loads overlap that kernel's tail (most programs own only 2-6 blocks)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
-    c1 = c0 + BN
-    ok0, ok1 = c0 < N, c1 < N
+    if SWIGLU:  # gate columns and their up columns N/2 further: the finish writes silu(gate) * up
+        c0 = pid_n * BN + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
+        c1 = c0 + N // 2
+        ok0 = c0 < N // 2
+        ok1 = ok0
+    else:
+        c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
+        c1 = c0 + BN
+        ok0, ok1 = c0 < N, c1 < N
     wi = tl.arange(0, 16)
     acc0 = tl.zeros((16, BN), tl.float32)
     acc1 = tl.zeros((16, BN), tl.float32)
@@ -381,17 +398,22 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
                                  ok0, ok1, wi,
                                  N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
-                                 False, GATED)
+                                 False)
         if UNROLL == 2:
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
                                      tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                      ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, GATED)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
-    out = tl.reshape(tl.permute(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)), (1, 0)), (2 * BN,))
-    offs_n = pid_n * (2 * BN) + tl.arange(0, 2 * BN)
-    _finish(out[None, :], tl.arange(0, 1), offs_n, 1, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
-            tl.num_programs(1), HAS_BIAS, SP, FENCE)
+    out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
+    _finish(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
+            lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU)
+
+
+@triton.jit
+def _side_by_side(a, b):
+    """[B], [B] -> [2B]: a then b."""
+    return tl.reshape(tl.permute(tl.join(a, b), (1, 0)), (2 * a.shape[0],))
 
 
 @triton.jit
@@ -481,7 +503,8 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                     f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exact
                     w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
                     acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
-    _finish(acc, offs_m, offs_n, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE)
+    _finish(acc, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1),
+            HAS_BIAS, SP, FENCE, False)
 
 
 @triton.jit
@@ -534,7 +557,7 @@ HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (to
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: few programs, but split-K still exercised
@@ -557,11 +580,11 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          gated=False):
+          swiglu=False):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
-    tiles = -(-n // (2 * BN))
-    splits, per = _split(num_blocks, tiles, waves * _sm_count(x2.device)) if split is None else (
+    tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
+    splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
@@ -570,8 +593,8 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
-        SUB=x2.dtype == torch.float16 and denorm, EVEN_N=n % (2 * BN) == 0,
-        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, GATED=gated, num_warps=num_warps,
+        SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(x2))
 
 
@@ -585,7 +608,7 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
     num_stages = num_stages or (2 if BM <= 16 or (BM >= 128 and fields == 16) else 3)  # 2/3-bit: smem
     tiles = triton.cdiv(m, BM) * triton.cdiv(n, BN)
     if split is None:  # split K only while the output tiles leave SMs idle, and only for one M tile
-        split = 1 if m > BM else _split(num_blocks, tiles, waves * _sm_count(x2.device))[0]
+        split = 1 if m > BM else _split(num_blocks, tiles, waves * sm_count(x2.device))[0]
     if split > 1 and m > BM:
         raise ValueError(f"split-K needs M <= BM, got M={m}, BM={BM}")
     splits, per = (split, -(-num_blocks // split))
@@ -646,18 +669,21 @@ def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
 
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
-            config: dict | None = None, out: Tensor | None = None, gated: bool = False) -> Tensor:
+            config: dict | None = None, out: Tensor | None = None, swiglu: bool = False) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
 
-    gated: x is [..., 2K], gate then up, and the input is SwiGLU's silu(gate) * up: the GEMV applies it as it
-    loads x (one launch less a layer in decode); other kernels get it computed first.
+    swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
+    the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
+    other kernels compute y first.
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
-    if x.shape[-1] != k * (2 if gated else 1):
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}" + (" twice (gate, up)" if gated else ""))
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs gate and up columns of equal count, got {n} columns")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if kernel is None:
         kernel, picked = pick_kernel(m, x.device)
@@ -666,12 +692,14 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
-    if gated and kernel == "gemv":
-        config = {**(config or {}), "gated": True}
-    elif gated:
+    if swiglu and kernel != "gemv":
         from lowbit.kernels.norm_rope import silu_mul
 
-        x2 = silu_mul(x2)
+        act = silu_mul(qmatmul(x2, w, bias, kernel, config))
+        act = act if out is None else out.view(m, n // 2).copy_(act)
+        return act.view(*lead, n // 2)
+    if swiglu:
+        config, n = {**(config or {}), "swiglu": True}, n // 2
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
     if m == 0:
         return y.view(*lead, n)

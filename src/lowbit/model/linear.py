@@ -121,14 +121,14 @@ class QuantLinear(nn.Module):
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def forward_gated(self, gate_up: Tensor) -> Tensor:
-        """forward(silu(gate) * up) for gate_up = [..., 2 * in_features] (gate, then up): the "triton" GEMV
-        applies SwiGLU as it loads its input, saving decode a launch per layer."""
+    def forward_swiglu(self, x: Tensor) -> Tensor:
+        """silu(gate) * up of this layer's output (its columns gate then up, a fused w13): the "triton" GEMV
+        computes it in its finish, saving decode a launch per layer."""
         if self.kernel_weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
-            return qmatmul(gate_up, self.kernel_weight, self.bias, gated=True)
-        return self(ops.silu_mul(gate_up))
+            return qmatmul(x, self.kernel_weight, self.bias, swiglu=True)
+        return ops.silu_mul(self(x))
 
     def extra_repr(self) -> str:
         q = self.quant

@@ -133,9 +133,9 @@ class MLP(nn.Module):
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.w13(x)  # gate then up
-        gated = getattr(self.w2, "forward_gated", None)  # a linear that applies SwiGLU itself (QuantLinear)
-        return gated(gate_up) if gated is not None else self.w2(ops.silu_mul(gate_up))
+        fused = getattr(self.w13, "forward_swiglu", None)  # a linear that applies SwiGLU itself (QuantLinear)
+        act = fused(x) if fused is not None else ops.silu_mul(self.w13(x))  # w13 holds gate then up
+        return self.w2(act)
 
 
 class Block(nn.Module):
