@@ -184,7 +184,7 @@ def _sweep_configs():
     # The GEMV owns two [16, BN] column chunks a program; Triton gives a thread 4 adjacent columns of each, so
     # num_warps = BN / 16 keeps 2 word rows a thread (the SASS with the fewest instructions a weight)
     gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "unroll": un})
-            for bn, nw, un, waves in ((64, 4, 1, (8, 4, 2)), (64, 4, 2, (8, 4, 2)), (32, 2, 1, (8, 4)),
+            for bn, nw, un, waves in ((64, 4, 2, (4, 8, 6, 3, 2)), (64, 4, 1, (8, 4, 2)), (32, 2, 1, (8, 4)),
                                       (32, 2, 2, (8, 4)), (64, 8, 1, (4, 2)), (64, 8, 2, (4, 2)))
             for wv in waves]
     dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": st})
