@@ -226,8 +226,7 @@ class Engine:
         return torch.stack(out)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
-        slots = torch.tensor([r.slot for r in requests])  # through pinned memory: a plain copy would wait for the GPU
-        slots = slots.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else slots
+        slots = self._to_device([r.slot for r in requests])
         params = [r.params for r in requests]
         generators = [self.live[r.request_id].generator for r in requests]
         if self._greedy is not None and cuda_graphs.greedy_only(params):
@@ -279,7 +278,7 @@ class Engine:
         outputs = self._update(requests, tokens)
         kept = [(slot, t) for r, n, slot in zip(requests, before, slots) for t in r.output_ids[n:]]
         if kept:
-            kept_slots, kept_tokens = self._to_device(kept)
+            kept_slots, kept_tokens = self._to_device(kept).T
             self.history.append(kept_tokens, kept_slots)
         return outputs
 
@@ -294,11 +293,11 @@ class Engine:
         return (self.config.overlap_bursts and self.scheduler.num_waiting == 0
                 and all(r.finish_reason is None and self._room_for_burst([r], ahead=S) for r in requests))
 
-    def _to_device(self, rows: list) -> Tensor:
-        """int64 [columns, len(rows)] on the engine's device, through pinned memory: a plain copy from host
+    def _to_device(self, values: list) -> Tensor:
+        """torch.tensor(values) (int64) on the engine's device, through pinned memory: a plain copy from host
         memory waits for the GPU, which may be running the pending burst."""
-        t = torch.tensor(rows, dtype=torch.int64).T
-        return t.contiguous().pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        t = torch.tensor(values, dtype=torch.int64)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _update(self, requests: list[Request], tokens: list[list[int]]) -> list[RequestOutput]:
         """Apply each row's new tokens in order (stop ids, stop strings, LENGTH); one output per row."""
