@@ -168,6 +168,12 @@ def test_swiglu_output(n, act_order, kernel):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
 
+def test_swiglu_needs_gate_and_up_halves():
+    w, _ = make_weight(64, 33, 4, 64, False, False, "gptq")
+    with pytest.raises(ValueError, match="equal count"):
+        qmatmul(torch.randn(1, 64).half().to(DEVICE), w, swiglu=True)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
