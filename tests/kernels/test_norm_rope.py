@@ -22,15 +22,40 @@ def close(got, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 576, 1000])
-def test_rms_norm(dtype, d):
+@pytest.mark.parametrize("rows", [15, 1])  # one row: split into slices, each program a slice of the row
+def test_rms_norm(dtype, d, rows):
     skip_bf16_interpreted(dtype)
-    x = torch.randn(3, 5, d, device=DEVICE).to(dtype)
-    r = torch.randn(3, 5, d, device=DEVICE).to(dtype)
+    x = torch.randn(rows, d, device=DEVICE).to(dtype)
+    r = torch.randn(rows, d, device=DEVICE).to(dtype)
     w = (torch.rand(d, device=DEVICE) + 0.5).to(dtype)
     close(norm_rope.rms_norm(x, w, 1e-5), reference.rms_norm_reference(x, w, 1e-5))
     y, h = norm_rope.rms_norm(x, w, 1e-6, residual=r)
     assert torch.equal(h, x + r)  # the same rounding as torch's add
     close(y, reference.rms_norm_reference(x + r, w, 1e-6))
+
+
+@pytest.mark.parametrize("fn", ["rms_norm", "add_rms_norm", "silu_mul"])
+@pytest.mark.parametrize("rows", [3, 1])
+def test_outputs_in_a_channel_order(fn, rows):
+    """order: the output's channels come in the order an act-order linear reads them (gathered through
+    `sources`), by the kernel and by the reference: bit for bit the output without an order, rearranged."""
+    from lowbit.kernels.qmatmul import ChannelOrder
+
+    d = 576
+    x = torch.randn(rows, 2 * d if fn == "silu_mul" else d, device=DEVICE).half()
+    r, w = torch.randn(rows, d, device=DEVICE).half(), (torch.rand(d, device=DEVICE) + 0.5).half()
+    positions = torch.randperm(d, device=DEVICE).to(torch.int32)
+    order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
+    call = {"rms_norm": lambda o: ops.rms_norm(x, w, 1e-5, o),
+            "add_rms_norm": lambda o: ops.add_rms_norm(x, r, w, 1e-5, o),
+            "silu_mul": lambda o: ops.silu_mul(x, o)}[fn]
+    got, want = call(order), call(None)
+    if fn == "add_rms_norm":
+        assert torch.equal(got[1], want[1]), "the residual stream stays in channel order"
+        got, want = got[0], want[0]
+    assert torch.equal(got, reference.place_channels(want, order))
+    with pytest.raises(ValueError, match="sources must be int32"):
+        norm_rope.rms_norm(x[:, :d], w, 1e-5, sources=order.sources[:-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -55,6 +80,12 @@ def test_silu_mul(dtype):
     skip_bf16_interpreted(dtype)
     x = torch.randn(2, 3, 2 * 1100, device=DEVICE).to(dtype) * 4
     close(norm_rope.silu_mul(x), reference.silu_mul_reference(x))
+
+
+def test_norm_slices_fill_the_gpu_with_few_rows():
+    assert norm_rope.norm_slices(1, 4096) == 16 and norm_rope.norm_slices(16, 4096) == 16
+    assert norm_rope.norm_slices(64, 4096) == 4 and norm_rope.norm_slices(1024, 4096) == 1
+    assert norm_rope.norm_slices(1, 576) == 2 and norm_rope.norm_slices(1, 64) == 1  # slices of >= 256 channels
 
 
 def test_ops_use_the_references_off_cuda():

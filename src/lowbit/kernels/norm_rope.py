@@ -17,27 +17,60 @@ from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr): one program per row."""
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, D, eps,
+                     HAS_RES: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr, SLICE: tl.constexpr,
+                     PDL: tl.constexpr):
+    """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr); HAS_SRC: column j of y holds channel src[j]
+    (the next linear's act-order). Program (row, s) sums the whole row and writes its slice s of SLICE
+    columns: a decode step has a row or a few, and one program a row left its work to a single SM."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
+    mine = cols < D
+    src = tl.load(src_ptr + cols, mask=mine, other=0) if HAS_SRC else cols  # constants: before the wait
+    w = tl.load(w_ptr + src, mask=mine, other=0.0).to(tl.float32)
     release_next(PDL)
     wait_previous(PDL)
-    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
     x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
     if HAS_RES:
         x = x + tl.load(r_ptr + row * D + offs, mask=ok, other=0.0)  # rounded to x's dtype, as torch's add
-        tl.store(h_ptr + row * D + offs, x, mask=ok)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    n = (xf * inv).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * D + offs, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+    if HAS_RES:  # this program's slice of h, in channel order
+        hs = tl.load(x_ptr + row * D + cols, mask=mine, other=0.0) + tl.load(r_ptr + row * D + cols, mask=mine,
+                                                                              other=0.0)
+        tl.store(h_ptr + row * D + cols, hs, mask=mine)
+    xs = tl.load(x_ptr + row * D + src, mask=mine, other=0.0)  # the slice's channels again (cache hits)
+    if HAS_RES:
+        xs = xs + tl.load(r_ptr + row * D + src, mask=mine, other=0.0)
+    n = (xs.to(tl.float32) * inv).to(xs.dtype).to(tl.float32)
+    tl.store(y_ptr + row * D + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mine)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """x [..., D] -> RMSNorm(x); with `residual`: (RMSNorm(x + residual), x + residual)."""
+NORM_PROGRAMS = 256  # split rows into slices while there are fewer programs than this (about 2 per SM)
+MIN_SLICE = 256
+
+
+def norm_slices(rows: int, d: int) -> int:
+    """Slices per row (a power of two, each >= MIN_SLICE channels, none empty) so a few rows fill the GPU."""
+    slices, block = 1, triton.next_power_of_2(d)
+    while (rows * slices < NORM_PROGRAMS and block // (2 * slices) >= MIN_SLICE
+           and triton.cdiv(d, block // (2 * slices)) == 2 * slices):
+        slices *= 2
+    return slices
+
+
+def _check_sources(sources: Tensor | None, d: int) -> None:
+    if sources is not None and (sources.shape != (d,) or sources.dtype != torch.int32):
+        raise ValueError(f"sources must be int32 [{d}], got {sources.dtype} {tuple(sources.shape)}")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+             sources: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """x [..., D] -> RMSNorm(x); with `residual`: (RMSNorm(x + residual), x + residual). sources (int32 [D], a
+    permutation): column j of the norm holds channel sources[j] (`ChannelOrder.sources`)."""
+    _check_sources(sources, x.shape[-1])
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     rows = x2.shape[0]
@@ -46,8 +79,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     r = residual.reshape(-1, d).contiguous() if residual is not None else x2
     block = triton.next_power_of_2(d)
     if rows:
-        _rms_norm_kernel[(rows,)](x2, r, weight, y, h, d, eps, HAS_RES=residual is not None, BLOCK=block,
-                                  num_warps=8 if block >= 4096 else 4, **pdl_launch(x))
+        slices = norm_slices(rows, d)
+        src = sources if sources is not None else weight
+        _rms_norm_kernel[(rows, slices)](x2, r, weight, y, h, src, d, eps, HAS_RES=residual is not None,
+                                         HAS_SRC=sources is not None, BLOCK=block, SLICE=block // slices,
+                                         num_warps=8 if block >= 4096 else 4, **pdl_launch(x))
     return y if residual is None else (y, h)
 
 
@@ -87,26 +123,31 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y[r] = silu(x[r, :I]) * x[r, I:], silu rounded to the dtype first (as torch's silu, then mul)."""
-    release_next(PDL)
-    wait_previous(PDL)
+def _silu_mul_kernel(x_ptr, y_ptr, src_ptr, I, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y[r] = silu(x[r, :I]) * x[r, I:], silu rounded to the dtype first (as torch's silu, then mul); HAS_SRC:
+    column j holds channel src[j]."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
-    g = tl.load(x_ptr + row * 2 * I + offs, mask=ok, other=0.0)
-    u = tl.load(x_ptr + row * 2 * I + I + offs, mask=ok, other=0.0)
+    src = tl.load(src_ptr + offs, mask=ok, other=0) if HAS_SRC else offs  # constants: before the wait
+    release_next(PDL)
+    wait_previous(PDL)
+    g = tl.load(x_ptr + row * 2 * I + src, mask=ok, other=0.0)
+    u = tl.load(x_ptr + row * 2 * I + I + src, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
     tl.store(y_ptr + row * I + offs, (act * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """[..., 2I] -> silu(x[..., :I]) * x[..., I:]."""
+def silu_mul(x: Tensor, sources: Tensor | None = None) -> Tensor:
+    """[..., 2I] -> silu(x[..., :I]) * x[..., I:]; sources (int32 [I]): column j holds channel sources[j]."""
     i = x.shape[-1] // 2
+    _check_sources(sources, i)
     x2 = x.reshape(-1, 2 * i).contiguous()
     y = torch.empty(*x.shape[:-1], i, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(i))
     if x2.shape[0]:
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](x2, y, i, BLOCK=block, num_warps=4, **pdl_launch(x))
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](
+            x2, y, sources if sources is not None else x2, i, HAS_SRC=sources is not None, BLOCK=block,
+            num_warps=4, **pdl_launch(x))
     return y
