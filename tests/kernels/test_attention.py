@@ -74,3 +74,25 @@ def test_decode_attention_applies_rope(H, KV, D, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(kc, kc2, rtol=tol, atol=tol)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_decode_attention_places_channels():
+    """positions: output channel c lands at column positions[c] of its row (for an act-order wo), bit for bit
+    the output without positions, rearranged; a wrong-sized positions is a clear error."""
+    from lowbit.kernels.qmatmul import ChannelOrder
+    from lowbit.kernels.reference import place_channels
+
+    B, H, KV, D, S = 2, 8, 2, 32, 300
+    kc = torch.randn(B, KV, S, D, device=DEVICE).half()
+    vc = torch.randn(B, KV, S, D, device=DEVICE).half()
+    rows, pos = torch.tensor([1, 0], device=DEVICE), torch.tensor([299, 5], device=DEVICE)
+    q, k, v = torch.randn(B, H, D, device=DEVICE).half(), *torch.randn(2, B, KV, D, device=DEVICE).half()
+    locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    positions = torch.randperm(H * D, device=DEVICE).to(torch.int32)
+    plain = decode_attention(q, k, v, kc.clone(), vc.clone(), rows, pos, locks)
+    out = torch.full((B, H, D), float("nan"), dtype=torch.float16, device=DEVICE)
+    placed = decode_attention(q, k, v, kc, vc, rows, pos, locks, out=out, positions=positions)
+    order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
+    assert torch.equal(placed.view(B, H * D), place_channels(plain.view(B, H * D), order))
+    with pytest.raises(ValueError, match="positions must be int32"):
+        decode_attention(q, k, v, kc, vc, rows, pos, locks, positions=positions[:-1])

@@ -13,8 +13,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from lowbit.kernels.qmatmul import dequantize, qmatmul, repack
-from lowbit.kernels.reference import dequant_reference, qmatmul_reference
+from lowbit.kernels.qmatmul import ChannelOrder, dequantize, qmatmul, repack
+from lowbit.kernels.reference import (
+    dequant_reference,
+    place_channels,
+    qmatmul_reference,
+)
 from lowbit.quant import pack
 from tests.kernels.common import DEVICE
 
@@ -174,6 +178,60 @@ def test_swiglu_needs_gate_and_up_halves():
         qmatmul(torch.randn(1, 64).half().to(DEVICE), w, swiglu=True)
 
 
+# ------------------------------------------------------------------- act-order input written pre-sorted
+
+@pytest.mark.parametrize("bits,k,group_size", [(4, 320, 64), (3, 200, 32), (8, 96, 32)])
+def test_sorted_input_is_the_gather_without_it(bits, k, group_size):
+    """x in `input_order` and the sorted-input view give the gathering kernels' result, bit for bit (the same
+    products summed in the same order): what RMSNorm/SwiGLU/attention writing x pre-sorted relies on."""
+    w, _ = make_weight(k, 48, bits, group_size, True, False, "gptq", seed=k)
+    order = w.input_order
+    assert w.tail_perm and order is not None
+    assert order.positions.dtype == order.sources.dtype == torch.int32
+    assert torch.equal(order.sources.long().cpu(), w.perm[:k].long().cpu())
+    assert torch.equal(order.sources[order.positions.long()].long().cpu(), torch.arange(k)), "inverses"
+    sorted_w = w.for_sorted_input()
+    assert sorted_w.perm is None and sorted_w.input_order is None
+    g = torch.Generator().manual_seed(2)
+    for kernel, m, config in CALLS:
+        x = torch.randn(m, k, generator=g).half().to(DEVICE)
+        want = run(x, w, kernel=kernel, config=config)
+        got = run(place_channels(x, order), sorted_w, kernel=kernel, config=config)
+        if kernel == "dequant":  # cuBLAS may sum the reordered K in another order
+            check(got, want.double())
+        else:
+            assert torch.equal(got, want), (kernel, m, config)
+
+
+def test_sorted_input_needs_an_input_order():
+    w, _ = make_weight(64, 32, 4, 32, False, False, "gptq")
+    assert w.input_order is None
+    with pytest.raises(ValueError, match="no input_order"):
+        w.for_sorted_input()
+    irregular, _ = make_weight(96, 32, 4, 24, True, False, "gptq")  # groups padded inside: no tail_perm
+    assert not irregular.tail_perm and irregular.input_order is None
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+def test_swiglu_comes_out_in_the_next_linears_order(kernel):
+    """order: the activations come out in the next (act-order) linear's input order: the GEMV's finish
+    scatters through positions, the other kernels' SiLU*up gathers through sources."""
+    w, _ = make_weight(192, 160, 4, 64, False, False, "gptq", seed=3)
+    positions = torch.randperm(80, generator=torch.Generator().manual_seed(4)).to(torch.int32).to(DEVICE)
+    order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
+    x = torch.randn(1, 192).half().to(DEVICE)
+    plain = qmatmul(x, w, kernel=kernel, swiglu=True)
+    out = torch.full((1, 80), float("nan"), dtype=torch.float16, device=DEVICE)
+    got = qmatmul(x, w, kernel=kernel, swiglu=True, order=order, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, place_channels(plain, order))
+    with pytest.raises(ValueError, match="an order goes with swiglu"):
+        qmatmul(x, w, kernel=kernel, order=order)
+    with pytest.raises(ValueError, match="an order goes with swiglu"):
+        half = ChannelOrder(positions[:40], positions[:40])
+        qmatmul(x, w, kernel=kernel, swiglu=True, order=half)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
@@ -263,3 +321,14 @@ def test_repack_in_column_slices_equals_at_once(bits, monkeypatch):
     w_sliced, _ = make_weight(256, 200, bits, 64, True, False, "gptq")
     for a, b in ((w_once.qweight, w_sliced.qweight), (w_once.qhigh, w_sliced.qhigh), (w_once.perm, w_sliced.perm)):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_sorted_input_pays_except_on_the_dequantize_path():
+    """Producers place x's channels only for kernels that read x in packed order: on CUDA the large-M path
+    dequantizes W into channel order for cuBLAS, so there the linear takes x as it is."""
+    from lowbit.kernels.qmatmul import sorted_input_pays
+
+    cuda = torch.device("cuda")
+    assert sorted_input_pays(1, cuda) and sorted_input_pays(16, cuda) and sorted_input_pays(256, cuda)
+    assert not sorted_input_pays(257, cuda) and not sorted_input_pays(4096, cuda)
+    assert sorted_input_pays(4096, torch.device("cpu"))  # the interpreter runs the dot kernel at any M

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 pytest.importorskip("triton")
 
 from lowbit.config import QuantConfig
+from lowbit.engine.kv_cache import KVCache
 from lowbit.model.linear import ConcatLinear, QuantLinear, pick_backend
 from lowbit.model.weights import load_model
 from tests.conftest import tiny_config
@@ -45,10 +46,21 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
     assert all(m.backend == "triton" and m.kernel_weight is not None for m in linears)
     assert all(m.qweight.device.type == "cpu" for m in linears), "checkpoint tensors wait on the host"
     assert isinstance(fast.layers[0].attention.wqkv, ConcatLinear) == distinct
+    sorted_inputs = [m for m in linears if m.input_order(1) is not None]
+    assert all(m.input_order(1 << 20) is None for m in linears) or DEVICE == "cpu", "large M: dequantize path"
+    assert bool(sorted_inputs) == desc_act, "act-order layers read x pre-sorted by the norm/SwiGLU before them"
     tokens = torch.randint(0, cfg["vocab_size"], (2, 7))
     with torch.no_grad():
         got, want = fast(tokens.to(DEVICE)).float().cpu(), ref(tokens)
     tol = 2e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    caches = KVCache(fast.config, 2, 16, dtype, DEVICE), KVCache(ref.config, 2, 16, torch.float32, "cpu")
+    rows, pos = torch.arange(2), torch.full((2, 1), 6)  # a prefill, then a step through the cache
+    with torch.no_grad():
+        fast(tokens[:, :6].to(DEVICE), None, caches[0], rows.to(DEVICE))
+        ref(tokens[:, :6], None, caches[1], rows)
+        got = fast(tokens[:, 6:].to(DEVICE), pos.to(DEVICE), caches[0], rows.to(DEVICE)).float().cpu()
+        want = ref(tokens[:, 6:], pos, caches[1], rows)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     linears[0].use_backend("reference", dtype)  # and back: the checkpoint tensors return to the device
     assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE

@@ -10,12 +10,17 @@ fresh prefill uses flash attention; elsewhere the torch reference with a mask.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from lowbit.config import ModelConfig
 from lowbit.kernels import ops
-from lowbit.kernels.reference import sdpa_reference
+from lowbit.kernels.reference import place_channels, sdpa_reference
+
+if TYPE_CHECKING:
+    from lowbit.kernels.qmatmul import ChannelOrder
 
 
 class KVCache:
@@ -45,25 +50,29 @@ class KVCache:
         return k_all[rows], v_all[rows]
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H, D].
+               mask: Tensor | None, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None) -> Tensor:
+        """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H * D].
 
         q and k are rotated by rope = (cos, sin) [B, T, D] (on CUDA q/k may be rotated in place), then k/v are
         stored at input_pos of slots `rows`. mask [B, 1, T, S] says which cached positions each token sees;
-        None means the rows are fresh sequences at positions 0..T-1, attending among themselves.
+        None means the rows are fresh sequences at positions 0..T-1, attending among themselves. order: the
+        output's channels (head c // D, dim c % D for channel c) come in this order (for an act-order wo).
         """
-        if q.is_cuda and q.shape[1] == 1 and mask is not None:  # decode: rotate, append, attend in one launch
+        B, T, H, D = q.shape
+        if q.is_cuda and T == 1 and mask is not None:  # decode: rotate, append, attend in one launch
             from lowbit.kernels.attention import decode_attention
 
-            slots = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
+            slots = rows if rows is not None else torch.arange(B, device=q.device)
             out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
-                                   input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]))
-            return out[:, None]
-        q, k = ops.rope(q, *rope, q.shape[2]), ops.rope(k, *rope, k.shape[2])
+                                   input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]),
+                                   positions=None if order is None else order.positions)
+            return out.view(B, 1, H * D)
+        q, k = ops.rope(q, *rope, H), ops.rope(k, *rope, k.shape[2])
         k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))
         if mask is None:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-        return sdpa_reference(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2)
+        y = sdpa_reference(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2).reshape(B, T, H * D)
+        return place_channels(y, order)
 
     def allocate(self) -> int | None:
         """A free slot number, or None when every slot is taken."""

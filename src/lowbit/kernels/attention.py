@@ -35,20 +35,24 @@ def _rotate(x, ptr, d, dm, c, s, HALF):
 
 @triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
-                   cos_ptr, sin_ptr,
+                   cos_ptr, sin_ptr, place_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
                    n_kv, D, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
                    SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                   ROPE: tl.constexpr, PDL: tl.constexpr):
-    release_next(PDL)
-    wait_previous(PDL)
+                   ROPE: tl.constexpr, PLACE: tl.constexpr, PDL: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(rows_ptr + b).to(tl.int64)
-    p = tl.load(pos_ptr + b).to(tl.int32)
     g, d = tl.arange(0, GP), tl.arange(0, BD)
     gm, dm = g < G, d < D
     heads = kvh * G + g  # query heads of this kv head; q/out heads are D apart, kv heads too
+    out_mask = gm[:, None] & dm[None, :]
+    channel = heads[:, None] * D + d[None, :]
+    if PLACE:  # the output's channels where the act-order wo reads them (constants: loaded before the wait)
+        channel = tl.load(place_ptr + channel, mask=out_mask, other=0)
+    release_next(PDL)
+    wait_previous(PDL)
+    slot = tl.load(rows_ptr + b).to(tl.int64)
+    p = tl.load(pos_ptr + b).to(tl.int32)
     b64 = b.to(tl.int64)
     q_row = q_ptr + b64 * stride_qb + heads[:, None] * D
     q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
@@ -96,8 +100,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out_offs = b64 * stride_ob + heads[:, None] * D + d[None, :]
-    out_mask = gm[:, None] & dm[None, :]
+    out_offs = b64 * stride_ob + channel
     if SPLITS == 1:
         tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -143,13 +146,15 @@ def num_splits(max_seq_len: int, programs: int = 1, sms: int = 0) -> int:
 
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
-                     rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                     rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None) -> Tensor:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride), k_cache/v_cache
     [slots, KV, S, D], rows/pos [B] int, locks int32 [>= B * KV] zeros (left zero). -> [B, H, D] (in `out`
     when given). rope = (cos, sin) [B, D] (half-split layout): q and k_new are rotated first (as
     `lowbit.kernels.norm_rope.rope_`, in float32, rounded once), and the rotated key is what gets cached.
+    positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
+    of its row (`reference.place_channels`), the order an act-order wo reads.
     """
     B, H, D = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]
@@ -158,6 +163,10 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             raise ValueError(f"{name}: heads must be D apart with D contiguous, got strides {t.stride()}")
     if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("k/v caches must share a layout with the head dim contiguous")
+    if positions is not None and (positions.shape != (H * D,) or positions.dtype != torch.int32):
+        raise ValueError(f"positions must be int32 [{H * D}], got {positions.dtype} {tuple(positions.shape)}")
+    if out is not None and positions is not None and (out.stride(1) != D or out.stride(2) != 1):
+        raise ValueError("positions need each output row's heads contiguous")
     if locks.numel() < B * n_kv:
         raise ValueError(f"locks has {locks.numel()} counters, needs {B * n_kv}")
     G = H // n_kv
@@ -172,9 +181,11 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     if B:
         _decode_kernel[(B, n_kv, splits)](
             q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks, cos, sin,
+            positions if positions is not None else rows,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
-            IEEE=q.dtype == torch.float32, ROPE=rope is not None, num_warps=4, **pdl_launch(q))
+            IEEE=q.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
+            **pdl_launch(q))
     return out

@@ -8,10 +8,14 @@ References: `lowbit.kernels.reference`; kernels: `lowbit.kernels.norm_rope`.
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from lowbit.kernels import reference
+
+if TYPE_CHECKING:
+    from lowbit.kernels.qmatmul import ChannelOrder
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -25,18 +29,26 @@ def _fused(x: Tensor):
     return None
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    k = _fused(x)
-    return k.rms_norm(x, weight, eps) if k else reference.rms_norm_reference(x, weight, eps)
+def _sources(order: ChannelOrder | None) -> Tensor | None:
+    return None if order is None else order.sources
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(RMSNorm(x + residual), x + residual) in one pass."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None = None) -> Tensor:
+    """RMSNorm(x), its channels in `order` when given (the order an act-order linear reads them in)."""
     k = _fused(x)
     if k:
-        return k.rms_norm(x, weight, eps, residual)
+        return k.rms_norm(x, weight, eps, sources=_sources(order))
+    return reference.place_channels(reference.rms_norm_reference(x, weight, eps), order)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 order: ChannelOrder | None = None) -> tuple[Tensor, Tensor]:
+    """(RMSNorm(x + residual) in `order` as `rms_norm`, x + residual) in one pass."""
+    k = _fused(x)
+    if k:
+        return k.rms_norm(x, weight, eps, residual, _sources(order))
     h = x + residual
-    return reference.rms_norm_reference(h, weight, eps), h
+    return reference.place_channels(reference.rms_norm_reference(h, weight, eps), order), h
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
@@ -45,6 +57,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
     return k.rope_(x, cos, sin, n_rot) if k else reference.rope_reference(x, cos, sin, n_rot)
 
 
-def silu_mul(x: Tensor) -> Tensor:
+def silu_mul(x: Tensor, order: ChannelOrder | None = None) -> Tensor:
+    """silu(gate) * up of [..., 2I] (gate first), its channels in `order` when given."""
     k = _fused(x)
-    return k.silu_mul(x) if k else reference.silu_mul_reference(x)
+    return k.silu_mul(x, _sources(order)) if k else reference.place_channels(reference.silu_mul_reference(x), order)

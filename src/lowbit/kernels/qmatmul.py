@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
+from lowbit.kernels.sync import (
+    fence_gpu,
+    interpreting,
+    pdl_launch,
+    release_next,
+    wait_previous,
+)
 
 SLOT = 16  # rows per field of a 16-word tile; also the K of one tensor-core step
 
@@ -43,6 +49,22 @@ def _mantissa(bits: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class ChannelOrder:
+    """The column order in which an act-order linear reads its input (`QWeight.input_order`: rows sorted by
+    group), in both index forms. The kernel that produces the input writes it in this order, so the linear
+    reads x contiguously: kernels that compute whole rows (RMSNorm, SiLU*up) gather through `sources`, kernels
+    that compute some of the channels (the GEMV's SwiGLU finish, decode attention) scatter through
+    `positions`. A gather re-reads a row that sits in L1; scattered 2-byte stores each cost a partial L2
+    sector (6x slower for a 128-token prefill's SiLU*up on an H100)."""
+
+    positions: Tensor  # int32 [K]: the column of input channel k
+    sources: Tensor  # int32 [K]: the input channel at column j (the inverse of positions)
+
+    def to(self, device) -> ChannelOrder:
+        return ChannelOrder(self.positions.to(device), self.sources.to(device))
+
+
+@dataclass(frozen=True)
 class QWeight:
     """A GPTQ linear in the kernels' layout (see the module docstring). Kp = padded rows, G = groups."""
 
@@ -57,6 +79,7 @@ class QWeight:
     in_features: int  # K
     group_slots: int  # aligned runs of this many slots share a group (a power of 2 dividing F): one s/z row
     tail_perm: bool  # perm[:K] is a permutation of 0..K-1 and only rows >= K pad: callers may gather x
+    input_order: ChannelOrder | None = None  # when tail_perm and perm is not None: x's channels as rows sorted
 
     @property
     def out_features(self) -> int:
@@ -66,11 +89,18 @@ class QWeight:
     def padded_rows(self) -> int:
         return self.slot_group.shape[0] * SLOT
 
-    def to(self, device) -> "QWeight":
+    def to(self, device) -> QWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QWeight(move(self.qweight), move(self.qhigh), move(self.scales), move(self.zeros),
-                       move(self.slot_group), move(self.perm), move(self.locks), self.bits,
-                       self.in_features, self.group_slots, self.tail_perm)
+        return replace(self, **{f: move(getattr(self, f)) for f in
+                                ("qweight", "qhigh", "scales", "zeros", "slot_group", "perm", "locks", "input_order")})
+
+    def for_sorted_input(self) -> QWeight:
+        """This weight for an x whose channels already come in `input_order`: the kernels then read x
+        contiguously, as for a weight without act-order. The kernel that produces x (RMSNorm, SwiGLU,
+        attention) places the channels, so act-order costs the linear no gather."""
+        if self.input_order is None:
+            raise ValueError("this weight reads x in input-channel order already (no input_order)")
+        return replace(self, perm=None, input_order=None)
 
 
 def _pack_fields(codes: Tensor, width: int, fields: int) -> Tensor:
@@ -140,6 +170,8 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
         perm=None if in_order else src.to(torch.int32),
         locks=torch.zeros(-(-n // 16), dtype=torch.int32, device=dev),
         bits=bits, in_features=k, group_slots=group_slots, tail_perm=tail,
+        input_order=ChannelOrder(torch.argsort(src[:k]).to(torch.int32), src[:k].to(torch.int32))
+        if tail and not in_order else None,
     )
 
 
@@ -221,14 +253,17 @@ def _halves(t):
 
 
 @triton.jit
-def _store(y_ptr, mn, mask, total, SWIGLU: tl.constexpr):
+def _store(y_ptr, mn, mask, total, SWIGLU: tl.constexpr, pos_ptr, HAS_POS: tl.constexpr):
     """y[mn] = total; SWIGLU: total [1, 2B] is gate columns then their up columns, and y gets silu(gate) * up at
-    the gate columns, rounded where torch's silu-then-mul rounds (gate/up, silu, product)."""
+    the gate columns (HAS_POS, one row: at pos[column], the next linear's act-order positions), rounded where
+    torch's silu-then-mul rounds (gate/up, silu, product)."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     if SWIGLU:
         g, u = _halves(total)
         mn_g, _ = _halves(mn)
         ok_g, _ = _halves(mask)
+        if HAS_POS:
+            mn_g = tl.load(pos_ptr + mn_g, mask=ok_g, other=0)
         gf = g.to(dt).to(tl.float32)
         act = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
         tl.store(y_ptr + mn_g, (act * u.to(dt).to(tl.float32)).to(dt), mask=ok_g)
@@ -238,7 +273,8 @@ def _store(y_ptr, mn, mask, total, SWIGLU: tl.constexpr):
 
 @triton.jit
 def _finish(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
-            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr):
+            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr, pos_ptr,
+            HAS_POS: tl.constexpr):
     """Write the [BM, BN] fp32 tile `out` (+ bias) of columns offs_n (n_ok: which exist) to y (see `_store`);
     with split > 1 (SP = its next power of two, so few compiled variants) the last of the K-splits to arrive
     sums all partials (fixed order, so results are deterministic) with their loads issued together, and resets
@@ -250,7 +286,7 @@ def _finish(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, loc
     else:
         bias = tl.zeros((1, out.shape[1]), tl.float32)
     if SP == 1:
-        _store(y_ptr, mn, mask, out + bias, SWIGLU)
+        _store(y_ptr, mn, mask, out + bias, SWIGLU, pos_ptr, HAS_POS)
     else:
         tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
         if FENCE:
@@ -262,7 +298,7 @@ def _finish(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, loc
             for s in tl.static_range(1, SP):  # unrolled: the partials' loads are issued together
                 live = (offs_m[:, None] < tl.where(s < split, M, 0)) & n_ok[None, :]
                 total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
-            _store(y_ptr, mn, mask, total, SWIGLU)
+            _store(y_ptr, mn, mask, total, SWIGLU, pos_ptr, HAS_POS)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
 
 
@@ -348,12 +384,12 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
+def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 SWIGLU: tl.constexpr, PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
@@ -407,7 +443,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     _finish(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
-            lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU)
+            lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
 
 
 @triton.jit
@@ -504,7 +540,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                     w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
                     acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
     _finish(acc, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1),
-            HAS_BIAS, SP, FENCE, False)
+            HAS_BIAS, SP, FENCE, False, b_ptr, False)
 
 
 @triton.jit
@@ -580,7 +616,7 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False):
+          swiglu=False, positions=None):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
@@ -589,12 +625,13 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
     _gemv_kernel[(tiles, splits)](
-        x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
+        x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
-        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, num_warps=num_warps,
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
+        num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(x2))
 
 
@@ -668,13 +705,22 @@ def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
     return next((kernel, config) for bound, kernel, config in CUDA_CONFIGS if m <= bound)
 
 
+def sorted_input_pays(m: int, device: torch.device) -> bool:
+    """Whether the kernel for M rows gains from x arriving in an act-order weight's `input_order`. The GEMV and
+    tensor-core kernels read x in packed-row order; the large-M path dequantizes W into channel order for
+    cuBLAS, so there placing x's channels would only cost its producer (an H100, M=1024: SiLU*up 24 -> 143 us)."""
+    return pick_kernel(m, device)[0] != "dequant"
+
+
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
-            config: dict | None = None, out: Tensor | None = None, swiglu: bool = False) -> Tensor:
+            config: dict | None = None, out: Tensor | None = None, swiglu: bool = False,
+            order: ChannelOrder | None = None) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
 
     swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
     the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
-    other kernels compute y first.
+    other kernels compute y first. order (swiglu only; the `input_order` of the next, act-order, linear): the
+    activations come out in that order, so that linear reads them contiguously.
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
@@ -682,6 +728,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs gate and up columns of equal count, got {n} columns")
+    if order is not None and (not swiglu or order.positions.shape != (n // 2,)):
+        raise ValueError(f"an order goes with swiglu and places each of its {n // 2} outputs")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -695,11 +743,11 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if swiglu and kernel != "gemv":
         from lowbit.kernels.norm_rope import silu_mul
 
-        act = silu_mul(qmatmul(x2, w, bias, kernel, config))
+        act = silu_mul(qmatmul(x2, w, bias, kernel, config), None if order is None else order.sources)
         act = act if out is None else out.view(m, n // 2).copy_(act)
         return act.view(*lead, n // 2)
     if swiglu:
-        config, n = {**(config or {}), "swiglu": True}, n // 2
+        config, n = {**(config or {}), "swiglu": True, "positions": None if order is None else order.positions}, n // 2
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out.view(m, n)
     if m == 0:
         return y.view(*lead, n)
@@ -710,8 +758,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         return y.view(*lead, n)
     if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
         x2 = x2.index_select(1, w.perm[:k].long())
-        w = QWeight(w.qweight, w.qhigh, w.scales, w.zeros, w.slot_group, None, w.locks, w.bits, k,
-                    w.group_slots, True)
+        w = w.for_sorted_input()
     elif x2.stride(1) != 1:
         x2 = x2.contiguous()
     launch = {"gemv": _gemv, "dot": _dot}[kernel]

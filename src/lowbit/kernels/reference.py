@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lowbit.kernels.qmatmul import QWeight
+    from lowbit.kernels.qmatmul import ChannelOrder, QWeight
 
 SLOT = 16
 
@@ -28,7 +28,7 @@ def _unpack_fields(words: Tensor, width: int, fields: int) -> Tensor:
     return ((w >> shifts) & ((1 << width) - 1)).view(-1, n)
 
 
-def unpack_layout(w: "QWeight") -> tuple[Tensor, Tensor]:
+def unpack_layout(w: QWeight) -> tuple[Tensor, Tensor]:
     """-> (codes int64 [Kp, N] in packed row order, the scales/zeros row (run) of each packed row [Kp])."""
     if w.bits == 3:
         codes = _unpack_fields(w.qweight, 2, 16) | (_unpack_fields(w.qhigh, 1, 16) << 2)
@@ -37,7 +37,7 @@ def unpack_layout(w: "QWeight") -> tuple[Tensor, Tensor]:
     return codes, torch.arange(codes.shape[0], device=codes.device) // (SLOT * w.group_slots)
 
 
-def dequant_reference(w: "QWeight", dtype: torch.dtype = torch.float32) -> Tensor:
+def dequant_reference(w: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     """W [K, N] in input-channel order: W[k, n] = (q - z[g]) * s[g], computed in float32, rounded once."""
     codes, group = unpack_layout(w)
     s = w.scales.float()[group]
@@ -51,7 +51,7 @@ def dequant_reference(w: "QWeight", dtype: torch.dtype = torch.float32) -> Tenso
     return out.to(dtype)
 
 
-def qmatmul_reference(x: Tensor, w: "QWeight", bias: Tensor | None = None) -> Tensor:
+def qmatmul_reference(x: Tensor, w: QWeight, bias: Tensor | None = None) -> Tensor:
     """x [..., K] -> x @ W + bias [..., N], accumulated in float64 from W in x's dtype, returned in x's dtype."""
     W = dequant_reference(w, x.dtype).double()
     y = x.double() @ W
@@ -68,6 +68,11 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def place_channels(x: Tensor, order: ChannelOrder | None) -> Tensor:
+    """x [..., K] with its channels in `order` (None: x itself): the reference of every producer's placement."""
+    return x if order is None else x.index_select(-1, order.sources)
 
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:

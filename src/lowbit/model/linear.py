@@ -82,6 +82,7 @@ class QuantLinear(nn.Module):
         self.backend = "reference"
         self.dense_weight: Tensor | None = None
         self.kernel_weight = None  # lowbit.kernels.qmatmul.QWeight for the "triton" backend
+        self._sorted_input_weight = None  # kernel_weight.for_sorted_input(): for inputs already in input_order
 
     def use_backend(self, backend: str, dtype: torch.dtype) -> None:
         """Switch how forward computes; called once after the weights are loaded."""
@@ -89,7 +90,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown QuantLinear backend {backend!r}; one of {', '.join(BACKEND_NAMES)}")
         if self.kernel_weight is not None:  # back from "triton": the checkpoint tensors return to the device
             self._move_checkpoint(self.kernel_weight.qweight.device)
-            self.kernel_weight = None
+            self.kernel_weight = self._sorted_input_weight = None
         self.dense_weight = self.dequantize(dtype) if backend == "dense" else None
         if backend == "triton":
             from lowbit.kernels.qmatmul import repack
@@ -97,6 +98,8 @@ class QuantLinear(nn.Module):
             codes, zeros, scales, g_idx = pack.unpack(self.tensors, self.quant.bits, self.quant.checkpoint_format,
                                                       self.in_features)
             self.kernel_weight = repack(codes, zeros, scales, g_idx, self.quant.bits)
+            w = self.kernel_weight
+            self._sorted_input_weight = w.for_sorted_input() if w.input_order is not None else None
             del codes, zeros
             self._move_checkpoint(torch.device("cpu"))
         self.backend = backend
@@ -113,22 +116,46 @@ class QuantLinear(nn.Module):
         """Float weight [out_features, in_features], computed in `dtype` (default: the scales' dtype)."""
         return pack.dequantize(self.tensors, self.quant.bits, self.quant.checkpoint_format, self.in_features, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def input_order(self, rows: int):
+        """The order (a `qmatmul.ChannelOrder`) in which this layer reads `rows` rows of input; None: in order.
+
+        Act-order weights on the "triton" backend have their rows sorted by group; gathering x to match costs
+        the GEMV a dependent load per value. The kernel that produces x (RMSNorm, SwiGLU, attention) can
+        instead write it in this order and call `forward(x, sorted_input=True)`. None also where the kernel
+        for that many rows reads x in channel order anyway (`qmatmul.sorted_input_pays`)."""
+        w = self.kernel_weight
+        if w is None or w.input_order is None:
+            return None
+        from lowbit.kernels.qmatmul import sorted_input_pays
+
+        return w.input_order if sorted_input_pays(rows, w.qweight.device) else None
+
+    def _weight(self, sorted_input: bool):
+        if not sorted_input:
+            return self.kernel_weight
+        if self._sorted_input_weight is None:
+            raise ValueError("sorted_input: this layer has no input_order (it reads its input in order)")
+        return self._sorted_input_weight
+
+    def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
+        """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there)."""
         if self.kernel_weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
-            return qmatmul(x, self.kernel_weight, self.bias)
+            return qmatmul(x, self._weight(sorted_input), self.bias)
+        self._weight(sorted_input)  # raises for sorted input: only the kernel layout has an input order
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def forward_swiglu(self, x: Tensor) -> Tensor:
+    def forward_swiglu(self, x: Tensor, sorted_input: bool = False, order=None) -> Tensor:
         """silu(gate) * up of this layer's output (its columns gate then up, a fused w13): the "triton" GEMV
-        computes it in its finish, saving decode a launch per layer."""
+        computes it in its finish, saving decode a launch per layer. order: the activations come out in this
+        order (the next linear's `input_order`)."""
         if self.kernel_weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
-            return qmatmul(x, self.kernel_weight, self.bias, swiglu=True)
-        return ops.silu_mul(self(x))
+            return qmatmul(x, self._weight(sorted_input), self.bias, swiglu=True, order=order)
+        return ops.silu_mul(self(x, sorted_input), order)
 
     def extra_repr(self) -> str:
         q = self.quant

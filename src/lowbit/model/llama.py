@@ -28,14 +28,27 @@ def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> 
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+def input_order(linear: nn.Module, x: Tensor):
+    """The order in which `linear` reads input like x (its channels last), for one that says
+    (`QuantLinear.input_order`: act-order rows sorted by group); None: in order. The norm, attention or SwiGLU
+    before it then writes x in that order."""
+    ask = getattr(linear, "input_order", None)
+    return None if ask is None else ask(x[..., 0].numel())
+
+
+def _linear(linear: nn.Module, x: Tensor, sorted_input: bool) -> Tensor:
+    return linear(x, sorted_input=True) if sorted_input else linear(x)
+
+
 class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
+               mask: Tensor | None, rope: tuple[Tensor, Tensor], order=None) -> Tensor:
         """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
-        into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H, D] of q
-        over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal)."""
+        into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H * D] of q
+        over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal), its channels
+        (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given."""
 
 
 class RMSNorm(nn.Module):
@@ -44,12 +57,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, order=None) -> Tensor:
+        """norm(x); order: its channels in the order the next linear reads them (`input_order`)."""
+        return ops.rms_norm(x, self.weight, self.eps, order)
 
-    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    def add_forward(self, x: Tensor, residual: Tensor, order=None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, order)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len: int, max_positions: int) -> Tensor:
@@ -112,16 +126,18 @@ class Attention(nn.Module):
         self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
-                rows: Tensor | None, input_pos: Tensor) -> Tensor:
+                rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False) -> Tensor:
+        """sorted_input: x's channels come in wqkv's `input_order`."""
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qkv = _linear(self.wqkv, x, sorted_input).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         if cache is not None:  # the cache applies RoPE (its decode kernel does it on the fly)
             q, k, v = qkv.split(self.split, dim=2)
-            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope)
-        else:  # GQA: sdpa_reference repeats each kv head for its n_heads / n_kv query heads
-            qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
-            q, k, v = qkv.split(self.split, dim=2)
-            y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
+            order = input_order(self.wo, x)  # act-order wo: the attention kernel writes in the order wo reads
+            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
+            return _linear(self.wo, y, order is not None)
+        qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
+        q, k, v = qkv.split(self.split, dim=2)  # GQA: sdpa_reference repeats each kv head for its group
+        y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
         return self.wo(y.reshape(B, T, -1))
 
 
@@ -132,10 +148,13 @@ class MLP(nn.Module):
         self.w13 = make_linear(f"{prefix}.w13", c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
+        """sorted_input: x's channels come in w13's `input_order`."""
         fused = getattr(self.w13, "forward_swiglu", None)  # a linear that applies SwiGLU itself (QuantLinear)
-        act = fused(x) if fused is not None else ops.silu_mul(self.w13(x))  # w13 holds gate then up
-        return self.w2(act)
+        if fused is None:  # w13 holds gate then up
+            return self.w2(ops.silu_mul(_linear(self.w13, x, sorted_input)))
+        order = input_order(self.w2, x)  # act-order w2: SwiGLU writes the activations in the order w2 reads
+        return _linear(self.w2, fused(x, sorted_input=sorted_input, order=order), order is not None)
 
 
 class Block(nn.Module):
@@ -156,13 +175,15 @@ class Block(nn.Module):
         """The block on hidden state x + residual (residual None: just x), returned as the pair (MLP output,
         residual stream) whose sum is the output: the model adds them inside the next block's norm (one launch
         for the add and the norm)."""
+        order = input_order(self.attention.wqkv, x)  # act-order: each norm writes x in the order its linear reads
         if residual is None:
-            n, h = self.attention_norm(x), x
+            n, h = self.attention_norm(x, order), x
         else:
-            n, h = self.attention_norm.add_forward(x, residual)
-        a = self.attention(n, rope, mask, cache, rows, input_pos)
-        n, h = self.ffn_norm.add_forward(a, h)  # h = h + a
-        return self.mlp(n), h
+            n, h = self.attention_norm.add_forward(x, residual, order)
+        a = self.attention(n, rope, mask, cache, rows, input_pos, sorted_input=order is not None)
+        order = input_order(self.mlp.w13, x)
+        n, h = self.ffn_norm.add_forward(a, h, order)  # h = h + a
+        return self.mlp(n, sorted_input=order is not None), h
 
 
 class Transformer(nn.Module):
