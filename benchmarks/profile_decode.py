@@ -2,6 +2,7 @@
 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/profile_decode.py [--shape llama-7b] [--variants gptq-4bit-g128,fp16]
+        [--prefill 128]   (also profile an eager prefill of that many tokens, the TTFT's main part)
 For each variant: a random model of the shape, one decode step at position 200 captured as a CUDA graph (as
 the engine runs it), replayed under torch.profiler. Prints, per kernel name: launches per step, GPU µs per
 step and share; then the step's wall time from CUDA events next to the summed kernel time (the difference is
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
 import os
+import pstats
 import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -67,7 +72,52 @@ def kernel_table(graph: torch.cuda.CUDAGraph):
     return table, sum(us for _, us in table.values()), kernels[:14]  # the step's first kernels, in order
 
 
-def profile_variant(shape: str, variant: str) -> None:
+def profile_prefill(model, tokens: int) -> None:
+    """Wall time of a batch-1 prefill of `tokens` (median of 5, eager as the engine runs it, PDL off) next to its
+    summed kernel time, its kernels by GPU time, and its host time by Python function: a wall far above the
+    kernels means host work or a sync."""
+    device = torch.device("cuda")
+    cache = KVCache(model.config, 1, tokens + 1, torch.float16, device)
+    x = torch.randint(1, model.config.vocab_size, (1, tokens), device=device)
+    rows = torch.zeros(1, dtype=torch.long, device=device)
+
+    def run():
+        with torch.inference_mode():
+            model(x, None, cache, rows, last_only=True)
+        torch.cuda.synchronize()
+
+    times = []
+    for i in range(7):
+        t0 = time.perf_counter()
+        run()
+        if i >= 2:  # the first runs compile
+            times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    host = cProfile.Profile()
+    host.enable()
+    run()
+    host.disable()
+    listing = io.StringIO()
+    pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(14)
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[short(e.name)][0] += 1
+            per[short(e.name)][1] += e.device_time
+    busy = sum(us for _, us in per.values())
+    say(f"- prefill of {tokens} tokens: {statistics.median(times) * 1e3:.2f} ms wall (median of 5, runs "
+        f"{', '.join(f'{t * 1e3:.1f}' for t in times)}), kernels {busy / 1e3:.2f} ms summed\n")
+    say("| kernel | launches | µs | share |")
+    say("|---|---|---|---|")
+    for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:12]:
+        say(f"| {name} | {n} | {us:.1f} | {us / busy:.1%} |")
+    say("\nHost time of one prefill by Python function (cProfile, own time first):\n\n```")
+    say("\n".join(line for line in listing.getvalue().splitlines() if line.strip())[-3000:])
+    say("```\n")
+
+
+def profile_variant(shape: str, variant: str, prefill: int = 0) -> None:
     device = torch.device("cuda")
     model = random_model(SHAPES[shape], VARIANTS[variant], device)
     cache = KVCache(model.config, 1, 384, torch.float16, device)
@@ -94,6 +144,10 @@ def profile_variant(shape: str, variant: str) -> None:
         say(f"| {name} | {n} | {us:.1f} | {us / max(n, 1):.1f} | {us / busy:.1%} |")
     say("\nThe step's first kernels in order (PDL off), µs: " + ", ".join(
         f"{short(e.name)} {e.device_time:.1f}" for e in first) + "\n")
+    if prefill:
+        os.environ["LOWBIT_PDL"] = "0"  # with PDL a kernel's span includes its wait for the one before
+        profile_prefill(model, prefill)
+        os.environ.pop("LOWBIT_PDL")
     del model, cache
     torch.cuda.empty_cache()
 
@@ -102,10 +156,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     p.add_argument("--variants", default="gptq-4bit-g128,fp16")
+    p.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens (0: no)")
     args = p.parse_args()
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}\n")
     for v in args.variants.split(","):
-        profile_variant(args.shape, v)
+        profile_variant(args.shape, v, args.prefill)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "profile_decode.md"), "w") as f:
