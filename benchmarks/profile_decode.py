@@ -1,8 +1,8 @@
-"""Where a decode step's time goes: the GPU time of each kernel in one captured decode step (batch 1).
+"""Where a decode step's time goes: the GPU time of each kernel in one captured decode step (batch 1 or --batch).
 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/profile_decode.py [--shape llama-7b] [--variants gptq-4bit-g128,fp16]
-        [--prefill 128]   (also profile an eager prefill of that many tokens, the TTFT's main part)
+        [--prefill 128]   (also profile an eager prefill of that many tokens, the TTFT's main part) [--batch 4]
 For each variant: a random model of the shape, one decode step at position 200 captured as a CUDA graph (as
 the engine runs it), replayed under torch.profiler. Prints, per kernel name: launches per step, GPU µs per
 step and share; then the step's wall time from CUDA events next to the summed kernel time (the difference is
@@ -117,22 +117,22 @@ def profile_prefill(model, tokens: int) -> None:
     say("```\n")
 
 
-def profile_variant(shape: str, variant: str, prefill: int = 0) -> None:
+def profile_variant(shape: str, variant: str, prefill: int = 0, batch: int = 1) -> None:
     device = torch.device("cuda")
     model = random_model(SHAPES[shape], VARIANTS[variant], device)
-    cache = KVCache(model.config, 1, 384, torch.float16, device)
+    cache = KVCache(model.config, batch, 384, torch.float16, device)
     results = {}
     for pdl in ("1", "0"):
         os.environ["LOWBIT_PDL"] = pdl
-        graphs = DecodeGraphs(model, cache, 1)  # captured anew: PDL is decided at capture
-        graphs.run([1], [200], [0])  # captures, and stages the inputs every replay below reuses
-        graph = graphs.graphs[1, 1].graph
+        graphs = DecodeGraphs(model, cache, batch)  # captured anew: PDL is decided at capture
+        graphs.run([1] * batch, [200] * batch, list(range(batch)))  # captures; stages the inputs replays reuse
+        graph = graphs.graphs[batch, 1].graph
         wall = step_wall_us(graph)
         table, busy, first = kernel_table(graph)
         results[pdl] = (wall, table, busy, first)
         del graphs
     os.environ.pop("LOWBIT_PDL")
-    say(f"## {shape} {variant}: one decode step, batch 1, position 200\n")
+    say(f"## {shape} {variant}: one decode step, batch {batch}, position 200\n")
     for pdl, (wall, _, busy, _) in results.items():
         say(f"- PDL {'on' if pdl == '1' else 'off'}: step {wall:.0f} µs wall (graph replay), kernels {busy:.0f} µs "
             f"summed ({busy / wall:.0%} of wall: with PDL kernels overlap, so this can pass 100%)")
@@ -157,10 +157,11 @@ def main() -> None:
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     p.add_argument("--variants", default="gptq-4bit-g128,fp16")
     p.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens (0: no)")
+    p.add_argument("--batch", type=int, default=1, help="rows of the decode step (a power of two: a graph bucket)")
     args = p.parse_args()
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}\n")
     for v in args.variants.split(","):
-        profile_variant(args.shape, v, args.prefill)
+        profile_variant(args.shape, v, args.prefill, args.batch)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "profile_decode.md"), "w") as f:

@@ -55,7 +55,7 @@ class ChannelOrder:
     reads x contiguously: kernels that compute whole rows (RMSNorm, SiLU*up) gather through `sources`, kernels
     that compute some of the channels (the GEMV's SwiGLU finish, decode attention) scatter through
     `positions`. A gather re-reads a row that sits in L1; scattered 2-byte stores each cost a partial L2
-    sector (6x slower for a 128-token prefill's SiLU*up on an H100)."""
+    sector (RMSNorm of one row on an H100: 5.1 us scattering, 2.0 gathering; benchmarks/results/gpu.md)."""
 
     positions: Tensor  # int32 [K]: the column of input channel k
     sources: Tensor  # int32 [K]: the input channel at column j (the inverse of positions)
@@ -708,7 +708,8 @@ def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
 def sorted_input_pays(m: int, device: torch.device) -> bool:
     """Whether the kernel for M rows gains from x arriving in an act-order weight's `input_order`. The GEMV and
     tensor-core kernels read x in packed-row order; the large-M path dequantizes W into channel order for
-    cuBLAS, so there placing x's channels would only cost its producer (an H100, M=1024: SiLU*up 24 -> 143 us)."""
+    cuBLAS, so there placing x's channels would only cost its producer (an H100, M=1024: SiLU*up 24 -> 143 us,
+    `benchmarks/small_ops.py`)."""
     return pick_kernel(m, device)[0] != "dequant"
 
 
