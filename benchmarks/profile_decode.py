@@ -56,19 +56,29 @@ def step_wall_us(graph: torch.cuda.CUDAGraph, replays: int = 50) -> float:
     return statistics.median(times)
 
 
+def gpu_kernels(prof) -> list:
+    """The profiled GPU kernels in launch order (memory copies left out)."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.startswith("Memcpy")]
+
+
+def per_kernel(kernels: list, runs: int = 1) -> dict[str, tuple[float, float]]:
+    """{kernel name: (launches per run, GPU µs per run)} of kernels profiled over `runs` runs."""
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        per[short(e.name)][0] += 1
+        per[short(e.name)][1] += e.device_time
+    return {k: (n / runs, us / runs) for k, (n, us) in per.items()}
+
+
 def kernel_table(graph: torch.cuda.CUDAGraph):
     """{kernel: (launches per step, µs per step)}, the summed kernel µs per step, and the step's first kernels."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
             graph.replay()
         torch.cuda.synchronize()
-    per = collections.defaultdict(lambda: [0, 0.0])
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith("Memcpy")]
-    for e in kernels:
-        per[short(e.name)][0] += 1
-        per[short(e.name)][1] += e.device_time
-    table = {k: (round(n / REPLAYS), us / REPLAYS) for k, (n, us) in per.items()}
+    kernels = gpu_kernels(prof)
+    table = {k: (round(n), us) for k, (n, us) in per_kernel(kernels, REPLAYS).items()}
     return table, sum(us for _, us in table.values()), kernels[:14]  # the step's first kernels, in order
 
 
@@ -100,18 +110,14 @@ def profile_prefill(model, tokens: int) -> None:
     host.disable()
     listing = io.StringIO()
     pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(14)
-    per = collections.defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[short(e.name)][0] += 1
-            per[short(e.name)][1] += e.device_time
+    per = per_kernel(gpu_kernels(prof))
     busy = sum(us for _, us in per.values())
     say(f"- prefill of {tokens} tokens: {statistics.median(times) * 1e3:.2f} ms wall (median of 5, runs "
         f"{', '.join(f'{t * 1e3:.1f}' for t in times)}), kernels {busy / 1e3:.2f} ms summed\n")
     say("| kernel | launches | µs | share |")
     say("|---|---|---|---|")
     for name, (n, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:12]:
-        say(f"| {name} | {n} | {us:.1f} | {us / busy:.1%} |")
+        say(f"| {name} | {n:.0f} | {us:.1f} | {us / busy:.1%} |")
     say("\nHost time of one prefill by Python function (cProfile, own time first):\n\n```")
     say("\n".join(line for line in listing.getvalue().splitlines() if line.strip())[-3000:])
     say("```\n")

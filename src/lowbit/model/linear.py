@@ -131,6 +131,8 @@ class QuantLinear(nn.Module):
         return w.input_order if sorted_input_pays(rows, w.qweight.device) else None
 
     def _weight(self, sorted_input: bool):
+        """The kernel weight for this input (None off the "triton" backend); raises for a sorted input the
+        layer cannot read."""
         if not sorted_input:
             return self.kernel_weight
         if self._sorted_input_weight is None:
@@ -139,11 +141,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
         """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there)."""
-        if self.kernel_weight is not None:
+        weight = self._weight(sorted_input)
+        if weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
-            return qmatmul(x, self._weight(sorted_input), self.bias)
-        self._weight(sorted_input)  # raises for sorted input: only the kernel layout has an input order
+            return qmatmul(x, weight, self.bias)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
