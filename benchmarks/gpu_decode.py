@@ -23,9 +23,10 @@ from lowbit.kernels import qmatmul
 
 
 def use_tuned(path: str) -> None:
-    """Replace rows of qmatmul.CUDA_CONFIGS with the winners of a benchmarks/kernels.py sweep (tuned.json)."""
+    """Replace rows of qmatmul.CUDA_CONFIGS (MMA_CUDA_CONFIGS for the mma kernel) with the winners of a
+    benchmarks/kernels.py sweep (tuned.json)."""
     for bound, kernel, config in json.loads(Path(path).read_text()):
-        rows = qmatmul.CUDA_CONFIGS
+        rows = qmatmul.MMA_CUDA_CONFIGS if kernel == "mma" else qmatmul.CUDA_CONFIGS
         rows[:] = sorted([r for r in rows if r[0] != bound] + [(bound, kernel, config)], key=lambda r: r[0])
         print(f"qmatmul: M <= {bound}: {kernel} {config}", file=sys.stderr)
 

@@ -38,7 +38,7 @@ def say(*a):
     print(line, flush=True)
 
 
-def random_weight(k, n, bits, group_size=128, act_order=False, seed=0):
+def random_weight(k, n, bits, group_size=128, act_order=False, seed=0, layout="auto"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     groups = pack.num_groups(k, group_size)
     codes = torch.randint(0, 1 << bits, (k, n), device="cuda", generator=g).to(torch.uint8)
@@ -47,7 +47,7 @@ def random_weight(k, n, bits, group_size=128, act_order=False, seed=0):
     g_idx = pack.default_g_idx(k, group_size).cuda()
     if act_order:
         g_idx = g_idx[torch.randperm(k, device="cuda", generator=g)]
-    return qm.repack(codes, zeros, scales, g_idx, bits)
+    return qm.repack(codes, zeros, scales, g_idx, bits, layout)
 
 
 def graph_time(fn, reps=5, replays=30) -> float:
@@ -181,43 +181,40 @@ def tinygemm(m, shapes=SHAPES):
 
 
 def _sweep_configs():
-    # The GEMV owns two [16, BN] column chunks a program; Triton gives a thread 4 adjacent columns of each, so
-    # num_warps = BN / 16 keeps 2 word rows a thread (the SASS with the fewest instructions a weight)
-    gemv = [("gemv", {"BN": bn, "num_warps": nw, "waves": wv, "unroll": un})
-            for bn, nw, un, waves in ((64, 4, 2, (4, 8, 6, 3, 2)), (64, 4, 1, (8, 4, 2)), (32, 2, 1, (8, 4)),
-                                      (32, 2, 2, (8, 4)), (64, 8, 1, (4, 2)), (64, 8, 2, (4, 2)))
-            for wv in waves]
-    dot16 = [("dot", {"BM": 16, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": st})
-             for bn, nw, wv, st in ((128, 2, 4, 2), (128, 2, 8, 2), (128, 2, 2, 3), (128, 4, 2, 3), (256, 4, 2, 2),
-                                    (256, 4, 1, 3), (64, 2, 4, 3), (64, 2, 2, 4), (64, 1, 4, 3), (128, 4, 1, 4))]
-    dot64 = [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "waves": wv})
-             for bm, bn, nw, wv in ((64, 128, 4, 2), (64, 128, 4, 4), (64, 128, 8, 2), (64, 64, 4, 4),
-                                    (64, 256, 8, 2), (64, 64, 2, 2))]
-    big = [("dequant", {})] + [("dot", {"BM": bm, "BN": bn, "num_warps": nw, "num_stages": st})
-                               for bm, bn, nw, st in ((128, 128, 8, 3),)]
-    return {1: gemv, 16: dot16, 64: dot64, 2048: big}
+    """(layout, kernel, config) to time at each M: the mma kernel's tiles, and the slots layout's default kernel as
+    the baseline (the GEMV's own sweep is in benchmarks/results/gpu.md, third session)."""
+    slots = [("slots", None, None)]
+    m1 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": nw, "stages": st, "prefetch": pf})
+          for ct, nw in ((4, 4), (8, 4), (16, 8)) for wv in (1, 2, 4) for st, pf in ((4, 2), (6, 2), (4, 0))]
+    m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": nw, "stages": st})
+           for ct, nw in ((4, 4), (8, 4), (8, 8)) for wv in (1, 2) for st in (3, 4)]
+    m64 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": nw, "stages": st})
+           for ct, nw in ((4, 4), (8, 4), (8, 8)) for wv in (1, 2) for st in (3, 4)]
+    big = [("mma", "dequant", {}), ("slots", "dequant", {})]
+    return {1: slots + m1, 16: slots + m16, 64: slots + m64, 2048: big}
 
 
 SWEEP = _sweep_configs()
 
 
-def sweep(w4):
+def sweep(weights):
+    """weights: {layout: the block's 4-bit weights in it}. -> {M: (us, layout, kernel, config)} of the fastest."""
     best = {}
     say("## tile sweep, 4-bit g128, one 7B block as the model runs it (4 fused launches), us\n")
-    say("| M | kernel | config | us |")
-    say("|---|---|---|---|")
+    say("| M | layout | kernel | config | us |")
+    say("|---|---|---|---|---|")
     for m in [int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,2048").split(",") if v]:  # "": no sweep
-        for kernel, config in SWEEP[m]:
+        for layout, kernel, config in SWEEP[m]:
             if time.time() > SWEEP_DEADLINE:
                 say("| (sweep cut short by the time budget) |")
                 return best
             try:
-                t = graph_time(ours(w4, m, kernel, config))
-                say(f"| {m} | {kernel} | {config} | {t:.1f} |")
+                t = graph_time(ours(weights[layout], m, kernel, config))
+                say(f"| {m} | {layout} | {kernel or 'default'} | {config or ''} | {t:.1f} |")
                 if m not in best or t < best[m][0]:
-                    best[m] = (t, kernel, config)
+                    best[m] = (t, layout, kernel, config)
             except Exception as e:
-                say(f"| {m} | {kernel} | {config} | ERROR {e!r:.200} |")
+                say(f"| {m} | {layout} | {kernel} | {config} | ERROR {e!r:.200} |")
                 traceback.print_exc()
     say("")
     return best
@@ -227,14 +224,15 @@ def per_shape(w4, best):
     """Each fused launch alone at M=1 (best config, with and without PDL): where the time goes."""
     if 1 not in best:
         return
-    say("## M=1 per launch, us (GB/s of weight bytes)\n")
+    _, layout, kernel, config = best[1]
+    say(f"## M=1 per launch ({layout} {kernel} {config}), us (GB/s of weight bytes)\n")
     say("| K x N | best | best, PDL off | ideal at 3.0 TB/s |")
     say("|---|---|---|---|")
-    for w in w4:
+    for w in w4[layout]:
         nbytes = w.qweight.numel() * 4 + w.scales.numel() * 4
         cells = []
         for wrap in (lambda fn: fn, without_pdl):
-            t = graph_time(wrap(ours([w] * 1, 1, best[1][1], best[1][2])), reps=20)
+            t = graph_time(wrap(ours([w] * 1, 1, kernel, config)), reps=20)
             cells.append(f"{t:.1f} ({nbytes / t / 1e3:.0f})")
         say(f"| {w.in_features} x {w.out_features} | {cells[0]} | {cells[1]} | {nbytes / 3e6:.1f} |")
     say("")
@@ -244,21 +242,27 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
     weight_mb = {b: sum(k * n * b / 8 + (k // 128) * n * 4 for k, n in shapes) / 1e6 for b in (3, 4, 8)}
     rows = {}
     w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(shapes)]
+    w4s = [random_weight(k, n, 4, seed=i, layout="slots") for i, (k, n) in enumerate(shapes)]
+    cuda = torch.device("cuda")
+
+    def sorted_input(ws, m):
+        return [w.for_sorted_input() for w in ws] if qm.sorted_input_pays(m, cuda, ws[0].layout) else ws
+
     variants = [("fp16 cuBLAS", lambda m: cublas(m, shapes)),
-                ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m))),
-                ("ours 4-bit g128, PDL off", lambda m: without_pdl(ours(w4, m, *pick(m)))),
+                ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m, w4))),
+                ("ours 4-bit g128, PDL off", lambda m: without_pdl(ours(w4, m, *pick(m, w4)))),
+                ("ours 4-bit g128, slots layout (the previous kernels)", lambda m: ours(w4s, m)),
                 ("ours 4-bit g128 act-order, as in the model (x arrives sorted, up to M=256)",
-                 lambda m: ours([w.for_sorted_input() for w in w4a] if qm.sorted_input_pays(m, torch.device("cuda")) else w4a, m,
-                                *pick(m))),
-                ("ours 4-bit g128 act-order, x gathered by the linear", lambda m: ours(w4a, m, *pick(m))),
-                ("ours 4-bit g128 act-order, in-kernel gather", lambda m: ours(w4a, m, *pick(m, host_gather=False))),
-                ("ours 8-bit g128", lambda m: ours(w8, m, *pick(m))),
-                ("ours 3-bit g128", lambda m: ours(w3, m, *pick(m))),
+                 lambda m: ours(sorted_input(w4a, m), m, *pick(m, w4a))),
+                ("ours 4-bit g128 act-order, x gathered by the linear", lambda m: ours(w4a, m, *pick(m, w4a))),
+                ("ours 8-bit g128", lambda m: ours(w8, m)),
+                ("ours 3-bit g128", lambda m: ours(w3, m)),
                 ("torch int4 tinygemm (bf16)", lambda m: tinygemm(m, shapes))]
 
-    def pick(m, **extra):
-        _, kernel, config = best.get(m, (0, None, None))
-        return kernel, {**(config or {}), **extra}
+    def pick(m, ws):
+        """The sweep's winner at M for weights in its layout, else the dispatch's default."""
+        _, layout, kernel, config = best.get(m, (0, None, None, None))
+        return (kernel, config) if layout == ws[0].layout else (None, None)
 
     w4a = [random_weight(k, n, 4, act_order=True, seed=10 + i) for i, (k, n) in enumerate(shapes)]
     w8 = [random_weight(k, n, 8, seed=20 + i) for i, (k, n) in enumerate(shapes)]
@@ -282,7 +286,7 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
              "|---|" + "---|" * len(MS)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(r.get(m, "") for m in MS) + " |")
-    lines.append("\nconfigs used for 'ours': " + "; ".join(f"M={m}: {k} {c}" for m, (_, k, c) in sorted(best.items())))
+    lines.append("\nconfigs used for 'ours': " + "; ".join(f"M={m}: {lay} {k} {c}" for m, (_, lay, k, c) in sorted(best.items())))
     return w4, "\n".join(lines)
 
 
@@ -296,7 +300,8 @@ def main():
         t0 = time.time()
         correctness()
         say(f"(correctness: {time.time() - t0:.0f} s)\n")
-    w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(FUSED)]  # sweep what the model runs
+    w4 = {layout: [random_weight(k, n, 4, seed=i, layout=layout) for i, (k, n) in enumerate(FUSED)]
+          for layout in ("mma", "slots")}  # sweep what the model runs
     t0 = time.time()
     best = sweep(w4)
     say(f"(sweep: {time.time() - t0:.0f} s)\n")
@@ -307,7 +312,7 @@ def main():
 
         bounds = {1: 1, 16: 16, 64: 64, 2048: 1 << 62}
         with open(os.path.join(out, "tuned.json"), "w") as f:
-            json.dump([[bounds[m], k, c or {}] for m, (_, k, c) in sorted(best.items())], f)
+            json.dump([[bounds[m], k, c or {}] for m, (_, lay, k, c) in sorted(best.items()) if k == "mma"], f)
     del w4
     torch.cuda.empty_cache()
     tables = [(FUSED, "the model runs them (4 launches: q/k/v and gate/up fused)")]

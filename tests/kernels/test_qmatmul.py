@@ -314,10 +314,10 @@ def test_zero_points_take_one_byte_unless_they_cannot():
 @pytest.mark.parametrize("bits", [3, 4])
 def test_repack_in_column_slices_equals_at_once(bits, monkeypatch):
     """Repack packs ~64 MB of columns at a time (a 13B load would otherwise hold a 1 GB int64 copy)."""
-    import lowbit.kernels.qmatmul as qm
+    import lowbit.kernels.layout as layout
 
     w_once, _ = make_weight(256, 200, bits, 64, True, False, "gptq")
-    monkeypatch.setattr(qm, "REPACK_ELEMENTS", 1)  # slices of 64 columns
+    monkeypatch.setattr(layout, "REPACK_ELEMENTS", 1)  # slices of 64 columns
     w_sliced, _ = make_weight(256, 200, bits, 64, True, False, "gptq")
     for a, b in ((w_once.qweight, w_sliced.qweight), (w_once.qhigh, w_sliced.qhigh), (w_once.perm, w_sliced.perm)):
         assert (a is None and b is None) or torch.equal(a, b)

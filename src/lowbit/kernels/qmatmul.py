@@ -1,179 +1,32 @@
-"""Triton kernels for GPTQ-quantized linears: the kernel weight layout (`QWeight`, `repack`) and `qmatmul`.
+"""`qmatmul`: y = x @ W for GPTQ weights in the kernels' layouts (`lowbit.kernels.layout`), and its kernels for
+the "slots" layout.
 
-Owns the packed layout the kernels read, its construction from codes/zeros/scales/g_idx, the four kernels
-(M=1 GEMV, split-K tensor-core kernel for M <= 16, tiled GEMM, dequantize) and the dispatch between them.
-Tensors in, tensors out: reading checkpoints (`lowbit.quant.pack`) and module wiring live elsewhere; the
-torch reference for every kernel is `lowbit.kernels.reference`.
-
-Layout. Input rows are first sorted by group (stable; act-order's `perm`), each group padded to a multiple
-of 16 rows, the total to whole blocks. A block holds 16*F rows (F fields per int32 word: 8 for 4-bit, 4 for
-8-bit, 16 for 2-bit and for the low two bits of 3-bit) in 16 words per column; field j of word w holds row
-16*j + w, so each field of a 16-word tile is 16 consecutive rows ("a slot") with one group. Scales and
-zeros are stored per run (aligned slots sharing a group), so kernels index them without a g_idx lookup.
-Dequantization needs no integer-to-float conversion: a field moved to the top of a float32 mantissa and or-ed with 1.0 is
-u = OFF + q/F exactly, and w = (q - z)*s = u*(F*s) - (OFF*F + z)*s is one exact FMA.
+Owns the "slots" kernels (M=1 GEMV, split-K tensor-core kernel, dequantize) and the dispatch between them and
+the "mma" layout's kernels (`lowbit.kernels.mma`). Tensors in, tensors out: reading checkpoints
+(`lowbit.quant.pack`) and module wiring live elsewhere; the torch reference for every kernel is
+`lowbit.kernels.reference`. Dequantization needs no integer-to-float conversion: a field moved to the top of a
+float32 mantissa and or-ed with 1.0 is u = OFF + q/F exactly, and w = (q - z)*s = u*(F*s) - (OFF*F + z)*s is
+one exact FMA.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels import mma
+from lowbit.kernels.layout import SLOT, ChannelOrder, QWeight, fields_per_word, repack  # noqa: F401 (API)
+from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.sync import (
-    fence_gpu,
     interpreting,
     pdl_launch,
     release_next,
     wait_previous,
 )
-
-SLOT = 16  # rows per field of a 16-word tile; also the K of one tensor-core step
-
-
-def fields_per_word(bits: int) -> int:
-    """Fields in one int32 word of `QWeight.qweight` (3-bit keeps its low 2 bits there, the high bit in qhigh)."""
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits={bits}: the kernels support 2, 3, 4, 8")
-    return 16 if bits == 3 else 32 // bits
-
-
-def _mantissa(bits: int) -> tuple[int, int]:
-    """(F, OFF) of u = OFF + q/F, the exact float a field unpacks to."""
-    return (4, 3) if bits == 3 else (1 << bits, 1)
-
-
-@dataclass(frozen=True)
-class ChannelOrder:
-    """The column order in which an act-order linear reads its input (`QWeight.input_order`: rows sorted by
-    group), in both index forms. The kernel that produces the input writes it in this order, so the linear
-    reads x contiguously: kernels that compute whole rows (RMSNorm, SiLU*up) gather through `sources`, kernels
-    that compute some of the channels (the GEMV's SwiGLU finish, decode attention) scatter through
-    `positions`. A gather re-reads a row that sits in L1; scattered 2-byte stores each cost a partial L2
-    sector (RMSNorm of one row on an H100: 5.1 us scattering, 2.0 gathering; benchmarks/results/gpu.md)."""
-
-    positions: Tensor  # int32 [K]: the column of input channel k
-    sources: Tensor  # int32 [K]: the input channel at column j (the inverse of positions)
-
-    def to(self, device) -> ChannelOrder:
-        return ChannelOrder(self.positions.to(device), self.sources.to(device))
-
-
-@dataclass(frozen=True)
-class QWeight:
-    """A GPTQ linear in the kernels' layout (see the module docstring). Kp = padded rows, G = groups."""
-
-    qweight: Tensor  # int32 [Kp/F, N]: block b, word w, field j -> packed row 16*F*b + 16*j + w
-    qhigh: Tensor | None  # int16 [Kp/16, N], 3-bit only: bit j of word 16b+w -> high bit of row 256b + 16j + w
-    scales: Tensor  # fp16 [R, N], one row per run of 16*group_slots packed rows (no g_idx lookup in kernels)
-    zeros: Tensor  # uint8 [R, N], true zero points (fp16 in the rare file whose zeros leave 0..255)
-    slot_group: Tensor  # int32 [Kp/16]: group of each slot of 16 packed rows (for inspection and tests)
-    perm: Tensor | None  # int32 [Kp]: input channel of each packed row, -1 = padding; None = identity
-    locks: Tensor  # int32 [ceil(N/16)]: split-K tile counters, zero between launches (one stream at a time)
-    bits: int
-    in_features: int  # K
-    group_slots: int  # aligned runs of this many slots share a group (a power of 2 dividing F): one s/z row
-    tail_perm: bool  # perm[:K] is a permutation of 0..K-1 and only rows >= K pad: callers may gather x
-    input_order: ChannelOrder | None = None  # when tail_perm and perm is not None: x's channels as rows sorted
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[1]
-
-    @property
-    def padded_rows(self) -> int:
-        return self.slot_group.shape[0] * SLOT
-
-    def to(self, device) -> QWeight:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, **{f: move(getattr(self, f)) for f in
-                                ("qweight", "qhigh", "scales", "zeros", "slot_group", "perm", "locks", "input_order")})
-
-    def for_sorted_input(self) -> QWeight:
-        """This weight for an x whose channels already come in `input_order`: the kernels then read x
-        contiguously, as for a weight without act-order. The kernel that produces x (RMSNorm, SwiGLU,
-        attention) places the channels, so act-order costs the linear no gather."""
-        if self.input_order is None:
-            raise ValueError("this weight reads x in input-channel order already (no input_order)")
-        return replace(self, perm=None, input_order=None)
-
-
-def _pack_fields(codes: Tensor, width: int, fields: int) -> Tensor:
-    """codes int64 [Kp, N] -> int64 words [Kp/fields, N]: field j of word (b, w) = row fields*16*b + 16j + w."""
-    kp, n = codes.shape
-    c = codes.view(kp // (SLOT * fields), fields, SLOT, n)
-    words = torch.zeros(c.shape[0], SLOT, n, dtype=torch.int64, device=codes.device)
-    for j in range(fields):
-        words |= c[:, j] << (width * j)
-    return words.view(-1, n)
-
-
-def _wrap(words: Tensor, dtype: torch.dtype) -> Tensor:
-    """Reinterpret unsigned values held in int64 as the two's-complement `dtype`."""
-    width = torch.iinfo(dtype).bits
-    return torch.where(words >= 1 << (width - 1), words - (1 << width), words).to(dtype)
-
-
-REPACK_ELEMENTS = 8 << 20  # int64 codes repack holds at once (64 MB): the load's transient memory
-
-
-def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int) -> QWeight:
-    """codes uint8 [K, N], TRUE zero points int [G, N], scales [G, N], g_idx int [K] -> QWeight."""
-    fields = fields_per_word(bits)
-    k, n = codes.shape
-    dev = codes.device
-    groups = scales.shape[0]
-    g_idx = g_idx.to(device=dev, dtype=torch.int64)
-    order = torch.sort(g_idx, stable=True).indices
-    counts = torch.bincount(g_idx, minlength=groups)
-    padded = (counts + SLOT - 1) // SLOT * SLOT
-    start, pstart = torch.cumsum(counts, 0) - counts, torch.cumsum(padded, 0) - padded
-    g_sorted = g_idx[order]
-    dest = pstart[g_sorted] + torch.arange(k, device=dev) - start[g_sorted]
-    block = SLOT * fields
-    kp = max(block, -(-int(padded.sum()) // block) * block)
-    src = torch.full((kp,), -1, dtype=torch.int64, device=dev)
-    src[dest] = order
-    slot_group = torch.full((kp // SLOT,), groups - 1, dtype=torch.int64, device=dev)
-    slot_group[: int(padded.sum()) // SLOT] = torch.repeat_interleave(torch.arange(groups, device=dev), padded // SLOT)
-
-    qweight = torch.empty(kp // fields, n, dtype=torch.int32, device=dev)
-    qhigh = torch.empty(kp // SLOT, n, dtype=torch.int16, device=dev) if bits == 3 else None
-    step = max(64, REPACK_ELEMENTS // kp)  # columns at a time: the int64 working copy stays ~64 MB (else 1 GB)
-    for c0 in range(0, n, step):
-        rows = codes[:, c0:c0 + step].to(torch.int64)[src.clamp(min=0)]
-        rows[src < 0] = 0
-        if bits == 3:
-            qweight[:, c0:c0 + step] = _wrap(_pack_fields(rows & 3, 2, fields), torch.int32)
-            qhigh[:, c0:c0 + step] = _wrap(_pack_fields(rows >> 2, 1, fields), torch.int16)
-        else:
-            qweight[:, c0:c0 + step] = _wrap(_pack_fields(rows, bits, fields), torch.int32)
-
-    zero_dtype = torch.uint8 if bool(((zeros >= 0) & (zeros <= 255)).all()) else torch.float16  # half the bytes
-    group_slots = fields
-    while group_slots > 1 and not bool((slot_group.view(-1, group_slots) == slot_group.view(-1, group_slots)[:, :1]).all()):
-        group_slots //= 2
-    run_group = slot_group.view(-1, group_slots)[:, 0]
-    identity = torch.arange(k, device=dev)
-    tail = bool((src[k:] < 0).all()) and (src[:k].sort().values == identity).all().item()
-    in_order = tail and bool((src[:k] == identity).all())
-    return QWeight(
-        qweight=qweight, qhigh=qhigh,
-        scales=scales.to(device=dev, dtype=torch.float16)[run_group].contiguous(),
-        zeros=zeros.to(device=dev, dtype=zero_dtype)[run_group].contiguous(),
-        slot_group=slot_group.to(torch.int32),
-        perm=None if in_order else src.to(torch.int32),
-        locks=torch.zeros(-(-n // 16), dtype=torch.int32, device=dev),
-        bits=bits, in_features=k, group_slots=group_slots, tail_perm=tail,
-        input_order=ChannelOrder(torch.argsort(src[:k]).to(torch.int32), src[:k].to(torch.int32))
-        if tail and not in_order else None,
-    )
-
 
 # ----------------------------------------------------------------------------------------------- kernels
 
@@ -243,63 +96,6 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
         v = (words >> 12) & (((1 << LO) - 1) << (LO * j - 12))
         xs = xj * _pow2(123 - LO * j)
     return xs * v.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _halves(t):
-    """[1, 2B] -> its two [B] halves."""
-    B: tl.constexpr = t.shape[1] // 2
-    return tl.split(tl.permute(tl.reshape(t, (2, B)), (1, 0)))
-
-
-@triton.jit
-def _store(y_ptr, mn, mask, total, SWIGLU: tl.constexpr, pos_ptr, HAS_POS: tl.constexpr):
-    """y[mn] = total; SWIGLU: total [1, 2B] is gate columns then their up columns, and y gets silu(gate) * up at
-    the gate columns (HAS_POS, one row: at pos[column], the next linear's act-order positions), rounded where
-    torch's silu-then-mul rounds (gate/up, silu, product)."""
-    dt: tl.constexpr = y_ptr.dtype.element_ty
-    if SWIGLU:
-        g, u = _halves(total)
-        mn_g, _ = _halves(mn)
-        ok_g, _ = _halves(mask)
-        if HAS_POS:
-            mn_g = tl.load(pos_ptr + mn_g, mask=ok_g, other=0)
-        gf = g.to(dt).to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
-        tl.store(y_ptr + mn_g, (act * u.to(dt).to(tl.float32)).to(dt), mask=ok_g)
-    else:
-        tl.store(y_ptr + mn, total.to(dt), mask=mask)
-
-
-@triton.jit
-def _finish(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, lock_id, pid_k, split,
-            HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr, pos_ptr,
-            HAS_POS: tl.constexpr):
-    """Write the [BM, BN] fp32 tile `out` (+ bias) of columns offs_n (n_ok: which exist) to y (see `_store`);
-    with split > 1 (SP = its next power of two, so few compiled variants) the last of the K-splits to arrive
-    sums all partials (fixed order, so results are deterministic) with their loads issued together, and resets
-    the tile's counter."""
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    mn = offs_m[:, None] * N + offs_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = tl.zeros((1, out.shape[1]), tl.float32)
-    if SP == 1:
-        _store(y_ptr, mn, mask, out + bias, SWIGLU, pos_ptr, HAS_POS)
-    else:
-        tl.store(ws_ptr + pid_k * M * N + mn, out, mask=mask)
-        if FENCE:
-            fence_gpu(offs_n)
-        tl.debug_barrier()
-        count = tl.atomic_add(lock_ptr + lock_id, 1)
-        if count == split - 1:
-            total = bias + tl.load(ws_ptr + mn, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SP):  # unrolled: the partials' loads are issued together
-                live = (offs_m[:, None] < tl.where(s < split, M, 0)) & n_ok[None, :]
-                total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
-            _store(y_ptr, mn, mask, total, SWIGLU, pos_ptr, HAS_POS)
-            tl.atomic_xchg(lock_ptr + lock_id, 0)
 
 
 @triton.jit
@@ -389,7 +185,8 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+                 PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
@@ -415,6 +212,23 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     acc1 = tl.zeros((16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+    if STAGES > 1:  # words streamed through shared memory (cp.async), STAGES - 1 blocks in flight
+        for p in tl.static_range(PREFETCH):  # into L2 while the previous kernel drains (PDL)
+            pb = tl.minimum(b_start + p, b_end - 1)
+            _prefetch_l2(qw_ptr, pb, wi, c0, N, BN)
+            _prefetch_l2(qw_ptr, pb, wi, c1, N, BN)
+        release_next(PDL)
+        wait_previous(PDL)
+        for blk in tl.range(b_start, b_end, num_stages=STAGES):
+            w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
+            w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
+            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks,
+                                     c0, c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False)
+        out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
+        finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
+                lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
+        return
     w0, h0 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c0, ok0, N, BITS, EVEN_N)
     w1, h1 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c1, ok1, N, BITS, EVEN_N)
     if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
@@ -442,8 +256,18 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                                      HAS_PERM, SUB, EVEN_N, EVEN_K, True)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
-    _finish(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
+    finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
             lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
+
+
+@triton.jit
+def _prefetch_l2(qw_ptr, blk, wi, cols, N, BN: tl.constexpr):
+    """Ask L2 for block `blk`'s [16, BN] words of columns `cols` (one request per 128-byte line), no wait."""
+    lines = tl.arange(0, BN // 32) * 32
+    first = tl.min(cols, axis=0)
+    ptrs = qw_ptr + (blk * 16 + wi[:, None]).to(tl.int64) * N + first + lines[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -539,7 +363,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                     f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exact
                     w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
                     acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
-    _finish(acc, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1),
+    finish_tile(acc, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1),
             HAS_BIAS, SP, FENCE, False, b_ptr, False)
 
 
@@ -589,6 +413,11 @@ CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     (256, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),  # 256: a 256-token prefill chunk needs no float copy
     (1 << 62, "dequant", {}),
 ]
+# The same for weights in the "mma" layout (4-bit; `lowbit.kernels.mma`), which only its own kernels read.
+MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
+    (64, "mma", {"CT": 8, "waves": 2, "num_warps": 4, "stages": 4}),
+    (1 << 62, "dequant", {}),
+]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
 
 
@@ -616,7 +445,7 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None):
+          swiglu=False, positions=None, stages=1, prefetch=0):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
@@ -631,7 +460,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        num_warps=num_warps,
+        STAGES=stages, PREFETCH=prefetch if fence else 0, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(x2))
 
 
@@ -664,6 +493,8 @@ def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stage
 def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, BK: int = 64, BN: int = 128,
                cols: tuple[int, int] | None = None) -> Tensor:
     """-> W [K, N] (or its columns cols = (n0, n1)) in `dtype`, rows in input-channel order: y = x @ W."""
+    if w.layout == "mma":
+        return mma.dequantize_mma(w, dtype, cols)
     n, k = w.out_features, w.in_features
     n0, n1 = cols or (0, n)
     out = torch.empty(k, n1 - n0, dtype=dtype, device=w.qweight.device)
@@ -695,22 +526,24 @@ def _dequant_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, work
             torch.addmm(bias[n0:n1].to(x2.dtype), x2, W, out=y[:, n0:n1])
 
 
-KERNELS = ("gemv", "dot", "dequant")
+KERNELS = ("gemv", "dot", "dequant", "mma")
+LAYOUT_KERNELS = {"slots": ("gemv", "dot", "dequant"), "mma": ("mma", "dequant")}
 
 
-def pick_kernel(m: int, device: torch.device) -> tuple[str, dict]:
-    """(kernel, launcher keywords) for M rows on `device`."""
+def pick_kernel(m: int, device: torch.device, layout: str = "slots") -> tuple[str, dict]:
+    """(kernel, launcher keywords) for M rows on `device` and a weight in `layout`."""
     if device.type != "cuda":
-        return ("gemv" if m == 1 else "dot"), {}
-    return next((kernel, config) for bound, kernel, config in CUDA_CONFIGS if m <= bound)
+        return ("mma" if layout == "mma" else "gemv" if m == 1 else "dot"), {}
+    table = MMA_CUDA_CONFIGS if layout == "mma" else CUDA_CONFIGS
+    return next((kernel, config) for bound, kernel, config in table if m <= bound)
 
 
-def sorted_input_pays(m: int, device: torch.device) -> bool:
+def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bool:
     """Whether the kernel for M rows gains from x arriving in an act-order weight's `input_order`. The GEMV and
     tensor-core kernels read x in packed-row order; the large-M path dequantizes W into channel order for
     cuBLAS, so there placing x's channels would only cost its producer (an H100, M=1024: SiLU*up 24 -> 143 us,
     `benchmarks/small_ops.py`)."""
-    return pick_kernel(m, device)[0] != "dequant"
+    return pick_kernel(m, device, layout)[0] != "dequant"
 
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
@@ -735,13 +568,18 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if kernel is None:
-        kernel, picked = pick_kernel(m, x.device)
+        kernel, picked = pick_kernel(m, x.device, w.layout)
+        if kernel == "mma" and x.dtype != torch.float16:  # its PTX multiplies fp16
+            kernel, picked = "dequant", {}
         config = {**picked, **(config or {})}
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    if kernel not in LAYOUT_KERNELS[w.layout]:
+        raise ValueError(f"the {kernel} kernel does not read the {w.layout} layout")
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
-    if swiglu and kernel != "gemv":
+    fused = kernel == "gemv" or (kernel == "mma" and m == 1)
+    if swiglu and not fused:
         from lowbit.kernels.norm_rope import silu_mul
 
         act = silu_mul(qmatmul(x2, w, bias, kernel, config), None if order is None else order.sources)
@@ -757,11 +595,16 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if kernel == "dequant":
         _dequant_matmul(x2, w, bias, y, **config)
         return y.view(*lead, n)
-    if gather and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
+    if (gather or kernel == "mma") and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
         x2 = x2.index_select(1, w.perm[:k].long())
         w = w.for_sorted_input()
     elif x2.stride(1) != 1:
         x2 = x2.contiguous()
+    if kernel == "mma":
+        if not mma.supports(x2, w):  # a view (strided, or not 16-byte aligned): a fresh copy is both
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        mma.mma_matmul(x2, w, bias, y, sm_count(x2.device), **config)
+        return y.view(*lead, n)
     launch = {"gemv": _gemv, "dot": _dot}[kernel]
     launch(x2, w, bias, y, **config)
     return y.view(*lead, n)

@@ -1,7 +1,7 @@
 """Torch references for the kernels in this package: slow, obvious, and run on any device.
 
-Owns `unpack_layout` / `dequant_reference` / `qmatmul_reference` for the `QWeight` layout of
-`lowbit.kernels.qmatmul` (read through its fields, so this file imports no Triton), and the model's small
+Owns `unpack_layout` / `dequant_reference` / `qmatmul_reference` for both `QWeight` layouts of
+`lowbit.kernels.layout` (read through its fields and decoded here independently of the packing code), and the model's small
 ops (RMSNorm, RoPE, SiLU-and-multiply, attention) that `lowbit.kernels.ops` runs off CUDA. Tests compare every
 kernel with these, and these with the GPTQ on-disk dequantization of `lowbit.quant.pack`.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lowbit.kernels.qmatmul import ChannelOrder, QWeight
+    from lowbit.kernels.layout import ChannelOrder, QWeight
 
 SLOT = 16
 
@@ -28,9 +28,28 @@ def _unpack_fields(words: Tensor, width: int, fields: int) -> Tensor:
     return ((w >> shifts) & ((1 << width) - 1)).view(-1, n)
 
 
+def _unpack_mma(words: Tensor, kp: int, n: int) -> Tensor:
+    """"mma" words [N/16, 2Kp] -> codes int64 [Kp, N]: word (ct, slab s, lane 4g + t, p) holds rows
+    64s + 16t + 4p + h of columns 16ct + g (ab = 0) and 16ct + 8 + g (ab = 1) at nibble ab + 2*(h//2) + 4*(h%2)."""
+    w = words.to(torch.int64).view(n // 16, kp // 64, 8, 4, 4)  # ct, slab, g, t, p
+    codes = torch.empty(n // 16, kp // 64, 8, 4, 4, 4, 2, dtype=torch.int64, device=words.device)
+    for h in range(4):
+        for ab in range(2):
+            codes[..., h, ab] = (w >> (4 * (ab + 2 * (h // 2) + 4 * (h % 2)))) & 15
+    return codes.permute(1, 3, 4, 5, 0, 6, 2).reshape(kp, n)  # (slab, t, p, h) rows, (ct, ab, g) columns
+
+
+def _natural_columns(t: Tensor) -> Tensor:
+    """"mma" scales/zeros [R, N] (position 2g + ab of each 16-tile holds column 8ab + g) -> column order."""
+    r, n = t.shape
+    return t.reshape(r, n // 16, 8, 2).transpose(2, 3).reshape(r, n)
+
+
 def unpack_layout(w: QWeight) -> tuple[Tensor, Tensor]:
     """-> (codes int64 [Kp, N] in packed row order, the scales/zeros row (run) of each packed row [Kp])."""
-    if w.bits == 3:
+    if w.layout == "mma":
+        codes = _unpack_mma(w.qweight, w.padded_rows, w.out_features)
+    elif w.bits == 3:
         codes = _unpack_fields(w.qweight, 2, 16) | (_unpack_fields(w.qhigh, 1, 16) << 2)
     else:
         codes = _unpack_fields(w.qweight, w.bits, 32 // w.bits)
@@ -40,8 +59,9 @@ def unpack_layout(w: QWeight) -> tuple[Tensor, Tensor]:
 def dequant_reference(w: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     """W [K, N] in input-channel order: W[k, n] = (q - z[g]) * s[g], computed in float32, rounded once."""
     codes, group = unpack_layout(w)
-    s = w.scales.float()[group]
-    z = w.zeros.float()[group]
+    scales, zeros = (w.scales, w.zeros) if w.layout != "mma" else map(_natural_columns, (w.scales, w.zeros))
+    s = scales.float()[group]
+    z = zeros.float()[group]
     rows = (codes.float() - z) * s
     k = w.in_features
     src = torch.arange(rows.shape[0], device=rows.device) if w.perm is None else w.perm.long()

@@ -97,7 +97,8 @@ class QuantLinear(nn.Module):
 
             codes, zeros, scales, g_idx = pack.unpack(self.tensors, self.quant.bits, self.quant.checkpoint_format,
                                                       self.in_features)
-            self.kernel_weight = repack(codes, zeros, scales, g_idx, self.quant.bits)
+            layout = "auto" if dtype == torch.float16 else "slots"  # the mma kernels multiply fp16
+            self.kernel_weight = repack(codes, zeros, scales, g_idx, self.quant.bits, layout)
             w = self.kernel_weight
             self._sorted_input_weight = w.for_sorted_input() if w.input_order is not None else None
             del codes, zeros
@@ -128,7 +129,7 @@ class QuantLinear(nn.Module):
             return None
         from lowbit.kernels.qmatmul import sorted_input_pays
 
-        return w.input_order if sorted_input_pays(rows, w.qweight.device) else None
+        return w.input_order if sorted_input_pays(rows, w.qweight.device, w.layout) else None
 
     def _weight(self, sorted_input: bool):
         """The kernel weight for this input (None off the "triton" backend); raises for a sorted input the

@@ -1,0 +1,367 @@
+"""Tensor-core kernels for 4-bit GPTQ weights in the "mma" layout (`lowbit.kernels.layout`): y = x @ W for a
+few rows of x (decode), and W itself (for cuBLAS at large M).
+
+Why: at decode sizes a linear moves its 4-bit weight once and does almost no arithmetic, so the kernel must
+stream the weight at memory speed; on CUDA cores the unpacking and multiply-adds cost ~4 instructions a weight,
+which caps an H100 near 2 TB/s. Here each int32 word is one thread's A operand of an mma.m16n8k16 (M = 16
+output columns, K = 16 rows): two LOP3s make half2 pairs 1024 + q and 1024 + 16q, one HSUB2 each takes the
+zero point off exactly (q - z and 16(q - z)), and the tensor core does the multiply-adds in float32, about
+1.3 instructions a weight. B holds x: its 8 columns are 8 rows of x (at M = 1 all of them row 0). Scales are
+applied per slab in float32 (the 16 of the second column of each pair folded in).
+
+Triton has no explicit register layouts, so the kernel relies on the one it gives a [R, 8, 16] int32 tile read
+with 16-byte loads: lane 4g + t of a warp holds elements [r, g, 4t : 4t + 4], which the layout stores as that
+lane's four words (`lowbit.kernels.layout`). The mma runs in inline PTX over those four elements; x, scales
+and zeros come in through inline loads (Triton's own loads would pick other layouts and shuffle through shared
+memory). The GPU tests check the whole kernel against the reference; Triton's CPU interpreter runs no PTX, so
+there `_emulate` does the same arithmetic with tensor ops, which keeps the layout's index math under CI.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.kernels.layout import QWeight
+from lowbit.kernels.splitk import finish_tile
+from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
+
+ROWS_PER_TILE = 8  # rows of x one mma's B holds
+MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
+
+
+def mma_asm(tiles: int) -> tuple[str, str]:
+    """The PTX of one step over a lane's four words (one slab of one 16-column tile) for `tiles` B tiles, and its
+    constraints. Operands: out acc[tiles][4]; in words[4], acc[tiles][4], b0[tiles][4], b1[tiles][4], zeros[4],
+    scales[4] (only the first of each zeros/scales pack is read)."""
+    n_out = 4 * tiles
+    W, A = n_out, n_out + 4
+    B0, B1 = A + n_out, A + 2 * n_out
+    Z = B1 + n_out
+    S = Z + 4
+    lines = ["{", ".reg .b32 q0, q1, q2, q3, t, za, zb;", f".reg .f32 d<{n_out}>, sa, sb;", ".reg .b16 slo, shi;",
+             f"and.b32 t, ${Z}, 255;", "or.b32 za, t, 0x6400;", "prmt.b32 za, za, za, 0x1010;",  # 1024 + z_a, twice
+             f"shr.b32 t, ${Z}, 4;", "and.b32 t, t, 0xff0;", "or.b32 zb, t, 0x6400;",  # 1024 + 16 z_b, twice
+             "prmt.b32 zb, zb, zb, 0x1010;"]
+    lines += [f"mov.f32 d{e}, 0f00000000;" for e in range(n_out)]
+    for p in range(4):
+        w = f"${W + p}"
+        lines += [f"lop3.b32 q0, {w}, 0x000f000f, 0x64006400, 0xea;",  # (w & mask) | magic
+                  f"lop3.b32 q1, {w}, 0x00f000f0, 0x64006400, 0xea;",
+                  f"shr.b32 t, {w}, 8;",
+                  "lop3.b32 q2, t, 0x000f000f, 0x64006400, 0xea;",
+                  "lop3.b32 q3, t, 0x00f000f0, 0x64006400, 0xea;",
+                  "sub.f16x2 q0, q0, za;", "sub.f16x2 q1, q1, zb;", "sub.f16x2 q2, q2, za;", "sub.f16x2 q3, q3, zb;"]
+        for i in range(tiles):
+            d = ", ".join(f"d{4 * i + e}" for e in range(4))
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d}}}, {{q0, q1, q2, q3}}, "
+                         f"{{${B0 + 4 * i + p}, ${B1 + 4 * i + p}}}, {{{d}}};")
+    lines += [f"mov.b32 {{slo, shi}}, ${S};", "cvt.f32.f16 sa, slo;", "cvt.f32.f16 sb, shi;",
+              "mul.f32 sb, sb, 0f3D800000;"]  # the second column's values came out 16x
+    lines += [f"fma.rn.f32 ${4 * i + e}, d{4 * i + e}, {'sa' if e < 2 else 'sb'}, ${A + 4 * i + e};"
+              for i in range(tiles) for e in range(4)]
+    lines.append("}")
+    constraints = ",".join(["=f"] * n_out + ["r"] * 4 + ["f"] * n_out + ["r"] * (2 * n_out) + ["r"] * 8)
+    return "\n".join(lines), constraints
+
+
+_X_ASM = tl.constexpr("ld.global.v4.b32 {$0, $4, $1, $5}, [$8];\n\t"
+          "ld.global.v4.b32 {$2, $6, $3, $7}, [$8+16];")
+_META_ASM = tl.constexpr("{\n\t.reg .b16 z;\n\t"
+             "ld.global.nc.b32 $0, [$8];\n\tmov.b32 $1, $0;\n\tmov.b32 $2, $0;\n\tmov.b32 $3, $0;\n\t"
+             "ld.global.nc.b16 z, [$12];\n\tcvt.u32.u16 $4, z;\n\tmov.b32 $5, $4;\n\tmov.b32 $6, $4;\n\t"
+             "mov.b32 $7, $4;\n\t}")
+
+
+@triton.jit
+def _x_frags(x_ptr, off, EMULATE: tl.constexpr):
+    """(b0, b1): the x pairs of element [r, g, 4t + p] at int32 offset `off` and off + 1 (rows k0, k0+1 and
+    k0+2, k0+3). The inline load reads a lane's 32 bytes from the first element's offset."""
+    if EMULATE:
+        return tl.load(x_ptr + off), tl.load(x_ptr + off + 1)
+    return tl.inline_asm_elementwise(_X_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l", [x_ptr + off],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _meta(s_ptr, z_ptr, off, EMULATE: tl.constexpr):
+    """(scale pair int32, zero pair int32) of each element's lane: the two columns' fp16 scales and uint8 zeros."""
+    if EMULATE:
+        return tl.load(s_ptr + off), tl.load(z_ptr + off).to(tl.int32) & 0xFFFF
+    return tl.inline_asm_elementwise(_META_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l",
+                                     [(s_ptr + off).to(tl.int64), (z_ptr + off).to(tl.int64)],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _zero_after_wait(EMULATE: tl.constexpr):
+    """A 0 that the compiler cannot know before this point: offsets that add it keep their (pure, so movable)
+    inline loads after `wait_previous`, which must come first for data an earlier kernel wrote (x)."""
+    if EMULATE:
+        return 0
+    return tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _half(v, HIGH: tl.constexpr):
+    """The fp16 in the low (or high) half of int32 v, as float32."""
+    bits = (v >> 16) if HIGH else v
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _emulate(words, acc, b0, b1, zz, sc):
+    """What the PTX step computes, in tensor ops (for the interpreter): acc[8r + g, 4t + p] += the mma output
+    register p of lane 4g + t, scaled. Register p holds C[row, col] with row = g (p < 2) or g + 8 (the pair's
+    second column), col = 2t + p % 2 (a row of x); C sums over the 16 rows of each of the lane group's 4 words."""
+    R: tl.constexpr = words.shape[0] // 8
+    words, acc = tl.reshape(words, (R, 8, 16)), tl.reshape(acc, (R, 8, 16))
+    b0, b1 = tl.reshape(b0, (R, 8, 16)), tl.reshape(b1, (R, 8, 16))
+    zz, sc = tl.reshape(zz, (R, 8, 16)), tl.reshape(sc, (R, 8, 16))
+    h = tl.arange(0, 4)[None, None, None, :]
+    nib_a = 2 * (h // 2) + 4 * (h % 2)  # the nibble of row k0 + h of the pair's first column (layout.mma_nibble)
+    q_a = ((words[:, :, :, None] >> (4 * nib_a)) & 15).to(tl.float32)
+    q_b = ((words[:, :, :, None] >> (4 * nib_a + 4)) & 15).to(tl.float32)
+    w_a = q_a - (zz & 255).to(tl.float32)[:, :, :, None]
+    w_b = q_b - ((zz >> 8) & 255).to(tl.float32)[:, :, :, None]
+    x = tl.where(h == 0, _half(b0, False)[:, :, :, None], tl.where(h == 1, _half(b0, True)[:, :, :, None],
+                 tl.where(h == 2, _half(b1, False)[:, :, :, None], _half(b1, True)[:, :, :, None])))
+    w_a, w_b, x = tl.reshape(w_a, (R, 8, 64)), tl.reshape(w_b, (R, 8, 64)), tl.reshape(x, (R, 8, 64))
+    c_a = tl.sum(w_a[:, :, None, :] * x[:, None, :, :], axis=3)  # [R, g, col]: col c takes x from lanes g = c
+    c_b = tl.sum(w_b[:, :, None, :] * x[:, None, :, :], axis=3)
+    j = tl.arange(0, 16)[None, None, :, None]
+    col = 2 * (j // 4) + j % 2
+    cols = tl.arange(0, 8)[None, None, None, :]
+    pick_a = tl.sum(tl.where(cols == col, c_a[:, :, None, :], 0.0), axis=3)
+    pick_b = tl.sum(tl.where(cols == col, c_b[:, :, None, :], 0.0), axis=3)
+    second = (tl.arange(0, 16) % 4 >= 2)[None, None, :]
+    out = acc + tl.where(second, pick_b * _half(sc, True), pick_a * _half(sc, False))
+    return tl.reshape(out, (R * 8, 16))
+
+
+@triton.jit
+def _step(words, acc, b0, b1, zz, sc, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _emulate(words, acc, b0, b1, zz, sc)
+    return tl.inline_asm_elementwise(ASM, CONSTRAINTS, [words, acc, b0, b1, zz, sc], dtype=tl.float32,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _step2(words, a0, a1, x0, x1, zz, sc, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, EMULATE: tl.constexpr):
+    """_step for two B tiles (x rows 0-7 and 8-15): the words are unpacked once for both."""
+    if EMULATE:
+        return _emulate(words, a0, x0[0], x0[1], zz, sc), _emulate(words, a1, x1[0], x1[1], zz, sc)
+    return tl.inline_asm_elementwise(ASM, CONSTRAINTS, [words, a0, a1, x0[0], x1[0], x0[1], x1[1], zz, sc],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _step4(words, a0, a1, a2, a3, x0, x1, x2, x3, zz, sc, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+           EMULATE: tl.constexpr):
+    if EMULATE:
+        return (_emulate(words, a0, x0[0], x0[1], zz, sc), _emulate(words, a1, x1[0], x1[1], zz, sc),
+                _emulate(words, a2, x2[0], x2[1], zz, sc), _emulate(words, a3, x3[0], x3[1], zz, sc))
+    return tl.inline_asm_elementwise(ASM, CONSTRAINTS, [words, a0, a1, a2, a3, x0[0], x1[0], x2[0], x3[0],
+                                                        x0[1], x1[1], x2[1], x3[1], zz, sc],
+                                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at `ptrs` without waiting (weights, while the previous kernel drains)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _to_rows(acc, CT: tl.constexpr, SPR: tl.constexpr):
+    """[CT * SPR * 8, 16] accumulators -> [8, 16 * CT] outputs: x row 2t + p % 2, column 16 ct + 8 (p // 2) + g."""
+    a = tl.sum(tl.reshape(acc, (CT, SPR, 8, 16)), axis=1)
+    a = tl.permute(tl.reshape(a, (CT, 8, 4, 2, 2)), (2, 4, 0, 3, 1))
+    return tl.reshape(a, (8, 16 * CT))
+
+
+@triton.jit
+def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr,
+                M, N, stride_xm, slabs, steps_per_split,
+                CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
+                HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
+                PDL: tl.constexpr):
+    """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
+    sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
+    (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
+    views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
+    the up columns N/2 further, and the finish writes silu(gate) * up."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    R: tl.constexpr = CT * SPR
+    # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
+    # elements [row, 4 t : 4 t + 4] (a 3-D [R, 8, 16] tile got threads spread over r instead of g)
+    q = tl.arange(0, R * 8)[:, None]
+    j = tl.arange(0, 16)[None, :]
+    r, g = q // 8, q % 8
+    ct, ss = r // SPR, r % SPR
+    if SWIGLU:
+        HALF: tl.constexpr = CT // 2
+        tile = pid_n * HALF + tl.where(ct < HALF, ct, ct - HALF + N // 32)
+    else:
+        tile = pid_n * CT + ct
+    steps = slabs // SPR
+    s_begin = pid_k * steps_per_split
+    s_end = tl.minimum(s_begin + steps_per_split, steps)
+    w_off = (tile * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + step * SPR * 128
+    m_off = tile * 8 + g + 0 * j  # + step * N / 2: the lane's scale/zero pair
+    x_off = ss * 32 + (j // 4) * 8 + (j % 4) * 2  # + step * SPR * 32 + x row * stride / 2
+    xrow = tl.minimum(g, M - 1).to(tl.int64) * (stride_xm // 2) + x_off
+    if not EMULATE:
+        lines = (tile * slabs + ss).to(tl.int64) * 128 + (j % 4) * 32  # 4 lines of 128 bytes a row (x4 copies)
+        for i in tl.static_range(PREFETCH):
+            _prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128))
+    release_next(PDL)
+    wait_previous(PDL)
+    xrow += _zero_after_wait(EMULATE)
+    acc0 = tl.zeros((R * 8, 16), tl.float32)
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    x0 = _x_frags(x_ptr, xrow + s_begin * (SPR * 32), EMULATE)
+    x1, x2, x3 = x0, x0, x0
+    if NT > 1:
+        x1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+    if NT > 2:
+        x2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+        x3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+    sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)
+    for step in tl.range(s_begin, s_end, num_stages=STAGES):
+        words = tl.load(qw_ptr + w_off + step * (SPR * 128))
+        nxt = tl.minimum(step + 1, s_end - 1)  # the last step reloads its own: harmless
+        y0 = _x_frags(x_ptr, xrow + nxt * (SPR * 32), EMULATE)
+        y1, y2, y3 = y0, y0, y0
+        if NT > 1:
+            y1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+        if NT > 2:
+            y2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+            y3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+        sc2, zz2 = _meta(s_ptr, z_ptr, m_off + nxt * (N // 2), EMULATE)
+        if NT == 1:
+            acc0 = _step(words, acc0, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
+        elif NT == 2:
+            acc0, acc1 = _step2(words, acc0, acc1, x0, x1, zz, sc, ASM, CONSTRAINTS, EMULATE)
+        else:
+            acc0, acc1, acc2, acc3 = _step4(words, acc0, acc1, acc2, acc3, x0, x1, x2, x3, zz, sc, ASM, CONSTRAINTS,
+                                            EMULATE)
+        x0, x1, x2, x3, sc, zz = y0, y1, y2, y3, sc2, zz2
+    out = _to_rows(acc0, CT, SPR)
+    if NT > 1:
+        out = tl.reshape(tl.permute(tl.join(out, _to_rows(acc1, CT, SPR)), (2, 0, 1)), (16, 16 * CT))
+    if NT > 2:
+        hi = tl.reshape(tl.permute(tl.join(_to_rows(acc2, CT, SPR), _to_rows(acc3, CT, SPR)), (2, 0, 1)),
+                        (16, 16 * CT))
+        out = tl.reshape(tl.permute(tl.join(out, hi), (2, 0, 1)), (32, 16 * CT))
+    cols = tl.arange(0, 16 * CT)
+    if SWIGLU:
+        offs_n = pid_n * (8 * CT) + tl.where(cols < 8 * CT, cols, cols - 8 * CT + N // 2)
+        out = tl.sum(tl.where(tl.arange(0, 8 * NT)[:, None] == 0, out, 0.0), axis=0)[None, :]
+        offs_m = tl.arange(0, 1)
+    else:
+        offs_n = pid_n * (16 * CT) + cols
+        offs_m = tl.arange(0, 8 * NT)
+    finish_tile(out, offs_m, offs_n, offs_n < N, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
+                tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
+
+
+@functools.lru_cache(maxsize=None)
+def _asm(tiles: int) -> tuple[str, str]:
+    return mma_asm(tiles)
+
+
+def supports(x2: Tensor, w: QWeight) -> bool:
+    """Whether `mma_matmul` takes this x (the weight must be in the "mma" layout, x read as it is)."""
+    return (w.layout == "mma" and w.perm is None and x2.dtype == torch.float16 and x2.stride(1) == 1
+            and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0)
+
+
+def _column_tiles(tiles: int, want: int) -> int:
+    """The largest power of two <= want that divides `tiles` (programs then never straddle the end)."""
+    ct = want
+    while tiles % ct:
+        ct //= 2
+    return ct
+
+
+def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
+               num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
+               swiglu: bool = False, positions: Tensor | None = None) -> None:
+    """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
+
+    CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
+    through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
+    for the previous kernel (PDL)."""
+    m, k = x2.shape
+    n = w.out_features
+    if not supports(x2, w):
+        raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
+    if swiglu and m != 1:
+        raise ValueError("the fused SwiGLU finish takes one row")
+    emulate = interpreting() or not x2.is_cuda
+    tiles = n // 16
+    if swiglu:
+        CT = 2 * _column_tiles(tiles // 2, max(1, CT // 2))
+    else:
+        CT = _column_tiles(tiles, CT)
+    spr, slabs = w.slabs_per_run, k // 64
+    steps = slabs // spr
+    groups = tiles // CT
+    splits = max(1, min(steps, round(waves * sms / groups))) if split is None else split
+    per = -(-steps // splits)
+    splits = -(-steps // per)
+    xs = x2.view(torch.int32)
+    b = bias if bias is not None else w.scales
+    for r0 in range(0, m, ROWS_PER_TILE * MAX_TILES):
+        rows = min(m - r0, ROWS_PER_TILE * MAX_TILES)
+        nt = 1 if rows <= 8 else 2 if rows <= 16 else 4
+        ws = torch.empty(splits * rows * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
+        asm, constraints = _asm(nt)
+        out = y[r0:r0 + rows]
+        _mma_kernel[(groups, splits)](
+            xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
+            positions if positions is not None else w.locks, rows, n, x2.stride(0), slabs, per,
+            CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
+            SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
+            STAGES=stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, num_warps=num_warps,
+            **pdl_launch(x2))
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, slabs, n0, n1, SPR: tl.constexpr,
+                    HAS_PERM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """W[:, n0:n1] in input-channel order from the "mma" layout (each word is read by the 8 values it holds)."""
+    k = tl.program_id(0) * BK + tl.arange(0, BK)[:, None]
+    n = n0 + tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
+    ok = (k < K) & (n < n1)
+    slab, within = k // 64, k % 64
+    t, p, h = within // 16, (within % 16) // 4, within % 4
+    ct, ab, g = n // 16, (n % 16) // 8, n % 8
+    word = tl.load(qw_ptr + (ct * slabs + slab).to(tl.int64) * 128 + g * 16 + t * 4 + p, mask=ok, other=0)
+    q = (word >> (4 * (ab + 2 * (h // 2) + 4 * (h % 2)))) & 15
+    meta = (slab // SPR) * N + ct * 16 + 2 * g + ab
+    s = tl.load(s_ptr + meta, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + meta, mask=ok, other=0).to(tl.float32)
+    dst = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
+    tl.store(w_ptr + dst * (n1 - n0) + (n - n0), ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_mma(w: QWeight, dtype: torch.dtype = torch.float16, cols: tuple[int, int] | None = None,
+                   BK: int = 64, BN: int = 64) -> Tensor:
+    """-> W [K, N] (or its columns cols = (n0, n1)) in `dtype`, rows in input-channel order: y = x @ W."""
+    n, k = w.out_features, w.in_features
+    n0, n1 = cols or (0, n)
+    out = torch.empty(k, n1 - n0, dtype=dtype, device=w.qweight.device)
+    grid = (triton.cdiv(k, BK), triton.cdiv(n1 - n0, BN))
+    _dequant_kernel[grid](w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.locks, out, n, k,
+                          k // 64, n0, n1, SPR=w.slabs_per_run, HAS_PERM=w.perm is not None, BK=BK, BN=BN,
+                          num_warps=4)
+    return out

@@ -1,0 +1,155 @@
+"""The "mma" layout (4-bit, tensor-core kernels) against the references and the GPTQ on-disk format.
+
+On a CPU the kernel runs through Triton's interpreter, where `lowbit.kernels.mma._emulate` stands in for its
+inline PTX (same layout, same arithmetic); on CUDA the PTX itself runs. Outputs are NaN-poisoned first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowbit.kernels import mma
+from lowbit.kernels.layout import repack
+from lowbit.kernels.qmatmul import ChannelOrder, dequantize, qmatmul
+from lowbit.kernels.reference import dequant_reference
+from lowbit.quant import pack
+from tests.kernels.common import DEVICE
+from tests.kernels.test_qmatmul import check, reference, run
+
+
+def mma_weight(k, n, group_size=128, act_order=False, sym=False, fmt="gptq", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = pack.num_groups(k, group_size)
+    codes = torch.randint(0, 16, (k, n), generator=g).to(torch.uint8)
+    lo, hi = (1, 16) if fmt == "gptq" else (0, 15)
+    zeros = (torch.full((groups, n), 8, dtype=torch.int32) if sym
+             else torch.randint(lo, hi + 1, (groups, n), generator=g, dtype=torch.int32))
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.002).half()
+    g_idx = pack.default_g_idx(k, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    disk = pack.pack(codes, zeros, scales, g_idx, 4, fmt)
+    c, z, s, gi = pack.unpack(disk, 4, fmt)
+    return repack(c.to(DEVICE), z.to(DEVICE), s.to(DEVICE), gi.to(DEVICE), 4, layout="mma"), disk
+
+
+CASES = [  # K, N, group_size, act_order, sym, fmt
+    (256, 64, 128, False, False, "gptq"),
+    (192, 48, 64, True, False, "gptq_v2"),  # one slab a run; act-order rows sorted
+    (128, 32, -1, False, True, "gptq"),  # a single group
+    (384, 96, 128, True, True, "gptq"),
+]
+
+
+@pytest.mark.parametrize("k,n,group_size,act_order,sym,fmt", CASES)
+def test_mma_layout_is_gptq_dequant(k, n, group_size, act_order, sym, fmt):
+    w, disk = mma_weight(k, n, group_size, act_order, sym, fmt)
+    assert w.layout == "mma" and w.qweight.shape == (n // 16, 2 * k)
+    expected = pack.dequantize(disk, 4, fmt, dtype=torch.float32).t()
+    torch.testing.assert_close(dequant_reference(w).cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize(w, torch.float32).cpu(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(dequantize(w, torch.float32, cols=(16, n)).cpu(), expected[:, 16:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,n,group_size,act_order,sym,fmt", CASES)
+@pytest.mark.parametrize("m", [1, 3, 8, 11])
+def test_mma_matmul(k, n, group_size, act_order, sym, fmt, m):
+    w, _ = mma_weight(k, n, group_size, act_order, sym, fmt, seed=m)
+    g = torch.Generator().manual_seed(m)
+    bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
+    x = torch.randn(m, k, generator=g).half().to(DEVICE)
+    check(run(x, w, bias, kernel="mma", config={"CT": 2, "split": 2}), reference(x, w, bias))
+
+
+def test_mma_matmul_many_rows_and_configs():
+    """More than 8 * MAX_TILES rows go in several launches; every tile count and column grouping agrees."""
+    w, _ = mma_weight(128, 64, 64, False, False, "gptq")
+    x = torch.randn(37, 128).half().to(DEVICE)
+    ref = reference(x, w)
+    for config in ({"CT": 4, "split": 1}, {"CT": 1, "split": 2}, {"CT": 2, "waves": 1}):
+        check(run(x, w, kernel="mma", config=config), ref)
+
+
+def test_mma_swiglu_and_order():
+    """The fused SwiGLU finish (one row): silu(gate) * up, optionally written in an act-order's positions."""
+    from lowbit.kernels.reference import place_channels, silu_mul_reference
+
+    w, _ = mma_weight(128, 64, 64, False, False, "gptq")
+    x = torch.randn(1, 128).half().to(DEVICE)
+    ref = silu_mul_reference(reference(x, w).half()).double()
+    y = qmatmul(x, w, kernel="mma", config={"CT": 2, "split": 2}, swiglu=True)
+    check(y, ref)
+    perm = torch.randperm(32).to(torch.int32).to(DEVICE)
+    order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
+    y = qmatmul(x, w, kernel="mma", swiglu=True, order=order)
+    check(y, place_channels(ref, order))
+
+
+def test_mma_reads_views_and_act_order_input():
+    """x as a strided or misaligned view is copied; an act-order weight gathers x unless it arrives sorted."""
+    w, _ = mma_weight(192, 48, 64, True, False, "gptq")
+    base = torch.randn(2, 200).half().to(DEVICE)
+    x = base[:, 1:193]  # 2-byte offset: not 16-byte aligned
+    check(run(x, w, kernel="mma"), reference(x, w))
+    xs = x.index_select(1, w.perm[:192].long())
+    check(run(xs, w.for_sorted_input(), kernel="mma"), reference(x, w))
+
+
+def test_mma_layout_refuses_what_it_cannot_hold():
+    codes = torch.randint(0, 16, (128, 32), dtype=torch.uint8)
+    scales = torch.rand(4, 32).half()
+    with pytest.raises(ValueError, match="groups shorter than 64 rows"):
+        repack(codes, torch.full((4, 32), 8), scales, torch.arange(128) // 32, 4, layout="mma")
+    with pytest.raises(ValueError, match="8-bit"):
+        repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 8, layout="mma")
+    with pytest.raises(ValueError, match="64-row slabs"):
+        repack(codes[:96], torch.full((1, 32), 8), scales[:1], torch.zeros(96, dtype=torch.int64), 4, layout="mma")
+    with pytest.raises(ValueError, match="unknown layout"):
+        repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 4, layout="tiles")
+    w = repack(codes, torch.full((4, 32), 8), scales, torch.arange(128) // 32, 4)  # auto: falls back
+    assert w.layout == "slots"
+    w = repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 4)
+    assert w.layout == ("mma" if DEVICE == "cuda" else "slots")
+
+
+def test_other_kernels_refuse_the_mma_layout():
+    w, _ = mma_weight(128, 32)
+    x = torch.randn(1, 128).half().to(DEVICE)
+    with pytest.raises(ValueError, match="does not read the mma layout"):
+        qmatmul(x, w, kernel="gemv")
+    with pytest.raises(ValueError, match="mma_matmul needs"):
+        qmatmul(x.float(), w, kernel="mma")
+    check(qmatmul(x.float(), w), reference(x.float(), w))  # float32 x: the dequantize path
+
+
+def test_mma_asm_operands():
+    """The PTX step names every operand its constraints declare, and nothing beyond."""
+    import re
+
+    for tiles in (1, 2, 4):
+        asm, constraints = mma.mma_asm(tiles)
+        used = {int(v) for v in re.findall(r"\$(\d+)", asm)}
+        assert max(used) < len(constraints.split(","))
+        assert asm.count("mma.sync") == 4 * tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,act_order", [(4096, 12288, False), (11008, 4096, True), (4096, 22016, False)])
+def test_mma_gpu_model_shapes(k, n, act_order):
+    """LLaMA-7B's fused shapes through the default dispatch (the PTX itself, split K, the decode and small-batch
+    sizes), each M on fresh inputs into a NaN-poisoned output; and gate/up's fused SwiGLU at M = 1."""
+    from lowbit.kernels.reference import silu_mul_reference
+
+    w, _ = mma_weight(k, n, 128, act_order, False, "gptq", seed=k + n)
+    W = dequant_reference(w).double()
+    for m in (1, 3, 8, 16, 17, 33, 64):
+        x = torch.randn(m, k, device=DEVICE).half()
+        y = run(x, w)
+        check(y, x.double() @ W)
+    if n == 22016:
+        x = torch.randn(1, k, device=DEVICE).half()
+        y = qmatmul(x, w, swiglu=True)
+        check(y, silu_mul_reference((x.double() @ W).half()).double())
