@@ -181,16 +181,17 @@ def tinygemm(m, shapes=SHAPES):
 
 
 def _sweep_configs():
-    """(layout, kernel, config) to time at each M: the mma kernel's tiles, and the slots layout's default kernel as
-    the baseline (the GEMV's own sweep is in benchmarks/results/gpu.md, third session)."""
+    """(layout, kernel, config) to time at each M: the slots layout's default kernel as the baseline, its GEMV
+    with the words streamed through Triton's cp.async pipeline (stages) and prefetched into L2 across the PDL
+    wait, and the mma kernel's tiles (the GEMV's earlier sweeps are in benchmarks/results/gpu.md)."""
     slots = [("slots", None, None)]
-    m1 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
-          for ct in (4, 8) for wv in (2, 4, 8) for st in (3, 4)]
+    gemv = [("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": wv, "stages": st, "prefetch": pf})
+            for wv in (4, 8) for st in (2, 3, 4) for pf in (0, 2)]
+    m1 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": 4}) for ct in (4, 8) for wv in (2, 4)]
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
-           for ct in (4, 8) for wv in (2, 4) for st in (2, 3)]
-    m64 = m16
+           for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
-    return {1: slots + m1, 16: slots + m16, 64: slots + m64, 2048: big}
+    return {1: slots + gemv + m1, 16: slots + m16, 64: slots + m16[:4], 2048: big}
 
 
 SWEEP = _sweep_configs()
@@ -241,7 +242,7 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
     weight_mb = {b: sum(k * n * b / 8 + (k // 128) * n * 4 for k, n in shapes) / 1e6 for b in (3, 4, 8)}
     rows = {}
     w4 = [random_weight(k, n, 4, seed=i) for i, (k, n) in enumerate(shapes)]
-    w4s = [random_weight(k, n, 4, seed=i, layout="slots") for i, (k, n) in enumerate(shapes)]
+    w4m = [random_weight(k, n, 4, seed=i, layout="mma") for i, (k, n) in enumerate(shapes)]
     cuda = torch.device("cuda")
 
     def sorted_input(ws, m):
@@ -250,7 +251,7 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
     variants = [("fp16 cuBLAS", lambda m: cublas(m, shapes)),
                 ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m, w4))),
                 ("ours 4-bit g128, PDL off", lambda m: without_pdl(ours(w4, m, *pick(m, w4)))),
-                ("ours 4-bit g128, slots layout (the previous kernels)", lambda m: ours(w4s, m)),
+                ("ours 4-bit g128, mma layout (LOWBIT_MMA=1)", lambda m: ours(w4m, m, *pick(m, w4m))),
                 ("ours 4-bit g128 act-order, as in the model (x arrives sorted, up to M=256)",
                  lambda m: ours(sorted_input(w4a, m), m, *pick(m, w4a))),
                 ("ours 4-bit g128 act-order, x gathered by the linear", lambda m: ours(w4a, m, *pick(m, w4a))),
@@ -311,7 +312,8 @@ def main():
 
         bounds = {1: 1, 16: 16, 64: 64, 2048: 1 << 62}
         with open(os.path.join(out, "tuned.json"), "w") as f:
-            json.dump([[bounds[m], k, c or {}] for m, (_, lay, k, c) in sorted(best.items()) if k == "mma"], f)
+            json.dump([[bounds[m], k, c or {}] for m, (_, lay, k, c) in sorted(best.items())
+                       if k == "mma" or (k and lay == "slots")], f)  # rows of the table each layout reads
     del w4
     torch.cuda.empty_cache()
     tables = [(FUSED, "the model runs them (4 launches: q/k/v and gate/up fused)")]

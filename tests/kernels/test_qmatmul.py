@@ -110,6 +110,7 @@ CALLS = [  # kernel, M, config
     ("gemv", 1, None),
     ("gemv", 1, {"BN": 16, "split": 2}),
     ("gemv", 1, {"BN": 16, "split": 3, "unroll": 2}),
+    ("gemv", 1, {"BN": 16, "split": 2, "stages": 3, "prefetch": 2}),  # words through Triton's cp.async pipeline
     ("dot", 1, None),
     ("dot", 3, {"split": 3}),
     ("dot", 16, None),

@@ -140,8 +140,9 @@ def _sorted_rows(order: Tensor, dest: Tensor, padded: Tensor, groups: int, kp: i
 def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, layout: str = "auto") -> QWeight:
     """codes uint8 [K, N], TRUE zero points int [G, N], scales [G, N], g_idx int [K] -> QWeight.
 
-    layout "auto" takes "mma" on CUDA where the weight allows it (`mma_unsupported`) and LOWBIT_MMA is not 0,
-    else "slots"."""
+    layout "auto" takes "slots" unless LOWBIT_MMA=1 asks for "mma" (on CUDA, where the weight allows it:
+    `mma_unsupported`). The mma kernel is faster for 2-32 rows of x only (M=16: 102 vs 119 us a 7B block of
+    linears on an H100) and slower at M=1, 64 and prefill, so it is an opt-in for batched decode."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
     fields = fields_per_word(bits)
@@ -165,7 +166,7 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     if layout == "mma" and why_not:
         raise ValueError(f"the mma layout does not take this weight: {why_not}")
     if layout == "auto":
-        mma_on = os.environ.get("LOWBIT_MMA", "1") != "0"
+        mma_on = os.environ.get("LOWBIT_MMA", "0") == "1"
         layout = "mma" if dev.type == "cuda" and mma_on and not why_not else "slots"
     block = SLOT * fields
     if layout == "slots" and kp % block:

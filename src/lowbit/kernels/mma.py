@@ -9,13 +9,12 @@ zero point off exactly (q - z and 16(q - z)), and the tensor core does the multi
 1.3 instructions a weight. B holds x: its 8 columns are 8 rows of x (at M = 1 all of them row 0). Scales are
 applied per slab in float32 (the 16 of the second column of each pair folded in).
 
-Triton has no explicit register layouts, so the kernel relies on the one it gives a [8R, 16] int32 tile read with
-16-byte loads, at least 8 rows a warp: lane 4g + t of a warp holds elements [8r + g, 4t : 4t + 4], which the
-layout stores as that lane's four words (`lowbit.kernels.layout`). The mma runs in inline PTX over those four
-elements; x, scales and zeros are loaded as tiles of the same shape, so all of it streams through Triton's
-shared-memory pipeline and reaches registers in that layout. The GPU tests check the whole kernel against the
-reference; Triton's CPU interpreter runs no PTX, so there `_emulate` does the same arithmetic with tensor ops,
-which keeps the layout's index math under CI.
+Triton has no explicit register layouts, so the kernel relies on the one it gives a [R, 8, 16] int32 tile read
+with 16-byte loads: lane 4g + t of a warp holds elements [r, g, 4t : 4t + 4], which the layout stores as that
+lane's four words (`lowbit.kernels.layout`). The mma runs in inline PTX over those four elements; x, scales
+and zeros come in through inline loads (Triton's own loads would pick other layouts and shuffle through shared
+memory). The GPU tests check the whole kernel against the reference; Triton's CPU interpreter runs no PTX, so
+there `_emulate` does the same arithmetic with tensor ops, which keeps the layout's index math under CI.
 """
 
 from __future__ import annotations
@@ -70,12 +69,41 @@ def mma_asm(tiles: int) -> tuple[str, str]:
     return "\n".join(lines), constraints
 
 
+_X_ASM = tl.constexpr("ld.global.v4.b32 {$0, $4, $1, $5}, [$8];\n\t"
+          "ld.global.v4.b32 {$2, $6, $3, $7}, [$8+16];")
+_META_ASM = tl.constexpr("{\n\t.reg .b16 z;\n\t"
+             "ld.global.nc.b32 $0, [$8];\n\tmov.b32 $1, $0;\n\tmov.b32 $2, $0;\n\tmov.b32 $3, $0;\n\t"
+             "ld.global.nc.b16 z, [$12];\n\tcvt.u32.u16 $4, z;\n\tmov.b32 $5, $4;\n\tmov.b32 $6, $4;\n\t"
+             "mov.b32 $7, $4;\n\t}")
+
+
 @triton.jit
-def _x_pairs(x_ptr, off):
-    """(b0, b1): the x pairs of each element at int32 offsets off and off + 1 (rows k0, k0+1 and k0+2, k0+3), read
-    as one [.., 16, 2] tile (a lane's 32 contiguous bytes) and split."""
-    pair = tl.load(x_ptr + off[:, :, None] + tl.arange(0, 2)[None, None, :])
-    return tl.split(pair)
+def _x_frags(x_ptr, off, EMULATE: tl.constexpr):
+    """(b0, b1): the x pairs of element [r, g, 4t + p] at int32 offset `off` and off + 1 (rows k0, k0+1 and
+    k0+2, k0+3). The inline load reads a lane's 32 bytes from the first element's offset."""
+    if EMULATE:
+        return tl.load(x_ptr + off), tl.load(x_ptr + off + 1)
+    return tl.inline_asm_elementwise(_X_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l", [x_ptr + off],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _meta(s_ptr, z_ptr, off, EMULATE: tl.constexpr):
+    """(scale pair int32, zero pair int32) of each element's lane: the two columns' fp16 scales and uint8 zeros."""
+    if EMULATE:
+        return tl.load(s_ptr + off), tl.load(z_ptr + off).to(tl.int32) & 0xFFFF
+    return tl.inline_asm_elementwise(_META_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l",
+                                     [(s_ptr + off).to(tl.int64), (z_ptr + off).to(tl.int64)],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _zero_after_wait(EMULATE: tl.constexpr):
+    """A 0 that the compiler cannot know before this point: offsets that add it keep their (pure, so movable)
+    inline loads after `wait_previous`, which must come first for data an earlier kernel wrote (x)."""
+    if EMULATE:
+        return 0
+    return tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -187,7 +215,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     s_begin = pid_k * steps_per_split
     s_end = tl.minimum(s_begin + steps_per_split, steps)
     w_off = (tile * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + step * SPR * 128
-    m_off = tile * 8 + g + 0 * j  # + step * N / 2: the lane's scale/zero pair (one value a lane, 16 copies)
+    m_off = tile * 8 + g + 0 * j  # + step * N / 2: the lane's scale/zero pair
     x_off = ss * 32 + (j // 4) * 8 + (j % 4) * 2  # + step * SPR * 32 + x row * stride / 2
     xrow = tl.minimum(g, M - 1).to(tl.int64) * (stride_xm // 2) + x_off
     if not EMULATE:
@@ -196,26 +224,36 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             _prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128))
     release_next(PDL)
     wait_previous(PDL)
+    xrow += _zero_after_wait(EMULATE)
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
-    row = stride_xm // 2
-    for step in tl.range(s_begin, s_end, num_stages=STAGES):  # words, x, scales and zeros all pipelined
+    x0 = _x_frags(x_ptr, xrow + s_begin * (SPR * 32), EMULATE)
+    x1, x2, x3 = x0, x0, x0
+    if NT > 1:
+        x1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+    if NT > 2:
+        x2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+        x3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+    sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)
+    for step in tl.range(s_begin, s_end, num_stages=STAGES):
         words = tl.load(qw_ptr + w_off + step * (SPR * 128))
-        sc = tl.load(s_ptr + m_off + step * (N // 2))
-        zz = tl.load(z_ptr + m_off + step * (N // 2)).to(tl.int32) & 0xFFFF
-        xs = xrow + step * (SPR * 32)
-        x0 = _x_pairs(x_ptr, xs)
+        nxt = tl.minimum(step + 1, s_end - 1)  # the last step reloads its own: harmless
+        y0 = _x_frags(x_ptr, xrow + nxt * (SPR * 32), EMULATE)
+        y1, y2, y3 = y0, y0, y0
+        if NT > 1:
+            y1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+        if NT > 2:
+            y2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+            y3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+        sc2, zz2 = _meta(s_ptr, z_ptr, m_off + nxt * (N // 2), EMULATE)
         if NT == 1:
             acc0 = _step(words, acc0, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
         elif NT == 2:
-            x1 = _x_pairs(x_ptr, xs + tl.minimum(8, M - 1 - g) * row)
             acc0, acc1 = _step2(words, acc0, acc1, x0, x1, zz, sc, ASM, CONSTRAINTS, EMULATE)
         else:
-            x1 = _x_pairs(x_ptr, xs + tl.minimum(8, M - 1 - g) * row)
-            x2 = _x_pairs(x_ptr, xs + tl.minimum(16, M - 1 - g) * row)
-            x3 = _x_pairs(x_ptr, xs + tl.minimum(24, M - 1 - g) * row)
             acc0, acc1, acc2, acc3 = _step4(words, acc0, acc1, acc2, acc3, x0, x1, x2, x3, zz, sc, ASM, CONSTRAINTS,
                                             EMULATE)
+        x0, x1, x2, x3, sc, zz = y0, y1, y2, y3, sc2, zz2
     out = _to_rows(acc0, CT, SPR)
     if NT > 1:
         out = tl.reshape(tl.permute(tl.join(out, _to_rows(acc1, CT, SPR)), (2, 0, 1)), (16, 16 * CT))
