@@ -88,6 +88,20 @@ def _x_frags(x_ptr, off, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _x_rows(x_ptr, xrow, step, g, M, row, SPR: tl.constexpr, NT: tl.constexpr, EMULATE: tl.constexpr):
+    """The x fragments of a step for each of the NT 8-row tiles of x (rows past M repeat the last row; unused
+    tiles repeat the first)."""
+    x0 = _x_frags(x_ptr, xrow + step * (SPR * 32), EMULATE)
+    x1, x2, x3 = x0, x0, x0
+    if NT > 1:
+        x1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * row + step * (SPR * 32), EMULATE)
+    if NT > 2:
+        x2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * row + step * (SPR * 32), EMULATE)
+        x3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * row + step * (SPR * 32), EMULATE)
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _meta(s_ptr, z_ptr, off, EMULATE: tl.constexpr):
     """(scale pair int32, zero pair int32) of each element's lane: the two columns' fp16 scales and uint8 zeros."""
     if EMULATE:
@@ -227,24 +241,12 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     xrow += _zero_after_wait(EMULATE)
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
-    x0 = _x_frags(x_ptr, xrow + s_begin * (SPR * 32), EMULATE)
-    x1, x2, x3 = x0, x0, x0
-    if NT > 1:
-        x1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
-    if NT > 2:
-        x2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
-        x3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + s_begin * (SPR * 32), EMULATE)
+    x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
     sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)
     for step in tl.range(s_begin, s_end, num_stages=STAGES):
         words = tl.load(qw_ptr + w_off + step * (SPR * 128))
         nxt = tl.minimum(step + 1, s_end - 1)  # the last step reloads its own: harmless
-        y0 = _x_frags(x_ptr, xrow + nxt * (SPR * 32), EMULATE)
-        y1, y2, y3 = y0, y0, y0
-        if NT > 1:
-            y1 = _x_frags(x_ptr, xrow + tl.minimum(8, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
-        if NT > 2:
-            y2 = _x_frags(x_ptr, xrow + tl.minimum(16, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
-            y3 = _x_frags(x_ptr, xrow + tl.minimum(24, M - 1 - g) * (stride_xm // 2) + nxt * (SPR * 32), EMULATE)
+        y0, y1, y2, y3 = _x_rows(x_ptr, xrow, nxt, g, M, stride_xm // 2, SPR, NT, EMULATE)
         sc2, zz2 = _meta(s_ptr, z_ptr, m_off + nxt * (N // 2), EMULATE)
         if NT == 1:
             acc0 = _step(words, acc0, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
