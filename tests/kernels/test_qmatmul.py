@@ -111,6 +111,8 @@ CALLS = [  # kernel, M, config
     ("gemv", 1, {"BN": 16, "split": 2}),
     ("gemv", 1, {"BN": 16, "split": 3, "unroll": 2}),
     ("gemv", 1, {"BN": 16, "split": 2, "stages": 3, "prefetch": 2}),  # words through Triton's cp.async pipeline
+    ("gemv", 1, {"BN": 16, "depth": 2}),  # R blocks a step (the deep GEMV)
+    ("gemv", 1, {"BN": 16, "depth": 4, "split": 3}),  # steps past a split's end re-read with x zeroed
     ("dot", 1, None),
     ("dot", 3, {"split": 3}),
     ("dot", 16, None),
@@ -158,8 +160,12 @@ def test_split_k_is_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n,act_order,kernel", [(256, False, "gemv"), (200, True, "gemv"), (200, False, "dot")])
-def test_swiglu_output(n, act_order, kernel):
+DEEP = {"BN": 16, "depth": 2}  # the deep GEMV: R blocks a step
+
+
+@pytest.mark.parametrize("n,act_order,kernel,config", [(256, False, "gemv", None), (200, True, "gemv", None),
+                                                       (200, True, "gemv", DEEP), (200, False, "dot", None)])
+def test_swiglu_output(n, act_order, kernel, config):
     """swiglu=True: the columns are gate then up and the result is silu(gate) * up, computed by the GEMV in its
     split-K finish (whole and ragged column tiles, act-order) and after the product by the other kernels."""
     from lowbit.kernels.reference import silu_mul_reference
@@ -167,7 +173,7 @@ def test_swiglu_output(n, act_order, kernel):
     w, _ = make_weight(192, n, 4, 64, act_order, False, "gptq", seed=n)
     x = torch.randn(1, 192).half().to(DEVICE)
     out = torch.full((1, n // 2), float("nan"), dtype=torch.float16, device=DEVICE)
-    got = qmatmul(x, w, kernel=kernel, swiglu=True, out=out)
+    got = qmatmul(x, w, kernel=kernel, config=config, swiglu=True, out=out)
     assert got.data_ptr() == out.data_ptr() and not w.locks.any()
     want = silu_mul_reference(run(x, w, kernel=kernel).cpu()).to(DEVICE)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
@@ -213,17 +219,17 @@ def test_sorted_input_needs_an_input_order():
     assert not irregular.tail_perm and irregular.input_order is None
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
-def test_swiglu_comes_out_in_the_next_linears_order(kernel):
+@pytest.mark.parametrize("kernel,config", [("gemv", None), ("gemv", DEEP), ("dot", None)])
+def test_swiglu_comes_out_in_the_next_linears_order(kernel, config):
     """order: the activations come out in the next (act-order) linear's input order: the GEMV's finish
     scatters through positions, the other kernels' SiLU*up gathers through sources."""
     w, _ = make_weight(192, 160, 4, 64, False, False, "gptq", seed=3)
     positions = torch.randperm(80, generator=torch.Generator().manual_seed(4)).to(torch.int32).to(DEVICE)
     order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
     x = torch.randn(1, 192).half().to(DEVICE)
-    plain = qmatmul(x, w, kernel=kernel, swiglu=True)
+    plain = qmatmul(x, w, kernel=kernel, config=config, swiglu=True)
     out = torch.full((1, 80), float("nan"), dtype=torch.float16, device=DEVICE)
-    got = qmatmul(x, w, kernel=kernel, swiglu=True, order=order, out=out)
+    got = qmatmul(x, w, kernel=kernel, config=config, swiglu=True, order=order, out=out)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got, place_channels(plain, order))
     with pytest.raises(ValueError, match="an order goes with swiglu"):
