@@ -181,21 +181,16 @@ def tinygemm(m, shapes=SHAPES):
 
 
 def _sweep_configs():
-    """(layout, kernel, config) to time at each M: the slots layout's default kernel as the baseline, its GEMV
-    with the words streamed through Triton's cp.async pipeline (stages) and prefetched into L2 across the PDL
-    wait, and the mma kernel's tiles (the GEMV's earlier sweeps are in benchmarks/results/gpu.md)."""
+    """(layout, kernel, config) to time at each M: the slots layout's default kernel as the baseline, the GEMV's
+    runners-up and the mma kernel's tiles (earlier sweeps, and the variants they ruled out, are in
+    benchmarks/results/gpu.md)."""
     slots = [("slots", None, None)]
-    gemv = [("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "stages": st, "prefetch": pf})
-            for st in (2, 3) for pf in (0, 2)]
-    deep = [("slots", "gemv", {"BN": bn, "depth": d, "num_warps": nw, "waves": wv})
-            for bn, d, nw, waves in ((32, 4, 4, (1, 2, 4)), (32, 2, 4, (2, 4)), (16, 4, 2, (2, 4)),
-                                     (16, 8, 4, (1, 2)), (64, 2, 4, (1, 2)), (32, 8, 8, (1, 2)), (64, 4, 8, (1, 2)))
-            for wv in waves]
-    m1 = deep + gemv
+    gemv = [("slots", "gemv", {"BN": 32, "num_warps": 2, "waves": 8, "unroll": 2}),
+            ("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": 8, "unroll": 1})]
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
            for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
-    return {1: slots + m1, 16: slots + m16, 64: slots + m16[:4], 2048: big}
+    return {1: slots + gemv, 16: slots + m16, 64: slots + m16[:4], 2048: big}
 
 
 SWEEP = _sweep_configs()

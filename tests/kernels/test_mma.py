@@ -98,7 +98,7 @@ def test_mma_reads_views_and_act_order_input():
     check(run(xs, w.for_sorted_input(), kernel="mma"), reference(x, w))
 
 
-def test_mma_layout_refuses_what_it_cannot_hold():
+def test_mma_layout_refuses_what_it_cannot_hold(monkeypatch):
     codes = torch.randint(0, 16, (128, 32), dtype=torch.uint8)
     scales = torch.rand(4, 32).half()
     with pytest.raises(ValueError, match="groups shorter than 64 rows"):
@@ -111,8 +111,11 @@ def test_mma_layout_refuses_what_it_cannot_hold():
         repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 4, layout="tiles")
     w = repack(codes, torch.full((4, 32), 8), scales, torch.arange(128) // 32, 4)  # auto: falls back
     assert w.layout == "slots"
-    w = repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 4)
-    assert w.layout == ("mma" if DEVICE == "cuda" else "slots")
+    one_group = (torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64))
+    assert repack(codes, *one_group, 4).layout == "slots"  # auto: the slots layout unless LOWBIT_MMA=1
+    monkeypatch.setenv("LOWBIT_MMA", "1")
+    w = repack(codes.to(DEVICE), *(t.to(DEVICE) for t in one_group), 4)
+    assert w.layout == ("mma" if DEVICE == "cuda" else "slots")  # the mma kernels run on CUDA only
 
 
 def test_other_kernels_refuse_the_mma_layout():

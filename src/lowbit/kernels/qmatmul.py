@@ -185,8 +185,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
-                 PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
@@ -212,23 +211,6 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     acc1 = tl.zeros((16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
-    if STAGES > 1:  # words streamed through shared memory (cp.async), STAGES - 1 blocks in flight
-        for p in tl.static_range(PREFETCH):  # into L2 while the previous kernel drains (PDL)
-            pb = tl.minimum(b_start + p, b_end - 1)
-            _prefetch_l2(qw_ptr, pb, wi, c0, N, BN)
-            _prefetch_l2(qw_ptr, pb, wi, c1, N, BN)
-        release_next(PDL)
-        wait_previous(PDL)
-        for blk in tl.range(b_start, b_end, num_stages=STAGES):
-            w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
-            w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
-            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks,
-                                     c0, c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False)
-        out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
-        finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
-                lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
-        return
     w0, h0 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c0, ok0, N, BITS, EVEN_N)
     w1, h1 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c1, ok1, N, BITS, EVEN_N)
     if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
@@ -258,124 +240,6 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
             lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
-
-
-@triton.jit
-def _deep_words(qw_ptr, qh_ptr, blks, wi, cols, n_ok, N, BITS: tl.constexpr, EVEN_N: tl.constexpr):
-    """The [R, 16, BN] words (and 3-bit high bits) of blocks `blks` [R, 1, 1] for columns `cols` [1, 1, BN]."""
-    wptr = (blks * 16 + wi) * N + cols
-    if EVEN_N:
-        words = tl.load(qw_ptr + wptr)
-        hi = tl.load(qh_ptr + wptr).to(tl.int32) if BITS == 3 else words
-    else:
-        words = tl.load(qw_ptr + wptr, mask=n_ok, other=0)
-        hi = tl.load(qh_ptr + wptr, mask=n_ok, other=0).to(tl.int32) if BITS == 3 else words
-    return words, hi
-
-
-@triton.jit
-def _deep_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blks, live, c0, c1, ok0, ok1, wi, N, K,
-                acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
-                HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, PLAIN_X: tl.constexpr):
-    """acc += the contribution of blocks `blks` [R, 1, 1] to the two column chunks; blocks where `live`
-    [R, 1, 1] is false are re-reads whose x reads as 0."""
-    F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
-    OFF: tl.constexpr = 3 if BITS == 3 else 1
-    RUNS: tl.constexpr = FIELDS // GROUP_SLOTS
-    for a in tl.static_range(RUNS):
-        a0, b0 = _deep_scales(s_ptr, z_ptr, blks * RUNS + a, c0, ok0, N, SUB, EVEN_N, F, OFF)
-        a1, b1 = _deep_scales(s_ptr, z_ptr, blks * RUNS + a, c1, ok1, N, SUB, EVEN_N, F, OFF)
-        for jj in tl.static_range(GROUP_SLOTS):
-            j = a * GROUP_SLOTS + jj
-            row = blks * (16 * FIELDS) + j * 16 + wi  # [R, 16, 1]
-            if PLAIN_X:
-                xj = tl.load(x_ptr + row).to(tl.float32)
-            else:
-                xj = _load_x(x_ptr, row, tl.broadcast_to(live, row.shape), perm_ptr, K, HAS_PERM)
-            t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
-            t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
-            if jj == 0:
-                p0, p1, xs = t0, t1, xj
-            else:
-                p0 += t0
-                p1 += t1
-                xs += xj
-        acc0 += a0 * p0 - b0 * xs
-        acc1 += a1 * p1 - b1 * xs
-    return acc0, acc1
-
-
-@triton.jit
-def _deep_scales(s_ptr, z_ptr, run, cols, n_ok, N, SUB: tl.constexpr, EVEN_N: tl.constexpr, F: tl.constexpr,
-                 OFF: tl.constexpr):
-    """[R, 1, BN] factors (a, b) of runs `run` [R, 1, 1]: sum_k x W = a * part - b * sum_k x."""
-    if EVEN_N:
-        s = tl.load(s_ptr + run * N + cols).to(tl.float32)
-        z = tl.load(z_ptr + run * N + cols).to(tl.float32)
-    else:
-        s = tl.load(s_ptr + run * N + cols, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + run * N + cols, mask=n_ok, other=0.0).to(tl.float32)
-    if SUB:
-        return s * _pow2(38), s * z
-    return s * F, s * (OFF * F + z)
-
-
-@triton.jit
-def _gemv_deep_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr,
-                      N, K, num_blocks, blocks_per_split,
-                      BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, SP: tl.constexpr,
-                      FENCE: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, PLAIN_X: tl.constexpr,
-                      SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
-    """y[n] = sum_k x[k] W[k, n] for one row x; a program owns two chunks of BN columns and R blocks (16*R
-    word rows) of each per step, so few columns a program still keep many loads in flight: K is split over
-    programs (grid axis 1) only while the column tiles leave SMs idle, and each split-K finish is a chain of
-    dependent round trips (store, fence, counter, partial loads) at the end of the kernel."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
-    if SWIGLU:
-        c0 = pid_n * BN + cols
-        c1 = c0 + N // 2
-        ok0 = c0 < N // 2
-        ok1 = ok0
-    else:
-        c0 = pid_n * (2 * BN) + cols
-        c1 = c0 + BN
-        ok0, ok1 = c0 < N, c1 < N
-    c0_, c1_ = c0[None, None, :], c1[None, None, :]
-    ok0_, ok1_ = ok0[None, None, :], ok1[None, None, :]
-    wi = tl.arange(0, 16)[None, :, None]
-    ri = tl.arange(0, R)[:, None, None]
-    acc0 = tl.zeros((R, 16, BN), tl.float32)
-    acc1 = tl.zeros((R, 16, BN), tl.float32)
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
-    blks = tl.minimum(b_start + ri, b_end - 1)  # past the end: the last block re-read, its x zeroed
-    w0, h0 = _deep_words(qw_ptr, qh_ptr, blks, wi, c0_, ok0_, N, BITS, EVEN_N)  # not an earlier kernel's output
-    w1, h1 = _deep_words(qw_ptr, qh_ptr, blks, wi, c1_, ok1_, N, BITS, EVEN_N)
-    release_next(PDL)
-    wait_previous(PDL)
-    for blk in range(b_start, b_end, R):
-        if blk != b_start:
-            blks = tl.minimum(blk + ri, b_end - 1)
-            w0, h0 = _deep_words(qw_ptr, qh_ptr, blks, wi, c0_, ok0_, N, BITS, EVEN_N)
-            w1, h1 = _deep_words(qw_ptr, qh_ptr, blks, wi, c1_, ok1_, N, BITS, EVEN_N)
-        acc0, acc1 = _deep_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blks, blk + ri < b_end,
-                                 c0_, c1_, ok0_, ok1_, wi, N, K, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM,
-                                 SUB, EVEN_N, PLAIN_X)
-    out = _side_by_side(tl.sum(tl.sum(acc0, axis=1), axis=0), tl.sum(tl.sum(acc1, axis=1), axis=0))
-    finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
-                lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
-
-
-@triton.jit
-def _prefetch_l2(qw_ptr, blk, wi, cols, N, BN: tl.constexpr):
-    """Ask L2 for block `blk`'s [16, BN] words of columns `cols` (one request per 128-byte line), no wait."""
-    lines = tl.arange(0, BN // 32) * 32
-    first = tl.min(cols, axis=0)
-    ptrs = qw_ptr + (blk * 16 + wi[:, None]).to(tl.int64) * N + first + lines[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -553,28 +417,14 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None, stages=1, prefetch=0, depth=0):
-    """M=1. waves: programs per SM to aim for (K is split over programs to get there); depth > 0 runs the deep
-    GEMV (`depth` blocks a step, a power of two) instead of the two-chunk one (unroll, stages, prefetch)."""
+          swiglu=False, positions=None):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
-    splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device), max(depth, 1)) if split is None else (
+    splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
-    if depth:
-        even_k = w.in_features == w.padded_rows
-        _gemv_deep_kernel[(tiles, splits)](
-            x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
-            positions if positions is not None else perm, n, w.in_features, num_blocks, per,
-            BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
-            HAS_BIAS=bias is not None, BN=BN, R=depth, SP=triton.next_power_of_2(splits), FENCE=fence,
-            SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
-            PLAIN_X=even_k and w.perm is None and per % depth == 0 and num_blocks % per == 0,
-            SWIGLU=swiglu, HAS_POS=positions is not None, num_warps=num_warps, num_stages=num_stages,
-            **pdl_launch(x2))
-        return
     _gemv_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
         n, w.in_features, num_blocks, per,
@@ -582,7 +432,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        STAGES=stages, PREFETCH=prefetch if fence else 0, num_warps=num_warps,
+        num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(x2))
 
 
