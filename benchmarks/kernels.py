@@ -220,7 +220,8 @@ def sweep(weights):
 
 
 def per_shape(w4, best):
-    """Each fused launch alone at M=1 (best config, with and without PDL): where the time goes."""
+    """Each fused launch alone at M=1 (the default config, and the best with and without PDL; weights rotated
+    through twice the L2): where the time goes."""
     if 1 not in best:
         return
     _, layout, kernel, config = best[1]

@@ -432,8 +432,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        num_warps=num_warps,
-        num_stages=num_stages, **pdl_launch(x2))
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
