@@ -10,7 +10,8 @@ for stage in "$@"; do
       timeout "${TESTS_SECONDS:-200}" python3 -m pytest -p no:cacheprovider --maxfail=20 -v ${TESTS:-\
         tests/kernels/test_norm_rope.py tests/kernels/test_attention.py tests/model/test_linear_backends.py \
         tests/engine/test_cuda_graphs.py tests/kernels/test_embedding.py tests/model/test_host_embedding.py \
-        tests/engine/test_prefill.py tests/kernels/test_mma.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes} \
+        tests/engine/test_prefill.py tests/kernels/test_mma.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes \
+        tests/kernels/test_qmatmul.py::test_accumulate_adds_to_a_float32_out} \
         > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
     smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
       if [ -f /tmp/smol/hf/config.json ] && [ -z "${LOWBIT_TEST_CACHE:-}" ]; then  # staged by .dev-smolB/finish.sh

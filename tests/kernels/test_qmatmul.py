@@ -174,6 +174,24 @@ def test_swiglu_output(n, act_order, kernel, config):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("kernel,config", [("gemv", None), ("gemv", {"BN": 16, "split": 3}), ("dot", None)])
+def test_accumulate_adds_to_a_float32_out(kernel, config):
+    """accumulate=True: out (float32) += x @ W + bias; the GEMV adds each K split's float32 partial sums
+    (atomics, no split-K finish), the other kernels their fp16 result."""
+    w, _ = make_weight(576, 192, 4, 128, True, False, "gptq", seed=5)
+    x = torch.randn(1, 576).half().to(DEVICE)
+    bias = torch.randn(192).half().to(DEVICE)
+    start = torch.randn(1, 192, device=DEVICE)
+    out = start.clone()
+    assert qmatmul(x, w, bias, kernel=kernel, config=config, accumulate=True, out=out) is out
+    added = out - start
+    check(added if kernel == "gemv" else added.half(), reference(x, w, bias))
+    assert not w.locks.any()
+    for wrong in (None, out.half(), out[:, :96], torch.zeros(2, 96, device=DEVICE).t()):
+        with pytest.raises(ValueError, match="contiguous float32"):
+            qmatmul(x, w, kernel=kernel, accumulate=True, out=wrong)
+
+
 def test_swiglu_needs_gate_and_up_halves():
     w, _ = make_weight(64, 33, 4, 64, False, False, "gptq")
     with pytest.raises(ValueError, match="equal count"):

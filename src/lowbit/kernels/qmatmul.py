@@ -185,8 +185,9 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
-    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits).
+                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
+    float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
     so every weight paid for its own x). Here a program owns two [16, BN] column chunks: Triton lays a chunk
@@ -238,6 +239,13 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                                      HAS_PERM, SUB, EVEN_N, EVEN_K, True)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
+    if ADD:
+        cols = _side_by_side(c0, c1)  # not SWIGLU: 2*BN consecutive columns
+        ok = cols < N
+        if HAS_BIAS:  # added once, by the first K split
+            out += tl.where(pid_k == 0, tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32), 0.0)
+        tl.atomic_add(y_ptr + cols, out, mask=ok, sem="relaxed")
+        return
     finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
             lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
 
@@ -417,14 +425,14 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None):
+          swiglu=False, positions=None, add=False):
     n, fields = w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
     splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
-    ws = torch.empty(splits * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
+    ws = torch.empty(splits * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
     _gemv_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
         n, w.in_features, num_blocks, per,
@@ -432,7 +440,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
+        ADD=add, num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -519,8 +527,12 @@ def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bo
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
             config: dict | None = None, out: Tensor | None = None, swiglu: bool = False,
-            order: ChannelOrder | None = None) -> Tensor:
+            order: ChannelOrder | None = None, accumulate: bool = False) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
+
+    accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV adds each K
+    split's float32 partial sums with atomics, so it needs no split-K finish (the sum's order, and so its last
+    bits, may vary between runs); the other kernels add their result in x's dtype.
 
     swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
     the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
@@ -549,6 +561,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         raise ValueError(f"the {kernel} kernel does not read the {w.layout} layout")
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
+    if accumulate:
+        return _accumulate(x, x2, w, bias, kernel, config, out, swiglu)
     fused = kernel == "gemv" or (kernel == "mma" and m == 1)
     if swiglu and not fused:
         from lowbit.kernels.norm_rope import silu_mul
@@ -579,3 +593,18 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     launch = {"gemv": _gemv, "dot": _dot}[kernel]
     launch(x2, w, bias, y, **config)
     return y.view(*lead, n)
+
+
+def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: str, config: dict | None,
+                out: Tensor | None, swiglu: bool) -> Tensor:
+    """qmatmul's accumulate=True: out += x @ W + bias."""
+    shape = (*x.shape[:-1], w.out_features)
+    if swiglu or out is None or out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"accumulate adds x @ W to `out`: a contiguous float32 tensor of shape {shape} "
+                         "(not with swiglu)")
+    if kernel != "gemv":
+        return out.add_(qmatmul(x, w, bias, kernel, config))
+    config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
+    _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True)
+    return out
+
