@@ -602,6 +602,8 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     if swiglu or out is None or out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"accumulate adds x @ W to `out`: a contiguous float32 tensor of shape {shape} "
                          "(not with swiglu)")
+    if not out.numel():
+        return out
     if kernel != "gemv":
         return out.add_(qmatmul(x, w, bias, kernel, config))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
