@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_run.sh tests|smollm2|decode|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
+# Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
+# keeps ignored files, skip Triton's compiles (most of a GPU test run's time).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 OUT=${OUT:-benchmarks/results}
 for stage in "$@"; do
   case $stage in
