@@ -3,7 +3,9 @@ act-order, 8-bit, 3-bit) and torch's int4 tinygemm side by side, through `lowbit
 
 Run from the repository root on a CUDA machine:
     PYTHONPATH=src python benchmarks/gpu_decode.py [--shape llama-7b] [--tuned tuned.json] [`lowbit bench` options]
-(--tuned: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults.)
+(--tuned: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults;
+--deterministic: torch.use_deterministic_algorithms(True), so one-row decode keeps its float16 residual and the
+GEMV's split-K finish instead of adding into a float32 residual with atomics, `Block.forward_into`.)
 The table goes to stdout and to $OUT/gpu_decode_<shape>.md when $OUT is set (else benchmarks/results/).
 Decode runs through the engine as users get it: CUDA graphs, greedy tokens in bursts of --decode-steps
 (default 8) per graph replay and host sync. "graph-only" replays that batch-1 burst graph with no host work
@@ -33,6 +35,11 @@ def use_tuned(path: str) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if "--deterministic" in args:
+        args.remove("--deterministic")
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if "--tuned" in args:
         i = args.index("--tuned")
         if Path(args[i + 1]).exists():

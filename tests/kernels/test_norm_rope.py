@@ -34,6 +34,22 @@ def test_rms_norm(dtype, d, rows):
     close(y, reference.rms_norm_reference(x + r, w, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 1])
+def test_rms_norm_of_a_float32_stream_in_the_compute_dtype(dtype, rows):
+    """A float32 residual stream normalized for float16/bf16 linears: rounded to the compute dtype (not to
+    float32, x's) before the weight multiplies, as the reference; its channels placed as asked."""
+    skip_bf16_interpreted(dtype)
+    d = 576
+    x = torch.randn(rows, d, device=DEVICE) * 3
+    w = (torch.rand(d, device=DEVICE) + 0.5).to(dtype)
+    want = reference.rms_norm_reference(x, w, 1e-5, dtype)
+    assert want.dtype == dtype
+    close(norm_rope.rms_norm(x, w, 1e-5, dtype=dtype), want)
+    sources = torch.randperm(d, device=DEVICE).to(torch.int32)
+    close(norm_rope.rms_norm(x, w, 1e-5, sources=sources, dtype=dtype), want[:, sources.long()])
+
+
 @pytest.mark.parametrize("fn", ["rms_norm", "add_rms_norm", "silu_mul"])
 @pytest.mark.parametrize("rows", [3, 1])
 def test_outputs_in_a_channel_order(fn, rows):

@@ -18,11 +18,11 @@ from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, D, eps,
-                     HAS_RES: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr, SLICE: tl.constexpr,
-                     PDL: tl.constexpr):
-    """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr); HAS_SRC: column j of y holds channel src[j]
-    (the next linear's act-order). Program (row, s) sums the whole row and writes its slice s of SLICE
-    columns: a decode step has a row or a few, and one program a row left its work to a single SM."""
+                     HAS_RES: tl.constexpr, HAS_SRC: tl.constexpr, ROUND_TO_Y: tl.constexpr, BLOCK: tl.constexpr,
+                     SLICE: tl.constexpr, PDL: tl.constexpr):
+    """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr), h / rms(h) rounded to x's dtype (ROUND_TO_Y:
+    y's); HAS_SRC: column j of y holds channel src[j] (the next linear's act-order). Program (row, s) sums the
+    whole row and writes its slice s of SLICE columns: a decode step has a row or a few, and one program a row left its work to a single SM."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
     mine = cols < D
@@ -44,7 +44,10 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, D, eps,
     xs = tl.load(x_ptr + row * D + src, mask=mine, other=0.0)  # the slice's channels again (cache hits)
     if HAS_RES:
         xs = xs + tl.load(r_ptr + row * D + src, mask=mine, other=0.0)
-    n = (xs.to(tl.float32) * inv).to(xs.dtype).to(tl.float32)
+    if ROUND_TO_Y:
+        n = (xs.to(tl.float32) * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        n = (xs.to(tl.float32) * inv).to(xs.dtype).to(tl.float32)
     tl.store(y_ptr + row * D + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mine)
 
 
@@ -67,14 +70,15 @@ def _check_sources(sources: Tensor | None, d: int) -> None:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
-             sources: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+             sources: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """x [..., D] -> RMSNorm(x); with `residual`: (RMSNorm(x + residual), x + residual). sources (int32 [D], a
-    permutation): column j of the norm holds channel sources[j] (`ChannelOrder.sources`)."""
+    permutation): column j of the norm holds channel sources[j] (`ChannelOrder.sources`). dtype: the norm's
+    dtype and rounding point (default: x's, the weight's if wider), as a float32 residual stream needs."""
     _check_sources(sources, x.shape[-1])
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    y = torch.empty(x.shape, dtype=dtype or torch.promote_types(weight.dtype, x.dtype), device=x.device)
     h = torch.empty_like(x) if residual is not None else y
     r = residual.reshape(-1, d).contiguous() if residual is not None else x2
     block = triton.next_power_of_2(d)
@@ -82,7 +86,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         slices = norm_slices(rows, d)
         src = sources if sources is not None else weight
         _rms_norm_kernel[(rows, slices)](x2, r, weight, y, h, src, d, eps, HAS_RES=residual is not None,
-                                         HAS_SRC=sources is not None, BLOCK=block, SLICE=block // slices,
+                                         HAS_SRC=sources is not None, ROUND_TO_Y=dtype is not None, BLOCK=block,
+                                         SLICE=block // slices,
                                          num_warps=8 if block >= 4096 else 4, **pdl_launch(x))
     return y if residual is None else (y, h)
 

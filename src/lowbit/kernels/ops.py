@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from lowbit.kernels import reference
@@ -33,12 +34,14 @@ def _sources(order: ChannelOrder | None) -> Tensor | None:
     return None if order is None else order.sources
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None = None) -> Tensor:
-    """RMSNorm(x), its channels in `order` when given (the order an act-order linear reads them in)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None = None,
+             dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm(x), its channels in `order` when given (the order an act-order linear reads them in); dtype: the
+    norm's dtype and rounding point (a float32 residual stream normalized for float16 linears)."""
     k = _fused(x)
     if k:
-        return k.rms_norm(x, weight, eps, sources=_sources(order))
-    return reference.place_channels(reference.rms_norm_reference(x, weight, eps), order)
+        return k.rms_norm(x, weight, eps, sources=_sources(order), dtype=dtype)
+    return reference.place_channels(reference.rms_norm_reference(x, weight, eps, dtype), order)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,

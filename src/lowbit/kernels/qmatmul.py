@@ -532,7 +532,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
 
     accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV adds each K
     split's float32 partial sums with atomics, so it needs no split-K finish (the sum's order, and so its last
-    bits, may vary between runs); the other kernels add their result in x's dtype.
+    bits, may vary between runs, unless `torch.use_deterministic_algorithms(True)`); the other kernels add
+    their result in x's dtype.
 
     swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
     the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
@@ -604,7 +605,7 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
                          "(not with swiglu)")
     if not out.numel():
         return out
-    if kernel != "gemv":
+    if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
         return out.add_(qmatmul(x, w, bias, kernel, config))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True)

@@ -83,11 +83,14 @@ def qmatmul_reference(x: Tensor, w: QWeight, bias: Tensor | None = None) -> Tens
 # ----------------------------------------------------------------------------- the model's small ops
 
 
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * x / rms(x), the mean taken in float32 and the normalized x rounded to x's dtype first (HF)."""
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype | None = None) -> Tensor:
+    """weight * x / rms(x), the mean taken in float32 and the normalized x rounded to x's dtype first (HF);
+    dtype: rounded to that instead, and the result in it."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if dtype is None:
+        return weight * xf.to(x.dtype)
+    return (weight * xf.to(dtype)).to(dtype)
 
 
 def place_channels(x: Tensor, order: ChannelOrder | None) -> Tensor:

@@ -140,15 +140,34 @@ class QuantLinear(nn.Module):
             raise ValueError("sorted_input: this layer has no input_order (it reads its input in order)")
         return self._sorted_input_weight
 
-    def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
-        """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there)."""
+    def adds_in_place(self, rows: int) -> bool:
+        """Whether `forward(x, add_to=h)` with `rows` rows of x adds into a float32 h at no cost of its own.
+
+        True for the "triton" GEMV (one row): its K splits add their partial sums into h with atomics, which
+        also drops the split-K finish it otherwise ends with (~2.7 us a launch on an H100, BENCHMARKS.md), so
+        the model keeps a float32 residual stream that its o_proj and down_proj add into. The atomics' order,
+        and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)` this is
+        False and the model keeps its float16 residual."""
+        w = self.kernel_weight
+        if w is None or torch.are_deterministic_algorithms_enabled():
+            return False
+        from lowbit.kernels.qmatmul import pick_kernel
+
+        return pick_kernel(rows, w.qweight.device, w.layout)[0] == "gemv"
+
+    def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None) -> Tensor:
+        """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there). add_to (float32, the
+        result's shape): add the result into it instead and return it (see `adds_in_place`)."""
         weight = self._weight(sorted_input)
         if weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
+            if add_to is not None:
+                return qmatmul(x, weight, self.bias, out=add_to, accumulate=True)
             return qmatmul(x, weight, self.bias)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y if add_to is None else add_to.add_(y)
 
     def forward_swiglu(self, x: Tensor, sorted_input: bool = False, order=None) -> Tensor:
         """silu(gate) * up of this layer's output (its columns gate then up, a fused w13): the "triton" GEMV

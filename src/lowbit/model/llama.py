@@ -36,8 +36,17 @@ def input_order(linear: nn.Module, x: Tensor):
     return None if ask is None else ask(x[..., 0].numel())
 
 
-def _linear(linear: nn.Module, x: Tensor, sorted_input: bool) -> Tensor:
+def _linear(linear: nn.Module, x: Tensor, sorted_input: bool, add_to: Tensor | None = None) -> Tensor:
+    """linear(x), or added into add_to (a linear whose `adds_in_place` said so)."""
+    if add_to is not None:
+        return linear(x, sorted_input=sorted_input, add_to=add_to)
     return linear(x, sorted_input=True) if sorted_input else linear(x)
+
+
+def adds_in_place(linear: nn.Module, rows: int) -> bool:
+    """Whether `linear` adds its output into a float32 residual stream for free (`QuantLinear.adds_in_place`)."""
+    ask = getattr(linear, "adds_in_place", None)
+    return ask is not None and ask(rows)
 
 
 class Cache(Protocol):
@@ -57,9 +66,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, order=None) -> Tensor:
-        """norm(x); order: its channels in the order the next linear reads them (`input_order`)."""
-        return ops.rms_norm(x, self.weight, self.eps, order)
+    def forward(self, x: Tensor, order=None, dtype: torch.dtype | None = None) -> Tensor:
+        """norm(x); order: its channels in the order the next linear reads them (`input_order`); dtype: its
+        dtype (a float32 residual stream normalized for the linears' dtype)."""
+        return ops.rms_norm(x, self.weight, self.eps, order, dtype)
 
     def add_forward(self, x: Tensor, residual: Tensor, order=None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
@@ -126,15 +136,17 @@ class Attention(nn.Module):
         self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
-                rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False) -> Tensor:
-        """sorted_input: x's channels come in wqkv's `input_order`."""
+                rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False,
+                add_to: Tensor | None = None) -> Tensor:
+        """sorted_input: x's channels come in wqkv's `input_order`; add_to: wo adds its output into it (with a
+        cache only)."""
         B, T, _ = x.shape
         qkv = _linear(self.wqkv, x, sorted_input).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         if cache is not None:  # the cache applies RoPE (its decode kernel does it on the fly)
             q, k, v = qkv.split(self.split, dim=2)
             order = input_order(self.wo, x)  # act-order wo: the attention kernel writes in the order wo reads
             y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
-            return _linear(self.wo, y, order is not None)
+            return _linear(self.wo, y, order is not None, add_to)
         qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
         q, k, v = qkv.split(self.split, dim=2)  # GQA: sdpa_reference repeats each kv head for its group
         y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
@@ -148,13 +160,13 @@ class MLP(nn.Module):
         self.w13 = make_linear(f"{prefix}.w13", c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
-    def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
-        """sorted_input: x's channels come in w13's `input_order`."""
+    def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None) -> Tensor:
+        """sorted_input: x's channels come in w13's `input_order`; add_to: w2 adds its output into it."""
         fused = getattr(self.w13, "forward_swiglu", None)  # a linear that applies SwiGLU itself (QuantLinear)
         if fused is None:  # w13 holds gate then up
-            return self.w2(ops.silu_mul(_linear(self.w13, x, sorted_input)))
+            return _linear(self.w2, ops.silu_mul(_linear(self.w13, x, sorted_input)), False, add_to)
         order = input_order(self.w2, x)  # act-order w2: SwiGLU writes the activations in the order w2 reads
-        return _linear(self.w2, fused(x, sorted_input=sorted_input, order=order), order is not None)
+        return _linear(self.w2, fused(x, sorted_input=sorted_input, order=order), order is not None, add_to)
 
 
 class Block(nn.Module):
@@ -184,6 +196,22 @@ class Block(nn.Module):
         order = input_order(self.mlp.w13, x)
         n, h = self.ffn_norm.add_forward(a, h, order)  # h = h + a
         return self.mlp(n, sorted_input=order is not None), h
+
+    def adds_in_place(self, rows: int) -> bool:
+        """Whether this block runs `forward_into` for `rows` rows (its o_proj and down_proj add for free)."""
+        return adds_in_place(self.attention.wo, rows) and adds_in_place(self.mlp.w2, rows)
+
+    def forward_into(self, h: Tensor, dtype: torch.dtype, rope, mask, cache, rows, input_pos) -> Tensor:
+        """The block on a float32 residual stream h, updated in place and returned: the norms read h and write
+        `dtype` for the linears, and o_proj and down_proj add their outputs into h (`adds_in_place`), which is
+        the residual add. A cache is required (decode)."""
+        order = input_order(self.attention.wqkv, h)
+        n = self.attention_norm(h, order, dtype)
+        self.attention(n, rope, mask, cache, rows, input_pos, sorted_input=order is not None, add_to=h)
+        order = input_order(self.mlp.w13, h)
+        n = self.ffn_norm(h, order, dtype)
+        self.mlp(n, sorted_input=order is not None, add_to=h)
+        return h
 
 
 class Transformer(nn.Module):
@@ -219,6 +247,8 @@ class Transformer(nn.Module):
             kv_len = cache.max_seq_len
             mask = torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]  # [B, T, S]
             mask = mask[:, None]
+        if cache is not None and all(layer.adds_in_place(B * T) for layer in self.layers):
+            return self._forward_float32_residual(x, rope, mask, cache, rows, input_pos, last_only)
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_split(x, residual, rope, mask, cache, rows, input_pos)
@@ -226,3 +256,13 @@ class Transformer(nn.Module):
             x, residual = x[:, -1:], residual[:, -1:] if residual is not None else None
         x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
         return self.output(x)
+
+    def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
+        """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
+        one-row decode on the "triton" GEMV, where that saves the split-K finish of two launches a layer."""
+        h = x.float()
+        for layer in self.layers:
+            h = layer.forward_into(h, x.dtype, rope, mask, cache, rows, input_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h, dtype=x.dtype))
