@@ -76,6 +76,29 @@ def test_decode_attention_applies_rope(H, KV, D, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+def test_decode_attention_rounds_float32_qkv_to_the_cache_dtype():
+    """q/k/v as float32 sums (a linear that added into a float32 buffer) attend exactly as the same values
+    rounded to the float16 cache first, rotated or not, and the output comes in the cache's dtype."""
+    H, KV, D, B, S = 8, 2, 64, 2, 80
+    kc = torch.randn(B, KV, S, D, device=DEVICE).half()
+    vc = torch.randn(B, KV, S, D, device=DEVICE).half()
+    rows, pos = torch.tensor([1, 0], device=DEVICE), torch.tensor([79, 5], device=DEVICE)
+    qkv = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE)
+    angles = pos.float()[:, None] * torch.rand(D // 2, device=DEVICE)
+    emb = torch.cat((angles, angles), dim=-1)
+    rope = emb.cos().half(), emb.sin().half()
+    for r in (None, rope):
+        caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+        outs = []
+        for t, (k_c, v_c) in zip((qkv, qkv.half()), caches):
+            q, k, v = t.split((H, KV, KV), dim=2)
+            locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+            outs.append(decode_attention(q[:, 0], k[:, 0], v[:, 0], k_c, v_c, rows, pos, locks, rope=r))
+        assert outs[0].dtype == torch.float16
+        assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0][0], caches[1][0])
+        assert torch.equal(caches[0][1], caches[1][1])
+
+
 def test_decode_attention_places_channels():
     """positions: output channel c lands at column positions[c] of its row (for an act-order wo), bit for bit
     the output without positions, rearranged; a wrong-sized positions is a clear error."""

@@ -67,6 +67,8 @@ class KVCache:
                                    input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]),
                                    positions=None if order is None else order.positions)
             return out.view(B, 1, H * D)
+        dtype = self.k.dtype  # q/k/v may come as float32 sums (`Block.forward_into`)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         q, k = ops.rope(q, *rope, H), ops.rope(k, *rope, k.shape[2])
         k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))
         if mask is None:

@@ -28,7 +28,7 @@ WAVES = 2  # and enough splits for about this many programs per SM (batch 1 of L
 def _rotate(x, ptr, d, dm, c, s, HALF):
     """RoPE of a [.., BD] row tile x loaded from ptr + d: x*cos + (-x2, x1)*sin in float32, rounded once."""
     partner = tl.where(d < HALF, d + HALF, d - HALF)
-    other = tl.load(ptr + partner, mask=dm, other=0.0).to(tl.float32)
+    other = tl.load(ptr + partner, mask=dm, other=0.0).to(x.dtype).to(tl.float32)  # rounded as x was
     sign = tl.where(d < HALF, -1.0, 1.0)
     return (x.to(tl.float32) * c + sign * other * s).to(x.dtype)
 
@@ -55,10 +55,11 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
     p = tl.load(pos_ptr + b).to(tl.int32)
     b64 = b.to(tl.int64)
     q_row = q_ptr + b64 * stride_qb + heads[:, None] * D
-    q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+    DT: tl.constexpr = kc_ptr.dtype.element_ty  # q/k/v may come in float32 (sums a linear added up)
+    q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0).to(DT)
     k_row = kn_ptr + b64 * stride_kb + kvh * D
-    k_new = tl.load(k_row + d, mask=dm, other=0.0)
-    v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0)
+    k_new = tl.load(k_row + d, mask=dm, other=0.0).to(DT)
+    v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0).to(DT)
     if ROPE:  # q and the new key arrive unrotated: rotate them here instead of in a launch of their own
         cos = tl.load(cos_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + b64 * stride_rb + d, mask=dm, other=0.0).to(tl.float32)
@@ -149,10 +150,11 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
                      rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None) -> Tensor:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
-    q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride), k_cache/v_cache
-    [slots, KV, S, D], rows/pos [B] int, locks int32 [>= B * KV] zeros (left zero). -> [B, H, D] (in `out`
-    when given). rope = (cos, sin) [B, D] (half-split layout): q and k_new are rotated first (as
-    `lowbit.kernels.norm_rope.rope_`, in float32, rounded once), and the rotated key is what gets cached.
+    q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride; float32 ones are rounded
+    to the cache's dtype first), k_cache/v_cache [slots, KV, S, D], rows/pos [B] int, locks int32 [>= B * KV]
+    zeros (left zero). -> [B, H, D] in the cache's dtype (in `out` when given). rope = (cos, sin) [B, D]
+    (half-split layout): q and k_new are rotated first (as `lowbit.kernels.norm_rope.rope_`, in float32, rounded
+    once), and the rotated key is what gets cached.
     positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
     of its row (`reference.place_channels`), the order an act-order wo reads.
     """
@@ -172,7 +174,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     G = H // n_kv
     splits = num_splits(S, B * n_kv, sm_count(q.device) if q.is_cuda else 0)
     bd = max(16, triton.next_power_of_2(D))
-    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device) if out is None else out
+    out = torch.empty(B, H, D, dtype=k_cache.dtype, device=q.device) if out is None else out
     ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     scale = D ** -0.5 if scale is None else scale
     cos, sin = rope if rope is not None else (q, q)
@@ -186,6 +188,6 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
-            IEEE=q.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
+            IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
             **pdl_launch(q))
     return out

@@ -99,13 +99,35 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr):
-    """x values (float32) of packed rows `row` (any shape); 0 for padding rows."""
+def _round(v, XSW: tl.constexpr):
+    """float32 v rounded to float16 (XSW 1), bfloat16 (2) or left as is (3)."""
+    if XSW == 1:
+        return v.to(tl.float16).to(tl.float32)
+    elif XSW == 2:
+        return v.to(tl.bfloat16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def _x_at(x_ptr, src, ok, K, XSW: tl.constexpr):
+    """x[src] in float32 (ok False: 0). XSW (0: off): x holds float32 gate sums then up sums, [2K], and the input
+    is silu(gate) * up, rounded where torch rounds silu-then-mul in float16 (1), bfloat16 (2) or float32 (3)."""
+    if XSW:
+        g = _round(tl.load(x_ptr + src, mask=ok, other=0.0), XSW)
+        u = _round(tl.load(x_ptr + K + src, mask=ok, other=0.0), XSW)
+        return _round(_round(g / (1.0 + tl.exp(-g)), XSW) * u, XSW)
+    return tl.load(x_ptr + src, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr, XSW: tl.constexpr):
+    """x values (float32) of packed rows `row` (any shape); 0 for padding rows (XSW: see `_x_at`)."""
     if HAS_PERM:
         src = tl.load(perm_ptr + row, mask=ok, other=-1)
-        return tl.load(x_ptr + src, mask=ok & (src >= 0), other=0.0).to(tl.float32)
+        return _x_at(x_ptr, src, ok & (src >= 0), K, XSW)
     else:
-        return tl.load(x_ptr + row, mask=ok & (row < K), other=0.0).to(tl.float32)
+        return _x_at(x_ptr, row, ok & (row < K), K, XSW)
 
 
 @triton.jit
@@ -150,7 +172,7 @@ def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.const
 def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
                 acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                MAYBE_DEAD: tl.constexpr):
+                MAYBE_DEAD: tl.constexpr, XSW: tl.constexpr):
     """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
     block may be a re-read past the end, with `live` 0)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
@@ -162,10 +184,10 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
         for jj in tl.static_range(GROUP_SLOTS):  # this run's fields, summed per word: no cross-thread work
             j = a * GROUP_SLOTS + jj
             row = blk * (16 * FIELDS) + j * 16 + wi
-            if EVEN_K and not HAS_PERM and not MAYBE_DEAD:
+            if EVEN_K and not HAS_PERM and not MAYBE_DEAD and not XSW:
                 xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
             else:
-                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM)[:, None]
+                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, XSW)[:, None]
             t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
             t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
             if jj == 0:
@@ -185,9 +207,11 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
-                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, XSW: tl.constexpr,
+                 PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
-    float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits).
+    float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits). XSW: x is
+    a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`).
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
     so every weight paid for its own x). Here a program owns two [16, BN] column chunks: Triton lays a chunk
@@ -231,12 +255,12 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
                                  ok0, ok1, wi,
                                  N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
-                                 False)
+                                 False, XSW)
         if UNROLL == 2:
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
                                      tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                      ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     if ADD:
@@ -425,8 +449,9 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None, add=False):
+          swiglu=False, positions=None, add=False, x_swiglu=None):
     n, fields = w.out_features, fields_per_word(w.bits)
+    dtype = x_swiglu or x2.dtype  # what the input is rounded to
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
     splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
@@ -438,9 +463,12 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
-        SUB=x2.dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
+        SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        ADD=add, num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
+        ADD=add, XSW=_XSW[x_swiglu], num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
+
+
+_XSW = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's codes for x_swiglu
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -527,8 +555,14 @@ def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bo
 
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
             config: dict | None = None, out: Tensor | None = None, swiglu: bool = False,
-            order: ChannelOrder | None = None, accumulate: bool = False) -> Tensor:
+            order: ChannelOrder | None = None, accumulate: bool = False,
+            swiglu_input: torch.dtype | None = None) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
+
+    swiglu_input (a dtype): x [..., 2K] holds a fused w13's gate then up sums (typically float32, added up by
+    `accumulate`) and the input is silu(gate) * up in that dtype, rounded as `silu_mul` rounds; the result
+    comes in that dtype. The GEMV computes it as it loads x (no launch of its own); other kernels run
+    `silu_mul` first.
 
     accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV adds each K
     split's float32 partial sums with atomics, so it needs no split-K finish (the sum's order, and so its last
@@ -542,6 +576,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
+    if swiglu_input is not None:
+        return _swiglu_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, swiglu_input)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if swiglu and n % 2:
@@ -597,8 +633,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
 
 
 def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: str, config: dict | None,
-                out: Tensor | None, swiglu: bool) -> Tensor:
-    """qmatmul's accumulate=True: out += x @ W + bias."""
+                out: Tensor | None, swiglu: bool, x_swiglu: torch.dtype | None = None) -> Tensor:
+    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu: of SwiGLU's x, `qmatmul`'s swiglu_input)."""
     shape = (*x.shape[:-1], w.out_features)
     if swiglu or out is None or out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"accumulate adds x @ W to `out`: a contiguous float32 tensor of shape {shape} "
@@ -606,8 +642,35 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     if not out.numel():
         return out
     if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
-        return out.add_(qmatmul(x, w, bias, kernel, config))
+        return out.add_(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
-    _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True)
+    _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
+          x_swiglu=x_swiglu)
     return out
+
+
+def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
+                  out: Tensor | None, swiglu: bool, order: ChannelOrder | None, accumulate: bool,
+                  dtype: torch.dtype) -> Tensor:
+    """qmatmul with swiglu_input=dtype: x [..., 2K] is gate then up, the input silu(gate) * up in `dtype`."""
+    k = w.in_features
+    if x.shape[-1] != 2 * k or dtype not in _XSW or dtype is None:
+        raise ValueError(f"swiglu_input: x holds gate then up ({2 * k} features, got {x.shape[-1]}) and the "
+                         f"dtype is a float dtype (got {dtype})")
+    m = x[..., 0].numel()
+    picked = pick_kernel(m, x.device, w.layout)
+    if (kernel or picked[0]) != "gemv" or swiglu or order is not None:
+        from lowbit.kernels.norm_rope import silu_mul
+
+        act = silu_mul(x.to(dtype))
+        return qmatmul(act, w, bias, kernel, config, out, swiglu, order, accumulate)
+    config = {**(picked[1] if kernel is None else {}), **(config or {})}
+    x2 = x.reshape(-1, 2 * k)
+    if accumulate:
+        return _accumulate(x, x2, w, bias, "gemv", config, out, False, dtype)
+    config.pop("host_gather", None)
+    y = torch.empty(m, w.out_features, dtype=dtype, device=x.device) if out is None else out.view(m, -1)
+    if m:
+        _gemv(x2.contiguous(), w, bias, y, **config, x_swiglu=dtype)
+    return y.view(*x.shape[:-1], w.out_features)
 

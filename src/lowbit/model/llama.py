@@ -66,10 +66,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, order=None, dtype: torch.dtype | None = None) -> Tensor:
+    def forward(self, x: Tensor, order=None, dtype: torch.dtype | None = None, zero: Tensor | None = None) -> Tensor:
         """norm(x); order: its channels in the order the next linear reads them (`input_order`); dtype: its
-        dtype (a float32 residual stream normalized for the linears' dtype)."""
-        return ops.rms_norm(x, self.weight, self.eps, order, dtype)
+        dtype (a float32 residual stream normalized for the linears' dtype); zero: a float32 buffer to zero on
+        the way (for the next linear to add into)."""
+        return ops.rms_norm(x, self.weight, self.eps, order, dtype, zero)
 
     def add_forward(self, x: Tensor, residual: Tensor, order=None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
@@ -136,21 +137,27 @@ class Attention(nn.Module):
         self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
-                rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False,
-                add_to: Tensor | None = None) -> Tensor:
-        """sorted_input: x's channels come in wqkv's `input_order`; add_to: wo adds its output into it (with a
-        cache only)."""
+                rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False) -> Tensor:
+        """sorted_input: x's channels come in wqkv's `input_order`."""
         B, T, _ = x.shape
-        qkv = _linear(self.wqkv, x, sorted_input).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        if cache is not None:  # the cache applies RoPE (its decode kernel does it on the fly)
-            q, k, v = qkv.split(self.split, dim=2)
-            order = input_order(self.wo, x)  # act-order wo: the attention kernel writes in the order wo reads
-            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
-            return _linear(self.wo, y, order is not None, add_to)
+        qkv = _linear(self.wqkv, x, sorted_input)
+        if cache is not None:
+            return self.attend(qkv, rope, mask, cache, rows, input_pos)
+        qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
         q, k, v = qkv.split(self.split, dim=2)  # GQA: sdpa_reference repeats each kv head for its group
         y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
         return self.wo(y.reshape(B, T, -1))
+
+    def attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache, rows: Tensor | None,
+               input_pos: Tensor, add_to: Tensor | None = None) -> Tensor:
+        """wo(attention) for wqkv's output qkv [B, T, (H + 2 KV) * D] through the cache (which applies RoPE, its
+        decode kernel on the fly; float32 sums are rounded to its dtype); add_to: wo adds its output into it."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
+        order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
+        y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
+        return _linear(self.wo, y, order is not None, add_to)
 
 
 class MLP(nn.Module):
@@ -160,13 +167,13 @@ class MLP(nn.Module):
         self.w13 = make_linear(f"{prefix}.w13", c.hidden_size, 2 * c.intermediate_size, c.mlp_bias)
         self.w2 = make_linear(f"{prefix}.w2", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
-    def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None) -> Tensor:
-        """sorted_input: x's channels come in w13's `input_order`; add_to: w2 adds its output into it."""
+    def forward(self, x: Tensor, sorted_input: bool = False) -> Tensor:
+        """sorted_input: x's channels come in w13's `input_order`."""
         fused = getattr(self.w13, "forward_swiglu", None)  # a linear that applies SwiGLU itself (QuantLinear)
         if fused is None:  # w13 holds gate then up
-            return _linear(self.w2, ops.silu_mul(_linear(self.w13, x, sorted_input)), False, add_to)
+            return self.w2(ops.silu_mul(_linear(self.w13, x, sorted_input)))
         order = input_order(self.w2, x)  # act-order w2: SwiGLU writes the activations in the order w2 reads
-        return _linear(self.w2, fused(x, sorted_input=sorted_input, order=order), order is not None, add_to)
+        return _linear(self.w2, fused(x, sorted_input=sorted_input, order=order), order is not None)
 
 
 class Block(nn.Module):
@@ -198,19 +205,29 @@ class Block(nn.Module):
         return self.mlp(n, sorted_input=order is not None), h
 
     def adds_in_place(self, rows: int) -> bool:
-        """Whether this block runs `forward_into` for `rows` rows (its o_proj and down_proj add for free)."""
-        return adds_in_place(self.attention.wo, rows) and adds_in_place(self.mlp.w2, rows)
+        """Whether this block runs `forward_into` for `rows` rows: each of its linears adds for free."""
+        linears = (self.attention.wqkv, self.attention.wo, self.mlp.w13, self.mlp.w2)
+        return all(adds_in_place(linear, rows) for linear in linears)
 
     def forward_into(self, h: Tensor, dtype: torch.dtype, rope, mask, cache, rows, input_pos) -> Tensor:
-        """The block on a float32 residual stream h, updated in place and returned: the norms read h and write
-        `dtype` for the linears, and o_proj and down_proj add their outputs into h (`adds_in_place`), which is
-        the residual add. A cache is required (decode)."""
-        order = input_order(self.attention.wqkv, h)
-        n = self.attention_norm(h, order, dtype)
-        self.attention(n, rope, mask, cache, rows, input_pos, sorted_input=order is not None, add_to=h)
-        order = input_order(self.mlp.w13, h)
-        n = self.ffn_norm(h, order, dtype)
-        self.mlp(n, sorted_input=order is not None, add_to=h)
+        """The block on a float32 residual stream h, updated in place and returned (a cache is required).
+
+        Every linear adds its float32 sums into a buffer (`adds_in_place`: the GEMV's K splits add there
+        directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
+        gate/up into buffers that the norm before them zeroes in its launch. The norms read h and write
+        `dtype`; the attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj computes
+        SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input)."""
+        attn, mlp = self.attention, self.mlp
+        order = input_order(attn.wqkv, h)
+        qkv = h.new_empty(*h.shape[:-1], attn.wqkv.out_features)
+        n = self.attention_norm(h, order, dtype, zero=qkv)
+        _linear(attn.wqkv, n, order is not None, add_to=qkv)
+        attn.attend(qkv, rope, mask, cache, rows, input_pos, add_to=h)
+        order = input_order(mlp.w13, h)
+        gate_up = h.new_empty(*h.shape[:-1], mlp.w13.out_features)
+        n = self.ffn_norm(h, order, dtype, zero=gate_up)
+        _linear(mlp.w13, n, order is not None, add_to=gate_up)
+        mlp.w2(gate_up, add_to=h, swiglu_input=dtype)
         return h
 
 
