@@ -215,6 +215,33 @@ def test_swiglu_input_is_silu_mul_then_the_matmul(kernel, m, act_order):
         qmatmul(x[:, :k], w, swiglu_input=torch.float16)
 
 
+@pytest.mark.parametrize("kernel,m", [("gemv", 1), ("dot", 2)])
+def test_accumulate_places_gate_and_up_for_an_act_order_down_proj(kernel, m):
+    """accumulate with an order: a fused w13's gate and up sums each land in the order an act-order w2 reads
+    (its `input_order`), and w2's sorted-input weight then reads them with swiglu_input: the same as w2 on the
+    unplaced sums."""
+    from lowbit.kernels.reference import silu_mul_reference
+
+    k, i = 256, 320
+    w13, _ = make_weight(k, 2 * i, 4, 64, False, False, "gptq", seed=3)
+    w2, _ = make_weight(i, 64, 4, 64, True, False, "gptq", seed=4)
+    order = w2.input_order
+    x = torch.randn(m, k).half().to(DEVICE)
+    sums = reference(x, w13)
+    out = torch.zeros(m, 2 * i, device=DEVICE)
+    qmatmul(x, w13, kernel=kernel, accumulate=True, out=out, order=order)
+    placed = torch.cat([place_channels(half, order) for half in sums.chunk(2, dim=-1)], dim=-1)
+    check(out if kernel == "gemv" else out.half(), placed)
+    got = qmatmul(out, w2.for_sorted_input(), kernel=kernel, swiglu_input=torch.float16)
+    check(got, reference(silu_mul_reference(out_unplaced(out, order).half()), w2))
+    assert not w13.locks.any() and not w2.locks.any()
+
+
+def out_unplaced(out, order):
+    """The inverse of placing each half in `order`."""
+    return torch.cat([half.index_select(-1, order.positions.long()) for half in out.chunk(2, dim=-1)], dim=-1)
+
+
 def test_swiglu_needs_gate_and_up_halves():
     w, _ = make_weight(64, 33, 4, 64, False, False, "gptq")
     with pytest.raises(ValueError, match="equal count"):

@@ -268,7 +268,11 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         ok = cols < N
         if HAS_BIAS:  # added once, by the first K split
             out += tl.where(pid_k == 0, tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32), 0.0)
-        tl.atomic_add(y_ptr + cols, out, mask=ok, sem="relaxed")
+        dst = cols
+        if HAS_POS:  # gate column c to pos[c], up column N/2 + c to N/2 + pos[c]
+            up = cols >= N // 2
+            dst = tl.load(pos_ptr + tl.where(up, cols - N // 2, cols), mask=ok, other=0) + tl.where(up, N // 2, 0)
+        tl.atomic_add(y_ptr + dst, out, mask=ok, sem="relaxed")
         return
     finish_tile(out[None, :], tl.arange(0, 1), _side_by_side(c0, c1), _side_by_side(ok0, ok1), 1, N, b_ptr, ws_ptr,
             lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
@@ -572,7 +576,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
     the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
     other kernels compute y first. order (swiglu only; the `input_order` of the next, act-order, linear): the
-    activations come out in that order, so that linear reads them contiguously.
+    activations come out in that order, so that linear reads them contiguously. With accumulate instead, the
+    gate and up halves of out each get their columns in that order (for that linear's swiglu_input).
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
@@ -582,8 +587,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs gate and up columns of equal count, got {n} columns")
-    if order is not None and (not swiglu or order.positions.shape != (n // 2,)):
-        raise ValueError(f"an order goes with swiglu and places each of its {n // 2} outputs")
+    if order is not None and (not (swiglu or accumulate) or order.positions.shape != (n // 2,)):
+        raise ValueError(f"an order goes with swiglu or accumulate and places {n // 2} outputs")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -599,7 +604,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
     if accumulate:
-        return _accumulate(x, x2, w, bias, kernel, config, out, swiglu)
+        return _accumulate(x, x2, w, bias, kernel, config, out, swiglu, order)
     fused = kernel == "gemv" or (kernel == "mma" and m == 1)
     if swiglu and not fused:
         from lowbit.kernels.norm_rope import silu_mul
@@ -633,8 +638,11 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
 
 
 def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: str, config: dict | None,
-                out: Tensor | None, swiglu: bool, x_swiglu: torch.dtype | None = None) -> Tensor:
-    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu: of SwiGLU's x, `qmatmul`'s swiglu_input)."""
+                out: Tensor | None, swiglu: bool, order: ChannelOrder | None = None,
+                x_swiglu: torch.dtype | None = None) -> Tensor:
+    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu: of SwiGLU's x, `qmatmul`'s swiglu_input);
+    order: out's gate and up halves each get their columns in this order (what the next act-order linear
+    reads with swiglu_input)."""
     shape = (*x.shape[:-1], w.out_features)
     if swiglu or out is None or out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"accumulate adds x @ W to `out`: a contiguous float32 tensor of shape {shape} "
@@ -642,10 +650,13 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     if not out.numel():
         return out
     if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
-        return out.add_(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu))
+        y = qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu)
+        if order is not None:
+            y = torch.cat([y_half.index_select(-1, order.sources) for y_half in y.chunk(2, dim=-1)], dim=-1)
+        return out.add_(y)
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
-          x_swiglu=x_swiglu)
+          x_swiglu=x_swiglu, positions=None if order is None else order.positions)
     return out
 
 
@@ -667,7 +678,7 @@ def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None
     config = {**(picked[1] if kernel is None else {}), **(config or {})}
     x2 = x.reshape(-1, 2 * k)
     if accumulate:
-        return _accumulate(x, x2, w, bias, "gemv", config, out, False, dtype)
+        return _accumulate(x, x2, w, bias, "gemv", config, out, False, None, dtype)
     config.pop("host_gather", None)
     y = torch.empty(m, w.out_features, dtype=dtype, device=x.device) if out is None else out.view(m, -1)
     if m:

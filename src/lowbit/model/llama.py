@@ -216,7 +216,8 @@ class Block(nn.Module):
         directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
         gate/up into buffers that the norm before them zeroes in its launch. The norms read h and write
         `dtype`; the attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj computes
-        SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input)."""
+        SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input), which gate/up adds in the
+        order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
         order = input_order(attn.wqkv, h)
         qkv = h.new_empty(*h.shape[:-1], attn.wqkv.out_features)
@@ -226,8 +227,9 @@ class Block(nn.Module):
         order = input_order(mlp.w13, h)
         gate_up = h.new_empty(*h.shape[:-1], mlp.w13.out_features)
         n = self.ffn_norm(h, order, dtype, zero=gate_up)
-        _linear(mlp.w13, n, order is not None, add_to=gate_up)
-        mlp.w2(gate_up, add_to=h, swiglu_input=dtype)
+        w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
+        mlp.w13(n, sorted_input=order is not None, add_to=gate_up, order=w2_order)
+        mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype)
         return h
 
 
