@@ -66,14 +66,16 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
     assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE
 
 
-def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch):
-    """One-row decode on the "triton" GEMV keeps the residual stream in float32 and lets o_proj and down_proj
-    add into it (`Block.forward_into`); more rows, or deterministic algorithms, keep the float16 residual. The
-    logits match the reference either way."""
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act):
+    """One-row decode on the "triton" GEMV keeps the residual stream in float32 and lets every linear add into
+    float32 (`Block.forward_into`; the norms fused into the linears that read in order, launched for act-order
+    ones); more rows, or deterministic algorithms, keep the float16 residual. The logits match the reference
+    either way."""
     from lowbit.model import llama
 
     cfg = tiny_config(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2)
-    write_gptq_checkpoint(tmp_path, cfg, 4, 32, True, False, "gptq", distinct_perms=False)
+    write_gptq_checkpoint(tmp_path, cfg, 4, 32, desc_act, False, "gptq", distinct_perms=False)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=dtype, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
@@ -86,16 +88,23 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
     tokens = torch.randint(0, cfg["vocab_size"], (1, 7))
     tol = 2e-2 if dtype == torch.float16 else 1e-4
 
+    norms = []
+    norm = llama.RMSNorm.forward
+    monkeypatch.setattr(llama.RMSNorm, "forward", lambda self, *a, **k: norms.append(1) or norm(self, *a, **k))
+
     def step(model, device, model_dtype):
         cache = KVCache(model.config, 1, 16, model_dtype, device)
         rows = torch.arange(1, device=device)
         with torch.no_grad():
             model(tokens[:, :6].to(device), None, cache, rows)
+            norms.clear()
             return model(tokens[:, 6:].to(device), torch.full((1, 1), 6, device=device), cache, rows).float().cpu()
 
     want = step(ref, "cpu", torch.float32)
     got = step(fast, DEVICE, dtype)
     assert streamed == [torch.float32] * cfg["num_hidden_layers"], "the prefill (6 rows) kept the float16 path"
+    layers_norms = 2 * cfg["num_hidden_layers"] if desc_act else 0  # in order: fused into q/k/v and gate/up
+    assert len(norms) == layers_norms + 1, "and the final norm before lm_head"
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     streamed.clear()
     with torch.no_grad():

@@ -17,14 +17,13 @@ from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, z_ptr, D, ZN, eps,
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, D, eps,
                      HAS_RES: tl.constexpr, HAS_SRC: tl.constexpr, ROUND_TO_Y: tl.constexpr, BLOCK: tl.constexpr,
-                     SLICE: tl.constexpr, ZERO: tl.constexpr, PDL: tl.constexpr):
+                     SLICE: tl.constexpr, PDL: tl.constexpr):
     """y = w * (h / rms(h)) with h = x (+ r, written to h_ptr), h / rms(h) rounded to x's dtype (ROUND_TO_Y:
     y's); HAS_SRC: column j of y holds channel src[j] (the next linear's act-order). Program (row, s) sums the
     whole row and writes its slice s of SLICE columns: a decode step has a row or a few, and one program a row
-    left its work to a single SM. ZERO (a block size; 0: none): also zero the row's ZN floats at z_ptr, each
-    program its share, for the next linear to add into."""
+    left its work to a single SM."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
     mine = cols < D
@@ -46,11 +45,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, z_ptr, D, ZN, e
     xs = tl.load(x_ptr + row * D + src, mask=mine, other=0.0)  # the slice's channels again (cache hits)
     if HAS_RES:
         xs = xs + tl.load(r_ptr + row * D + src, mask=mine, other=0.0)
-    if ZERO:  # after the wait: the buffer may be memory the previous kernel still read
-        share = tl.cdiv(ZN, tl.num_programs(1))
-        for i in range(tl.program_id(1) * share, tl.minimum(ZN, (tl.program_id(1) + 1) * share), ZERO):
-            z = i + tl.arange(0, ZERO)
-            tl.store(z_ptr + row * ZN + z, tl.zeros((ZERO,), tl.float32), mask=z < ZN)
     if ROUND_TO_Y:
         n = (xs.to(tl.float32) * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
     else:
@@ -77,18 +71,12 @@ def _check_sources(sources: Tensor | None, d: int) -> None:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
-             sources: Tensor | None = None, dtype: torch.dtype | None = None,
-             zero: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+             sources: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """x [..., D] -> RMSNorm(x); with `residual`: (RMSNorm(x + residual), x + residual). sources (int32 [D], a
     permutation): column j of the norm holds channel sources[j] (`ChannelOrder.sources`). dtype: the norm's
-    dtype and rounding point (default: x's, the weight's if wider), as a float32 residual stream needs.
-    zero (float32 [..., any], contiguous, x's rows): zeroed in the same launch (for the next linear to add into)."""
+    dtype and rounding point (default: x's, the weight's if wider), as a float32 residual stream needs."""
     _check_sources(sources, x.shape[-1])
     d = x.shape[-1]
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()
-                             or zero.shape[:-1] != x.shape[:-1]):
-        raise ValueError(f"zero must be a contiguous float32 tensor of x's rows {tuple(x.shape[:-1])}, got "
-                         f"{zero.dtype} {tuple(zero.shape)}")
     x2 = x.reshape(-1, d).contiguous()
     rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=dtype or torch.promote_types(weight.dtype, x.dtype), device=x.device)
@@ -98,11 +86,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     if rows:
         slices = norm_slices(rows, d)
         src = sources if sources is not None else weight
-        zn = zero.shape[-1] if zero is not None else 0
-        _rms_norm_kernel[(rows, slices)](x2, r, weight, y, h, src, zero if zn else y, d, zn, eps,
+        _rms_norm_kernel[(rows, slices)](x2, r, weight, y, h, src, d, eps,
                                          HAS_RES=residual is not None, HAS_SRC=sources is not None,
                                          ROUND_TO_Y=dtype is not None, BLOCK=block, SLICE=block // slices,
-                                         ZERO=min(1024, triton.next_power_of_2(zn)) if zn else 0,
                                          num_warps=8 if block >= 4096 else 4, **pdl_launch(x))
     return y if residual is None else (y, h)
 

@@ -35,15 +35,12 @@ def _sources(order: ChannelOrder | None) -> Tensor | None:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None = None,
-             dtype: torch.dtype | None = None, zero: Tensor | None = None) -> Tensor:
+             dtype: torch.dtype | None = None) -> Tensor:
     """RMSNorm(x), its channels in `order` when given (the order an act-order linear reads them in); dtype: the
-    norm's dtype and rounding point (a float32 residual stream normalized for float16 linears); zero: a float32
-    buffer zeroed on the way (for the next linear to add into; on CUDA in the same launch)."""
+    norm's dtype and rounding point (a float32 residual stream normalized for float16 linears)."""
     k = _fused(x)
     if k:
-        return k.rms_norm(x, weight, eps, sources=_sources(order), dtype=dtype, zero=zero)
-    if zero is not None:
-        zero.zero_()
+        return k.rms_norm(x, weight, eps, sources=_sources(order), dtype=dtype)
     return reference.place_channels(reference.rms_norm_reference(x, weight, eps, dtype), order)
 
 

@@ -66,11 +66,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, order=None, dtype: torch.dtype | None = None, zero: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, order=None, dtype: torch.dtype | None = None) -> Tensor:
         """norm(x); order: its channels in the order the next linear reads them (`input_order`); dtype: its
-        dtype (a float32 residual stream normalized for the linears' dtype); zero: a float32 buffer to zero on
-        the way (for the next linear to add into)."""
-        return ops.rms_norm(x, self.weight, self.eps, order, dtype, zero)
+        dtype (a float32 residual stream normalized for the linears' dtype)."""
+        return ops.rms_norm(x, self.weight, self.eps, order, dtype)
 
     def add_forward(self, x: Tensor, residual: Tensor, order=None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
@@ -209,28 +208,35 @@ class Block(nn.Module):
         linears = (self.attention.wqkv, self.attention.wo, self.mlp.w13, self.mlp.w2)
         return all(adds_in_place(linear, rows) for linear in linears)
 
-    def forward_into(self, h: Tensor, dtype: torch.dtype, rope, mask, cache, rows, input_pos) -> Tensor:
+    def forward_into(self, h: Tensor, dtype: torch.dtype, sums: tuple[Tensor, Tensor], rope, mask, cache, rows,
+                     input_pos) -> Tensor:
         """The block on a float32 residual stream h, updated in place and returned (a cache is required).
 
         Every linear adds its float32 sums into a buffer (`adds_in_place`: the GEMV's K splits add there
         directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
-        gate/up into buffers that the norm before them zeroes in its launch. The norms read h and write
-        `dtype`; the attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj computes
-        SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input), which gate/up adds in the
-        order an act-order down_proj reads."""
+        gate/up into `sums`, zeroed buffers of their widths. A linear that reads its input in order normalizes h
+        itself as it loads it (`qmatmul`'s rms_norm: no norm launch); for an act-order one the norm writes
+        `dtype` in its order. The attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj
+        computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input), which gate/up adds in
+        the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
-        order = input_order(attn.wqkv, h)
-        qkv = h.new_empty(*h.shape[:-1], attn.wqkv.out_features)
-        n = self.attention_norm(h, order, dtype, zero=qkv)
-        _linear(attn.wqkv, n, order is not None, add_to=qkv)
+        qkv, gate_up = sums
+        self._normed_linear(attn.wqkv, self.attention_norm, h, dtype, qkv)
         attn.attend(qkv, rope, mask, cache, rows, input_pos, add_to=h)
-        order = input_order(mlp.w13, h)
-        gate_up = h.new_empty(*h.shape[:-1], mlp.w13.out_features)
-        n = self.ffn_norm(h, order, dtype, zero=gate_up)
         w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
-        mlp.w13(n, sorted_input=order is not None, add_to=gate_up, order=w2_order)
+        self._normed_linear(mlp.w13, self.ffn_norm, h, dtype, gate_up, w2_order)
         mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype)
         return h
+
+    @staticmethod
+    def _normed_linear(linear: nn.Module, norm: RMSNorm, h: Tensor, dtype: torch.dtype, add_to: Tensor,
+                       out_order=None) -> None:
+        """add_to += linear(norm(h)), the norm fused into the linear where it reads h in order."""
+        order = input_order(linear, h)
+        if order is None:
+            linear(h, add_to=add_to, order=out_order, rms_norm=(norm.weight, norm.eps))
+        else:
+            linear(norm(h, order, dtype), sorted_input=True, add_to=add_to, order=out_order)
 
 
 class Transformer(nn.Module):
@@ -278,10 +284,13 @@ class Transformer(nn.Module):
 
     def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
-        one-row decode on the "triton" GEMV, where that saves the split-K finish of two launches a layer."""
+        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish and most norms'
+        launches; one memset zeroes every layer's q/k/v and gate/up sums."""
         h = x.float()
-        for layer in self.layers:
-            h = layer.forward_into(h, x.dtype, rope, mask, cache, rows, input_pos)
+        widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
+        sums = h.new_zeros(len(self.layers), *h.shape[:-1], sum(widths))
+        for layer, layer_sums in zip(self.layers, sums):
+            h = layer.forward_into(h, x.dtype, layer_sums.split(widths, dim=-1), rope, mask, cache, rows, input_pos)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h, dtype=x.dtype))
