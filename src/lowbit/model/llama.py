@@ -11,6 +11,7 @@ fusing live in `lowbit.model.weights`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Protocol
 
 import torch
@@ -214,9 +215,9 @@ class Block(nn.Module):
 
         Every linear adds its float32 sums into a buffer (`adds_in_place`: the GEMV's K splits add there
         directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
-        gate/up into `sums`, zeroed buffers of their widths. A linear that reads its input in order normalizes h
-        itself as it loads it (`qmatmul`'s rms_norm: no norm launch); for an act-order one the norm writes
-        `dtype` in its order. The attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj
+        gate/up into `sums`, zeroed buffers of their widths. The norms read h and write `dtype` (in an act-order
+        linear's order); with LOWBIT_FUSED_NORM=1 a linear that reads in order normalizes h itself as it loads
+        it (`qmatmul`'s rms_norm: no norm launch). The attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj
         computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input), which gate/up adds in
         the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
@@ -231,12 +232,14 @@ class Block(nn.Module):
     @staticmethod
     def _normed_linear(linear: nn.Module, norm: RMSNorm, h: Tensor, dtype: torch.dtype, add_to: Tensor,
                        out_order=None) -> None:
-        """add_to += linear(norm(h)), the norm fused into the linear where it reads h in order."""
+        """add_to += linear(norm(h)); with LOWBIT_FUSED_NORM=1 the norm is fused into a linear that reads h in
+        order (opt-in until measured on a GPU: it saves the norm's launch, but every GEMV program then reads
+        the whole row)."""
         order = input_order(linear, h)
-        if order is None:
+        if order is None and os.environ.get("LOWBIT_FUSED_NORM", "0") == "1":
             linear(h, add_to=add_to, order=out_order, rms_norm=(norm.weight, norm.eps))
         else:
-            linear(norm(h, order, dtype), sorted_input=True, add_to=add_to, order=out_order)
+            linear(norm(h, order, dtype), sorted_input=order is not None, add_to=add_to, order=out_order)
 
 
 class Transformer(nn.Module):
@@ -284,8 +287,8 @@ class Transformer(nn.Module):
 
     def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
-        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish and most norms'
-        launches; one memset zeroes every layer's q/k/v and gate/up sums."""
+        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish; one memset zeroes
+        every layer's q/k/v and gate/up sums."""
         h = x.float()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
         sums = h.new_zeros(len(self.layers), *h.shape[:-1], sum(widths))
