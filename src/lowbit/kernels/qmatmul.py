@@ -99,11 +99,11 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _round(v, XSW: tl.constexpr):
-    """float32 v rounded to float16 (XSW 1), bfloat16 (2) or left as is (3)."""
-    if XSW == 1:
+def _round(v, R: tl.constexpr):
+    """float32 v rounded to float16 (R 1), bfloat16 (2) or left as is (3): `_ROUNDING`'s codes."""
+    if R == 1:
         return v.to(tl.float16).to(tl.float32)
-    elif XSW == 2:
+    elif R == 2:
         return v.to(tl.bfloat16).to(tl.float32)
     else:
         return v
@@ -493,13 +493,13 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        ADD=add, XSW=_XSW[x_swiglu], nw_ptr=x_norm[0] if x_norm is not None else b,
-        eps=x_norm[1] if x_norm is not None else 0.0, NORM=_XSW[dtype] if x_norm is not None else 0,
+        ADD=add, XSW=_ROUNDING[x_swiglu], nw_ptr=x_norm[0] if x_norm is not None else b,
+        eps=x_norm[1] if x_norm is not None else 0.0, NORM=_ROUNDING[dtype] if x_norm is not None else 0,
         KB=triton.next_power_of_2(w.in_features) if x_norm is not None else 1,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
 
 
-_XSW = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's rounding codes (XSW, NORM)
+_ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's codes for XSW and NORM
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -682,10 +682,9 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
         return out
     x_op = x_op or {}
     if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
-        y = qmatmul(x, w, bias, kernel, config, **x_op)
-        if order is not None:
-            y = torch.cat([y_half.index_select(-1, order.sources) for y_half in y.chunk(2, dim=-1)], dim=-1)
-        return out.add_(y)
+        from lowbit.kernels.reference import place_halves
+
+        return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, **x_op), order))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
           positions=None if order is None else order.positions, **_gemv_x_op(x_op))
@@ -707,7 +706,7 @@ def _transformed_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str |
     swiglu_input, rms_norm = x_op.get("swiglu_input"), x_op.get("rms_norm")
     dtype = swiglu_input if swiglu_input is not None else rms_norm[0].dtype
     width = 2 * k if swiglu_input is not None else k
-    if x.shape[-1] != width or dtype not in _XSW or dtype is None:
+    if x.shape[-1] != width or dtype not in _ROUNDING or dtype is None:
         what = "gate then up" if swiglu_input is not None else "the residual stream"
         raise ValueError(f"{next(iter(x_op))}: x holds {what} ({width} features, got {x.shape[-1]}) and the input "
                          f"is a float dtype (got {dtype})")

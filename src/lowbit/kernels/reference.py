@@ -98,6 +98,11 @@ def place_channels(x: Tensor, order: ChannelOrder | None) -> Tensor:
     return x if order is None else x.index_select(-1, order.sources)
 
 
+def place_halves(x: Tensor, order: ChannelOrder | None) -> Tensor:
+    """A fused w13's output [..., 2I] with its gate and up halves each placed in `order` (an act-order w2's)."""
+    return x if order is None else torch.cat([place_channels(half, order) for half in x.chunk(2, dim=-1)], dim=-1)
+
+
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
     """x [B, T, heads, D]; cos/sin [B, T, D] (half-split layout): heads [0, n_rot) rotated, the rest kept."""
     rot = x[:, :, :n_rot]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lowbit.config import QuantConfig
 from lowbit.kernels import ops
-from lowbit.kernels.reference import place_channels
+from lowbit.kernels.reference import place_halves
 from lowbit.quant import pack
 
 
@@ -146,7 +146,7 @@ class QuantLinear(nn.Module):
 
         True for the "triton" GEMV (one row): its K splits add their partial sums into h with atomics, which
         also drops the split-K finish it otherwise ends with (~2.7 us a launch on an H100, BENCHMARKS.md), so
-        the model keeps a float32 residual stream that its o_proj and down_proj add into. The atomics' order,
+        one-row decode lets every linear add into float32 (`Block.forward_into`). The atomics' order,
         and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)` this is
         False and the model keeps its float16 residual."""
         w = self.kernel_weight
@@ -178,9 +178,7 @@ class QuantLinear(nn.Module):
         if rms_norm is not None:
             x = ops.rms_norm(x, rms_norm[0], rms_norm[1], dtype=rms_norm[0].dtype)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
-        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if order is not None:
-            y = torch.cat([place_channels(half, order) for half in y.chunk(2, dim=-1)], dim=-1)
+        y = place_halves(F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)), order)
         return y if add_to is None else add_to.add_(y)
 
     def forward_swiglu(self, x: Tensor, sorted_input: bool = False, order=None) -> Tensor:

@@ -217,9 +217,9 @@ class Block(nn.Module):
         directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
         gate/up into `sums`, zeroed buffers of their widths. The norms read h and write `dtype` (in an act-order
         linear's order); with LOWBIT_FUSED_NORM=1 a linear that reads in order normalizes h itself as it loads
-        it (`qmatmul`'s rms_norm: no norm launch). The attention kernel rounds the q/k/v sums to the cache's dtype, and down_proj
-        computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input), which gate/up adds in
-        the order an act-order down_proj reads."""
+        it (`qmatmul`'s rms_norm: no norm launch). The attention kernel rounds the q/k/v sums to the cache's
+        dtype, and down_proj computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input),
+        which gate/up adds in the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
         qkv, gate_up = sums
         self._normed_linear(attn.wqkv, self.attention_norm, h, dtype, qkv)
