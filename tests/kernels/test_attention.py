@@ -102,8 +102,8 @@ def test_decode_attention_rounds_float32_qkv_to_the_cache_dtype():
 def test_decode_attention_places_channels():
     """positions: output channel c lands at column positions[c] of its row (for an act-order wo), bit for bit
     the output without positions, rearranged; a wrong-sized positions is a clear error."""
+    from lowbit.kernels.layout import place_channels
     from lowbit.kernels.qmatmul import ChannelOrder
-    from lowbit.kernels.reference import place_channels
 
     B, H, KV, D, S = 2, 8, 2, 32, 300
     kc = torch.randn(B, KV, S, D, device=DEVICE).half()

@@ -75,7 +75,8 @@ def test_mma_matmul_many_rows_and_configs():
 
 def test_mma_swiglu_and_order():
     """The fused SwiGLU finish (one row): silu(gate) * up, optionally written in an act-order's positions."""
-    from lowbit.kernels.reference import place_channels, silu_mul_reference
+    from lowbit.kernels.layout import place_channels
+    from lowbit.kernels.reference import silu_mul_reference
 
     w, _ = mma_weight(128, 64, 64, False, False, "gptq")
     x = torch.randn(1, 128).half().to(DEVICE)

@@ -13,12 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from lowbit.kernels.layout import place_channels
 from lowbit.kernels.qmatmul import ChannelOrder, dequantize, qmatmul, repack
-from lowbit.kernels.reference import (
-    dequant_reference,
-    place_channels,
-    qmatmul_reference,
-)
+from lowbit.kernels.reference import dequant_reference, qmatmul_reference
 from lowbit.quant import pack
 from tests.kernels.common import DEVICE
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from lowbit.config import ModelConfig
 from lowbit.kernels import ops
-from lowbit.kernels.reference import place_channels, sdpa_reference
+from lowbit.kernels.layout import place_channels
+from lowbit.kernels.reference import sdpa_reference
 
 if TYPE_CHECKING:
     from lowbit.kernels.qmatmul import ChannelOrder

@@ -156,7 +156,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     (half-split layout): q and k_new are rotated first (as `lowbit.kernels.norm_rope.rope_`, in float32, rounded
     once), and the rotated key is what gets cached.
     positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
-    of its row (`reference.place_channels`), the order an act-order wo reads.
+    of its row (`layout.place_channels`), the order an act-order wo reads.
     """
     B, H, D = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]

@@ -54,6 +54,16 @@ class ChannelOrder:
         return ChannelOrder(self.positions.to(device), self.sources.to(device))
 
 
+def place_channels(x: Tensor, order: ChannelOrder | None) -> Tensor:
+    """x [..., K] with its channels in `order` (None: x itself): the reference of every producer's placement."""
+    return x if order is None else x.index_select(-1, order.sources)
+
+
+def place_halves(x: Tensor, order: ChannelOrder | None) -> Tensor:
+    """A fused w13's output [..., 2I] with its gate and up halves each placed in `order` (an act-order w2's)."""
+    return x if order is None else torch.cat([place_channels(half, order) for half in x.chunk(2, dim=-1)], dim=-1)
+
+
 @dataclass(frozen=True)
 class QWeight:
     """A GPTQ linear in the kernels' layout (see the module docstring). Kp = padded rows, G = groups."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lowbit.kernels import reference
+from lowbit.kernels.layout import place_channels
 
 if TYPE_CHECKING:
     from lowbit.kernels.qmatmul import ChannelOrder
@@ -41,7 +42,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None =
     k = _fused(x)
     if k:
         return k.rms_norm(x, weight, eps, sources=_sources(order), dtype=dtype)
-    return reference.place_channels(reference.rms_norm_reference(x, weight, eps, dtype), order)
+    return place_channels(reference.rms_norm_reference(x, weight, eps, dtype), order)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
@@ -51,7 +52,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
     if k:
         return k.rms_norm(x, weight, eps, residual, _sources(order))
     h = x + residual
-    return reference.place_channels(reference.rms_norm_reference(h, weight, eps), order), h
+    return place_channels(reference.rms_norm_reference(h, weight, eps), order), h
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
@@ -63,4 +64,4 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
 def silu_mul(x: Tensor, order: ChannelOrder | None = None) -> Tensor:
     """silu(gate) * up of [..., 2I] (gate first), its channels in `order` when given."""
     k = _fused(x)
-    return k.silu_mul(x, _sources(order)) if k else reference.place_channels(reference.silu_mul_reference(x), order)
+    return k.silu_mul(x, _sources(order)) if k else place_channels(reference.silu_mul_reference(x), order)

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels import mma
-from lowbit.kernels.layout import SLOT, ChannelOrder, QWeight, fields_per_word, repack  # noqa: F401 (API)
+from lowbit.kernels.layout import SLOT, ChannelOrder, QWeight, fields_per_word, place_halves, repack  # noqa: F401
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.sync import (
     interpreting,
@@ -682,8 +682,6 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
         return out
     x_op = x_op or {}
     if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
-        from lowbit.kernels.reference import place_halves
-
         return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, **x_op), order))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,

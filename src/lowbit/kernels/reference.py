@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lowbit.kernels.layout import ChannelOrder, QWeight
+    from lowbit.kernels.layout import QWeight
 
 SLOT = 16
 
@@ -91,16 +91,6 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
     if dtype is None:
         return weight * xf.to(x.dtype)
     return (weight * xf.to(dtype)).to(dtype)
-
-
-def place_channels(x: Tensor, order: ChannelOrder | None) -> Tensor:
-    """x [..., K] with its channels in `order` (None: x itself): the reference of every producer's placement."""
-    return x if order is None else x.index_select(-1, order.sources)
-
-
-def place_halves(x: Tensor, order: ChannelOrder | None) -> Tensor:
-    """A fused w13's output [..., 2I] with its gate and up halves each placed in `order` (an act-order w2's)."""
-    return x if order is None else torch.cat([place_channels(half, order) for half in x.chunk(2, dim=-1)], dim=-1)
 
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lowbit.config import QuantConfig
 from lowbit.kernels import ops
-from lowbit.kernels.reference import place_halves
+from lowbit.kernels.layout import place_halves
 from lowbit.quant import pack
 
 
