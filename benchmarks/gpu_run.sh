@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|fused_norm|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -16,8 +16,7 @@ for stage in "$@"; do
         tests/engine/test_prefill.py tests/kernels/test_mma.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes \
         tests/kernels/test_qmatmul.py::test_accumulate_adds_to_a_float32_out \
         tests/kernels/test_qmatmul.py::test_accumulate_places_gate_and_up_for_an_act_order_down_proj \
-        tests/kernels/test_qmatmul.py::test_swiglu_input_is_silu_mul_then_the_matmul \
-        tests/kernels/test_qmatmul.py::test_rms_norm_input_is_the_norm_then_the_matmul} \
+        tests/kernels/test_qmatmul.py::test_swiglu_input_is_silu_mul_then_the_matmul} \
         > "$OUT/pytest_gpu.txt" 2>&1; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.txt" | tail -n 60 ;;
     smollm2)  # greedy tokens of the trained SmolLM2 (float, 4-bit RTN, 4-bit GPTQ act-order) vs the CPU reference
       if [ -f /tmp/smol/hf/config.json ] && [ -z "${LOWBIT_TEST_CACHE:-}" ]; then  # staged by .dev-smolB/finish.sh
@@ -28,13 +27,6 @@ for stage in "$@"; do
     decode)  # whole-model decode table, LLaMA-7B shape
       timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b --tuned "$OUT/tuned.json" ${DECODE_ARGS:-} \
         > "$OUT/decode_log.txt" 2>&1; tail -n 12 "$OUT/decode_log.txt" ;;
-    fused_norm)  # A/B at b=1 of LOWBIT_FUSED_NORM=1 (RMSNorm fused into the q/k/v and gate/up GEMVs), one call
-      for f in 0 1; do
-        LOWBIT_FUSED_NORM=$f timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
-          --variants gptq-4bit-g128,gptq-4bit-g128-act --batches 1 --out "$OUT/decode_fused_norm_$f.md" \
-          > "$OUT/decode_fused_norm_$f.txt" 2>&1
-        echo "LOWBIT_FUSED_NORM=$f"; grep "^| gptq" "$OUT/decode_fused_norm_$f.txt" | sort -u
-      done ;;
     memory)  # 13B 4-bit at 2048 context, batch 1: "peak GB (b=1: load, prefill, decode)" against the 9 GB target
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host --prefill-chunk 256 ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1

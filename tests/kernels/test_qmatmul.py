@@ -239,30 +239,6 @@ def out_unplaced(out, order):
     return torch.cat([half.index_select(-1, order.positions.long()) for half in out.chunk(2, dim=-1)], dim=-1)
 
 
-@pytest.mark.parametrize("kernel,m,act_order", [("gemv", 1, False), ("gemv", 1, True), ("dot", 3, False)])
-def test_rms_norm_input_is_the_norm_then_the_matmul(kernel, m, act_order):
-    """rms_norm=(weight, eps): x is a float32 residual stream and the input its RMSNorm in float16 (the GEMV
-    reads the whole row for the mean square and normalizes as it loads x), alone or added into an out."""
-    from lowbit.kernels.reference import rms_norm_reference
-
-    k = 320
-    w, _ = make_weight(k, 192, 4, 64, act_order, False, "gptq", seed=11)
-    h = (torch.randn(m, k) * 4).to(DEVICE)
-    nw = (torch.rand(k) + 0.5).half().to(DEVICE)
-    want = reference(rms_norm_reference(h, nw, 1e-5, torch.float16), w)
-    y = qmatmul(h, w, kernel=kernel, rms_norm=(nw, 1e-5))
-    assert y.dtype == torch.float16
-    check(y, want)
-    start = torch.randn(m, 192, device=DEVICE)
-    out = start.clone()
-    qmatmul(h, w, kernel=kernel, rms_norm=(nw, 1e-5), accumulate=True, out=out)
-    check(out - start if kernel == "gemv" else (out - start).half(), want)
-    with pytest.raises(ValueError, match="residual stream"):
-        qmatmul(h[:, :64], w, rms_norm=(nw, 1e-5))
-    with pytest.raises(ValueError, match="give one"):
-        qmatmul(h, w, rms_norm=(nw, 1e-5), swiglu_input=torch.float16)
-
-
 def test_swiglu_needs_gate_and_up_halves():
     w, _ = make_weight(64, 33, 4, 64, False, False, "gptq")
     with pytest.raises(ValueError, match="equal count"):

@@ -131,20 +131,6 @@ def _load_x(x_ptr, row, ok, perm_ptr, K, HAS_PERM: tl.constexpr, XSW: tl.constex
 
 
 @triton.jit
-def _normed(xj, row, ok, K, nw_ptr, perm_ptr, inv, HAS_PERM: tl.constexpr, NORM: tl.constexpr):
-    """RMSNorm of residual-stream values xj (float32, of packed rows `row`): w * (x * inv), rounded where the
-    reference rounds in float16 (NORM 1), bfloat16 (2) or float32 (3)."""
-    if HAS_PERM:
-        src = tl.load(perm_ptr + row, mask=ok, other=-1)
-        ok = ok & (src >= 0)
-    else:
-        src = row
-        ok = ok & (row < K)
-    w = tl.load(nw_ptr + src, mask=ok, other=0.0).to(tl.float32)
-    return _round(w * _round(xj * inv, NORM), NORM)
-
-
-@triton.jit
 def _chunk_words(qw_ptr, qh_ptr, blk, wi, cols, n_ok, N, BITS: tl.constexpr, EVEN_N: tl.constexpr):
     """The [16, BN] words (and 3-bit high bits) of block `blk` for columns `cols`."""
     wptr = (blk * 16 + wi[:, None]) * N + cols[None, :]
@@ -186,7 +172,7 @@ def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.const
 def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
                 acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                MAYBE_DEAD: tl.constexpr, XSW: tl.constexpr, nw_ptr, inv, NORM: tl.constexpr):
+                MAYBE_DEAD: tl.constexpr, XSW: tl.constexpr):
     """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
     block may be a re-read past the end, with `live` 0)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
@@ -199,12 +185,9 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
             j = a * GROUP_SLOTS + jj
             row = blk * (16 * FIELDS) + j * 16 + wi
             if EVEN_K and not HAS_PERM and not MAYBE_DEAD and not XSW:
-                xj = tl.load(x_ptr + row).to(tl.float32)
+                xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
             else:
-                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, XSW)
-            if NORM:
-                xj = _normed(xj, row, row < live, K, nw_ptr, perm_ptr, inv, HAS_PERM, NORM)
-            xj = xj[:, None]
+                xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, XSW)[:, None]
             t0 = _gemv_term(w0, h0, xj, j, BITS, SUB)
             t1 = _gemv_term(w1, h1, xj, j, BITS, SUB)
             if jj == 0:
@@ -225,12 +208,12 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
                  SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, XSW: tl.constexpr,
-                 nw_ptr, eps, NORM: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr):
+                 PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
     float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits). XSW: x is
-    a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`). NORM: x is the float32
-    residual stream and the input its RMSNorm with weight nw (`_normed`): every program reads the whole row
-    (KB >= K) for the mean square, which costs less than the norm's own launch.
+    a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`). (RMSNorm fused in the same
+    way, every program reading the whole row for the mean square, lost: 415 against 444 tok/s at b=1 on an
+    H100, 2026-12-06; benchmarks/results/gpu.md.)
 
     Instructions, not bandwidth, limited the first GEMV (~10 a weight on an H100: each thread held one column,
     so every weight paid for its own x). Here a program owns two [16, BN] column chunks: Triton lays a chunk
@@ -263,11 +246,6 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
     release_next(PDL)
     wait_previous(PDL)
-    inv = 1.0
-    if NORM:  # all of the row's loads in flight at once
-        hk = tl.arange(0, KB)
-        hv = tl.load(x_ptr + hk, mask=hk < K, other=0.0)
-        inv = tl.rsqrt(tl.sum(hv * hv, axis=0) / K + eps)
     for blk in range(b_start, b_end, UNROLL):
         if blk != b_start:  # the first iteration's words were loaded above
             w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
@@ -279,12 +257,12 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
                                  ok0, ok1, wi,
                                  N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
-                                 False, XSW, nw_ptr, inv, NORM)
+                                 False, XSW)
         if UNROLL == 2:
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
                                      tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                      ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, nw_ptr, inv, NORM)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     if ADD:
@@ -477,29 +455,29 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None, add=False, x_swiglu=None, x_norm=None):
+          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None):
+    """Launch the GEMV (keywords: `_gemv_kernel`'s tiles; waves: programs per SM; maxnreg: a register cap for
+    ptxas, which trades spills for programs resident per SM) -> the launched kernel (its n_regs, for benchmarks)."""
     n, fields = w.out_features, fields_per_word(w.bits)
-    dtype = x_swiglu or (x_norm[0].dtype if x_norm is not None else x2.dtype)  # what the input is rounded to
+    dtype = x_swiglu or x2.dtype  # what the input is rounded to
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
     splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
-    _gemv_kernel[(tiles, splits)](
+    cap = {"maxnreg": maxnreg} if maxnreg and x2.is_cuda and not interpreting() else {}
+    return _gemv_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
         n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
-        ADD=add, XSW=_ROUNDING[x_swiglu], nw_ptr=x_norm[0] if x_norm is not None else b,
-        eps=x_norm[1] if x_norm is not None else 0.0, NORM=_ROUNDING[dtype] if x_norm is not None else 0,
-        KB=triton.next_power_of_2(w.in_features) if x_norm is not None else 1,
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
+        ADD=add, XSW=_ROUNDING[x_swiglu], num_warps=num_warps, num_stages=num_stages, **cap, **pdl_launch(x2))
 
 
-_ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's codes for XSW and NORM
+_ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's rounding codes for XSW
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -587,14 +565,13 @@ def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bo
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
             config: dict | None = None, out: Tensor | None = None, swiglu: bool = False,
             order: ChannelOrder | None = None, accumulate: bool = False,
-            swiglu_input: torch.dtype | None = None, rms_norm: tuple[Tensor, float] | None = None) -> Tensor:
+            swiglu_input: torch.dtype | None = None) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
 
     swiglu_input (a dtype): x [..., 2K] holds a fused w13's gate then up sums (typically float32, added up by
     `accumulate`) and the input is silu(gate) * up in that dtype, rounded as `silu_mul` rounds; the result
     comes in that dtype. The GEMV computes it as it loads x (no launch of its own); other kernels run
-    `silu_mul` first. rms_norm = (weight, eps): likewise, x [..., K] is a float32 residual stream and the input
-    is its RMSNorm in weight's dtype (`rms_norm_reference`); the GEMV reads the whole row for the mean square.
+    `silu_mul` first.
 
     accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV adds each K
     split's float32 partial sums with atomics, so it needs no split-K finish (the sum's order, and so its last
@@ -609,11 +586,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
-    if swiglu_input is not None or rms_norm is not None:
-        if swiglu_input is not None and rms_norm is not None:
-            raise ValueError("swiglu_input and rms_norm are two kinds of input: give one")
-        x_op = {"swiglu_input": swiglu_input} if swiglu_input is not None else {"rms_norm": rms_norm}
-        return _transformed_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, x_op)
+    if swiglu_input is not None:
+        return _swiglu_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, swiglu_input)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if swiglu and n % 2:
@@ -670,8 +644,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
 
 def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: str, config: dict | None,
                 out: Tensor | None, swiglu: bool, order: ChannelOrder | None = None,
-                x_op: dict | None = None) -> Tensor:
-    """qmatmul's accumulate=True: out += x @ W + bias (x_op: qmatmul's swiglu_input or rms_norm keyword);
+                x_swiglu: torch.dtype | None = None) -> Tensor:
+    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu: qmatmul's swiglu_input);
     order: out's gate and up halves each get their columns in this order (what the next act-order linear
     reads with swiglu_input)."""
     shape = (*x.shape[:-1], w.out_features)
@@ -680,49 +654,35 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
                          "(not with swiglu)")
     if not out.numel():
         return out
-    x_op = x_op or {}
     if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
-        return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, **x_op), order))
+        return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
-          positions=None if order is None else order.positions, **_gemv_x_op(x_op))
+          positions=None if order is None else order.positions, x_swiglu=x_swiglu)
     return out
 
 
-def _gemv_x_op(x_op: dict) -> dict:
-    """qmatmul's input keywords -> the GEMV launcher's."""
-    return {"x_swiglu": x_op.get("swiglu_input"), "x_norm": x_op.get("rms_norm")}
-
-
-def _transformed_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
-                       out: Tensor | None, swiglu: bool, order: ChannelOrder | None, accumulate: bool,
-                       x_op: dict) -> Tensor:
-    """qmatmul with swiglu_input (x [..., 2K] is gate then up, the input silu(gate) * up) or rms_norm (x the
-    float32 residual stream [..., K], the input its RMSNorm): the GEMV computes the input as it loads x, other
-    kernels get it from its own launch first."""
-    k = w.in_features
-    swiglu_input, rms_norm = x_op.get("swiglu_input"), x_op.get("rms_norm")
-    dtype = swiglu_input if swiglu_input is not None else rms_norm[0].dtype
-    width = 2 * k if swiglu_input is not None else k
+def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
+                  out: Tensor | None, swiglu: bool, order: ChannelOrder | None, accumulate: bool,
+                  dtype: torch.dtype) -> Tensor:
+    """qmatmul with swiglu_input=dtype: x [..., 2K] is gate then up, the input silu(gate) * up in `dtype`. The
+    GEMV computes the input as it loads x, other kernels get it from `silu_mul`'s launch first."""
+    width = 2 * w.in_features
     if x.shape[-1] != width or dtype not in _ROUNDING or dtype is None:
-        what = "gate then up" if swiglu_input is not None else "the residual stream"
-        raise ValueError(f"{next(iter(x_op))}: x holds {what} ({width} features, got {x.shape[-1]}) and the input "
+        raise ValueError(f"swiglu_input: x holds gate then up ({width} features, got {x.shape[-1]}) and the input "
                          f"is a float dtype (got {dtype})")
     m = x[..., 0].numel()
     picked = pick_kernel(m, x.device, w.layout)
     if (kernel or picked[0]) != "gemv" or swiglu or (order is not None and not accumulate):
         from lowbit.kernels import norm_rope
 
-        x = norm_rope.silu_mul(x.to(dtype)) if swiglu_input is not None else norm_rope.rms_norm(
-            x, rms_norm[0], rms_norm[1], dtype=dtype)
-        return qmatmul(x, w, bias, kernel, config, out, swiglu, order, accumulate)
+        return qmatmul(norm_rope.silu_mul(x.to(dtype)), w, bias, kernel, config, out, swiglu, order, accumulate)
     config = {**(picked[1] if kernel is None else {}), **(config or {})}
     x2 = x.reshape(-1, width)
     if accumulate:
-        return _accumulate(x, x2, w, bias, "gemv", config, out, False, order, x_op)
+        return _accumulate(x, x2, w, bias, "gemv", config, out, False, order, dtype)
     config.pop("host_gather", None)
     y = torch.empty(m, w.out_features, dtype=dtype, device=x.device) if out is None else out.view(m, -1)
     if m:
-        _gemv(x2.contiguous(), w, bias, y, **config, **_gemv_x_op(x_op))
+        _gemv(x2.contiguous(), w, bias, y, **config, x_swiglu=dtype)
     return y.view(*x.shape[:-1], w.out_features)
-

@@ -157,26 +157,22 @@ class QuantLinear(nn.Module):
         return pick_kernel(rows, w.qweight.device, w.layout)[0] == "gemv"
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
-                swiglu_input: torch.dtype | None = None, order=None,
-                rms_norm: tuple[Tensor, float] | None = None) -> Tensor:
+                swiglu_input: torch.dtype | None = None, order=None) -> Tensor:
         """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there). add_to (float32, the
         result's shape): add the result into it instead and return it (see `adds_in_place`); order (with add_to,
         for a fused w13): the gate and up halves each come in this order, the next act-order linear's
         `input_order`. swiglu_input (a dtype): x [..., 2 * in_features] is a gate/up pair's (float32) sums and
-        the input is silu(gate) * up in that dtype (the "triton" GEMV computes it as it loads x). rms_norm =
-        (weight, eps): x is a float32 residual stream and the input its RMSNorm in weight's dtype (likewise)."""
+        the input is silu(gate) * up in that dtype (the "triton" GEMV computes it as it loads x)."""
         weight = self._weight(sorted_input)
         if weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
             if add_to is not None:
                 return qmatmul(x, weight, self.bias, out=add_to, accumulate=True, swiglu_input=swiglu_input,
-                               order=order, rms_norm=rms_norm)
-            return qmatmul(x, weight, self.bias, swiglu_input=swiglu_input, rms_norm=rms_norm)
+                               order=order)
+            return qmatmul(x, weight, self.bias, swiglu_input=swiglu_input)
         if swiglu_input is not None:
             x = ops.silu_mul(x.to(swiglu_input))
-        if rms_norm is not None:
-            x = ops.rms_norm(x, rms_norm[0], rms_norm[1], dtype=rms_norm[0].dtype)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         y = place_halves(F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)), order)
         return y if add_to is None else add_to.add_(y)

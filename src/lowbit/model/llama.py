@@ -11,7 +11,6 @@ fusing live in `lowbit.model.weights`.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Protocol
 
 import torch
@@ -216,30 +215,19 @@ class Block(nn.Module):
         Every linear adds its float32 sums into a buffer (`adds_in_place`: the GEMV's K splits add there
         directly, with no split-K finish): o_proj and down_proj into h, which is the residual add; q/k/v and
         gate/up into `sums`, zeroed buffers of their widths. The norms read h and write `dtype` (in an act-order
-        linear's order); with LOWBIT_FUSED_NORM=1 a linear that reads in order normalizes h itself as it loads
-        it (`qmatmul`'s rms_norm: no norm launch). The attention kernel rounds the q/k/v sums to the cache's
+        linear's order). The attention kernel rounds the q/k/v sums to the cache's
         dtype, and down_proj computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input),
         which gate/up adds in the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
         qkv, gate_up = sums
-        self._normed_linear(attn.wqkv, self.attention_norm, h, dtype, qkv)
+        order = input_order(attn.wqkv, h)
+        attn.wqkv(self.attention_norm(h, order, dtype), sorted_input=order is not None, add_to=qkv)
         attn.attend(qkv, rope, mask, cache, rows, input_pos, add_to=h)
         w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
-        self._normed_linear(mlp.w13, self.ffn_norm, h, dtype, gate_up, w2_order)
+        order = input_order(mlp.w13, h)
+        mlp.w13(self.ffn_norm(h, order, dtype), sorted_input=order is not None, add_to=gate_up, order=w2_order)
         mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype)
         return h
-
-    @staticmethod
-    def _normed_linear(linear: nn.Module, norm: RMSNorm, h: Tensor, dtype: torch.dtype, add_to: Tensor,
-                       out_order=None) -> None:
-        """add_to += linear(norm(h)); with LOWBIT_FUSED_NORM=1 the norm is fused into a linear that reads h in
-        order (opt-in until measured on a GPU: it saves the norm's launch, but every GEMV program then reads
-        the whole row)."""
-        order = input_order(linear, h)
-        if order is None and os.environ.get("LOWBIT_FUSED_NORM", "0") == "1":
-            linear(h, add_to=add_to, order=out_order, rms_norm=(norm.weight, norm.eps))
-        else:
-            linear(norm(h, order, dtype), sorted_input=order is not None, add_to=add_to, order=out_order)
 
 
 class Transformer(nn.Module):

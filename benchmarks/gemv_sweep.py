@@ -1,0 +1,96 @@
+"""Tile sweep of the M=1 GEMV as one-row decode runs it: every launch adds into float32 (qmatmul's accumulate,
+atomics, no split-K finish), one 7B block's four fused launches each alone, weights rotated through more than
+twice the L2. The split-K finish's sweep (benchmarks/kernels.py) picked the default tile; with the finish gone,
+more K splits cost less, so the best tile may differ, and may differ by shape.
+
+Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/gemv_sweep.py
+($GEMV_SWEEP_SECONDS caps the time; a markdown table per launch goes to stdout and $OUT/gemv_sweep.md.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import graph_time, random_weight  # noqa: E402
+
+from lowbit.kernels import qmatmul as qm  # noqa: E402
+
+DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
+# (BN, num_warps, unroll, maxnreg, waves): the full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 4-16 waves,
+# unroll 1-2; benchmarks/results/gpu.md) left the default best but for w13; these test residency: at 167
+# registers a 4-warp program leaves room for 3 an SM, so 4 waves are 1.33 rounds of programs (a third-full tail)
+CONFIGS = ([(64, 4, 2, None, w) for w in (2, 3, 6)] + [(64, 4, 2, 128, w) for w in (4, 8)]
+           + [(32, 2, 2, None, w) for w in (6, 12, 16)] + [(32, 2, 2, 128, w) for w in (8, 16)]
+           + [(64, 4, 1, 96, w) for w in (5, 10)])
+# (name, K, N, input): "x" fp16 x; "swiglu" float32 gate/up sums, the input their SwiGLU (down_proj)
+LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096, 2 * 11008, "x"),
+            ("w2", 11008, 4096, "swiglu")]
+
+
+def launch_fn(copies, kind, config):
+    """One adding launch per weight copy (outputs zeroed by one memset, as the model's step does), and the
+    compiled kernel's registers and spills."""
+    k, n = copies[0].in_features, copies[0].out_features
+    x = torch.randn(1, 2 * k if kind == "swiglu" else k, device="cuda",
+                    dtype=torch.float16 if kind == "x" else torch.float32)
+    out = torch.zeros(len(copies), n, device="cuda")
+    extra = {"swiglu_input": torch.float16} if kind == "swiglu" else {}
+    compiled = qm._gemv(x, copies[0], None, out[:1], **config, add=True, x_swiglu=extra.get("swiglu_input"))
+    regs = f"{getattr(compiled, 'n_regs', '?')} regs, {getattr(compiled, 'n_spills', '?')} spills"
+
+    def fn():
+        out.zero_()
+        for i, w in enumerate(copies):
+            qm.qmatmul(x, w, kernel="gemv", config=config, out=out[i:i + 1], accumulate=True, **extra)
+    return fn, regs
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    lines = [f"# M=1 GEMV adding into float32, tile sweep ({torch.cuda.get_device_name()}, torch "
+             f"{torch.__version__}), us per launch (GB/s of weight bytes)\n"]
+    print(lines[0], flush=True)
+    default = qm.CUDA_CONFIGS[0][2]
+    for name, k, n, kind in LAUNCHES:
+        copies = [random_weight(k, n, 4, seed=s) for s in range(1)]
+        nbytes = copies[0].qweight.numel() * 4 + copies[0].scales.numel() * 4
+        copies += [random_weight(k, n, 4, seed=s) for s in range(1, max(2, -(-120_000_000 // nbytes)))]
+        results = []
+        configs = [dict(default)] + [{"BN": bn, "num_warps": nw, "unroll": u, "waves": wv, "maxnreg": r}
+                                     for bn, nw, u, r, wv in CONFIGS]
+        for config in configs:
+            if time.time() > DEADLINE:
+                break
+            try:
+                fn, regs = launch_fn(copies, kind, config)
+                t = graph_time(fn, reps=4) / len(copies)
+            except Exception as e:  # a tile the compiler refuses (registers, shared memory)
+                print(f"{name} {config}: {e!r:.200}", flush=True)
+                continue
+            results.append((t, config, regs))
+            print(f"{name} {config} ({regs}): {t:.2f} us", flush=True)
+        if not results:
+            continue
+        base = results[0][0]
+        block = [f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us; default "
+                 f"{default} {base:.2f} us\n", "| rank | config | compiled | us | GB/s | vs default |",
+                 "|---|---|---|---|---|---|"]
+        for i, (t, c, regs) in enumerate(sorted(results, key=lambda r: r[0])):
+            block.append(f"| {i + 1} | {c} | {regs} | {t:.2f} | {nbytes / t / 1e3:.0f} | {t / base - 1:+.1%} |")
+        lines += block + [""]
+        print("\n".join(block) + "\n", flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(folder, "gemv_sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
