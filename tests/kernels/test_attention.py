@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from lowbit.kernels.attention import decode_attention, num_splits
+from lowbit.kernels.attention import decode_attention, num_splits, row_fill
 from lowbit.kernels.reference import sdpa_reference
 from tests.kernels.common import DEVICE, skip_bf16_interpreted
 
@@ -20,7 +20,7 @@ from tests.kernels.common import DEVICE, skip_bf16_interpreted
     (8, 1, 128, 520, torch.float16),  # MQA-like group of 8
     (8, 1, 128, 520, torch.bfloat16),
 ])
-def test_decode_attention(H, KV, D, S, dtype):
+def test_decode_attention(H, KV, D, S, dtype, row_splits=None):
     skip_bf16_interpreted(dtype)
     B, slots = 3, 5
     kc = torch.randn(slots, KV, S, D, device=DEVICE).to(dtype)
@@ -33,7 +33,7 @@ def test_decode_attention(H, KV, D, S, dtype):
     expect_k, expect_v = kc.clone(), vc.clone()
     expect_k[rows, :, pos], expect_v[rows, :, pos] = k[:, 0], v[:, 0]
     out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEVICE)
-    got = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, out=out)
+    got = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, out=out, row_splits=row_splits)
     assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
     assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
     assert not locks.any(), "split counters must be left at zero"
@@ -43,11 +43,20 @@ def test_decode_attention(H, KV, D, S, dtype):
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("row_splits", [1, 2, 16])
+def test_a_row_takes_the_splits_its_length_needs(row_splits):
+    """row_splits 1: a row takes one split per 256 positions (one program, no merge, for the shortest); 2: at
+    least two; 16: all three of the grid's, the shortest row's positions leaving some empty. All match the
+    reference and leave the counters at zero."""
+    test_decode_attention(9, 3, 64, 600, torch.float32, row_splits)
+
+
 def test_splits_grow_with_the_cache_and_fill_the_sms():
     assert num_splits(256) == 1 and num_splits(257) == 2 and num_splits(2048) == 8 and num_splits(1 << 20) == 16
     assert num_splits(384, programs=32, sms=132) == 6  # LLaMA-7B at batch 1: one split per 64 positions
     assert num_splits(2048, programs=32, sms=132) == 9 and num_splits(2048, programs=64 * 32, sms=132) == 8
     assert num_splits(40, programs=1, sms=132) == 1  # never a split without a block of positions
+    assert row_fill(32, 132) == 8 and row_fill(128, 132) == 2 and row_fill(2048, 132) == 1 and row_fill(4, 0) == 1
 
 
 @pytest.mark.parametrize("H,KV,D,dtype", [(9, 3, 64, torch.float32), (8, 2, 128, torch.float16)])

@@ -2,10 +2,12 @@
 
 One launch per layer and step: program (b, kv head, split) rotates the row's query and new key, reads the
 cached positions of its split up to row b's position, and the split that holds that position also writes the
-new key/value into the cache (and uses them from registers). The query heads that share a kv head (GQA) are one tensor-core tile. Splits
-(flash-decoding) keep the SMs busy at batch 1; the last split to finish merges the partial softmaxes in a
-fixed order (deterministic) and resets its counter, so nothing else is launched. Reads stop at each row's
-length, not at the cache's. The torch reference is `lowbit.kernels.reference.sdpa_reference`.
+new key/value into the cache (and uses them from registers). The query heads that share a kv head (GQA) are
+one tensor-core tile. Splits (flash-decoding) keep the SMs busy at batch 1; the last split to finish merges the
+partial softmaxes in a fixed order (deterministic) and resets its counter, so nothing else is launched. A row
+spreads over the splits its length needs, or more while the batch leaves SMs idle (`row_fill`); the splits
+left over have nothing to do, and a row that one split holds is written with no merge. Reads stop at each
+row's length, not at the cache's. The torch reference is `lowbit.kernels.reference.sdpa_reference`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
                    cos_ptr, sin_ptr, place_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
                    n_kv, D, qk_scale,
-                   G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
-                   SPLITS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
+                   fill, G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+                   SPLITS: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
                    ROPE: tl.constexpr, PLACE: tl.constexpr, PDL: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, d = tl.arange(0, GP), tl.arange(0, BD)
@@ -66,9 +68,11 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
         q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], cos[None, :], sin[None, :], D // 2)
         k_new = _rotate(k_new, k_row, d, dm, cos, sin, D // 2)
     cache = slot * stride_cs + kvh * stride_ch
-    chunk = tl.cdiv(tl.cdiv(p + 1, SPLITS), BLOCK) * BLOCK  # the row's positions, shared evenly by the splits
+    # the row's positions, shared evenly by the splits it needs (`live`); the others have nothing to do
+    chunk = tl.cdiv(tl.cdiv(p + 1, tl.minimum(SPLITS, tl.maximum(tl.cdiv(p + 1, CHUNK), fill))), BLOCK) * BLOCK
+    live = tl.cdiv(p + 1, chunk)
     start = split * chunk
-    end = tl.minimum(start + chunk, p + 1)  # empty for the last splits of a short row: they report m = -inf
+    end = tl.minimum(start + chunk, p + 1)
     mine = d < tl.where((p >= start) & (p < start + chunk), D, 0)  # this split appends the new key/value
     tl.store(kc_ptr + cache + p * stride_ct + d, k_new, mask=mine)
     tl.store(vc_ptr + cache + p * stride_ct + d, v_new, mask=mine)
@@ -102,9 +106,10 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
         m_i = m_new
 
     out_offs = b64 * stride_ob + channel
-    if SPLITS == 1:
-        tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    if live == 1:  # one split holds the whole row (always so for SPLITS 1): no merge
+        if split == 0:
+            tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif split < live:
         # partials: m, l at ws[(row * SPLITS + split)], acc at ws[n_ml + (row * SPLITS + split) * BD]
         row = (b64 * n_kv + kvh) * G + g
         n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
@@ -116,9 +121,9 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
             fence_gpu(g)
         tl.debug_barrier()
         lock = lock_ptr + b * n_kv + kvh
-        if tl.atomic_add(lock, 1) == SPLITS - 1:  # the last split merges, in split order
+        if tl.atomic_add(lock, 1) == live - 1:  # the last split merges, in split order
             si = tl.arange(0, SP)
-            both = gm[:, None] & (si < SPLITS)[None, :]
+            both = gm[:, None] & (si < live)[None, :]
             m_all = tl.load(ws_ptr + row[:, None] * SPLITS + si[None, :], mask=both, other=float("-inf"),
                             cache_modifier=".cg")
             m_max = tl.where(gm, tl.max(m_all, axis=1), 0.0)
@@ -127,9 +132,10 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
             total = tl.where(gm, tl.sum(l_all * tl.exp2(m_all - m_max[:, None]), axis=1), 1.0)
             o = tl.zeros((GP, BD), tl.float32)
             for s_ in tl.static_range(SPLITS):
-                m_s = tl.load(ws_ptr + row * SPLITS + s_, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                ok = gm & (tl.full((GP,), s_, tl.int32) < live)
+                m_s = tl.load(ws_ptr + row * SPLITS + s_, mask=ok, other=float("-inf"), cache_modifier=".cg")
                 a_s = tl.load(ws_ptr + 2 * n_ml + (row * SPLITS + s_)[:, None] * BD + d[None, :],
-                              mask=gm[:, None], other=0.0, cache_modifier=".cg")
+                              mask=ok[:, None], other=0.0, cache_modifier=".cg")
                 o += tl.exp2(m_s - m_max)[:, None] * a_s
             tl.store(out_ptr + out_offs, (o / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock, 0)
@@ -145,9 +151,19 @@ def num_splits(max_seq_len: int, programs: int = 1, sms: int = 0) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(max_seq_len, BLOCK), max(triton.cdiv(max_seq_len, CHUNK), fill)))
 
 
+def row_fill(programs: int, sms: int) -> int:
+    """The splits a row spreads over at least (of `num_splits`; more where its length needs one per CHUNK
+    positions): at most WAVES programs per SM over `programs` (rows x kv heads). Measured on an H100
+    (benchmarks/attention_decode.py, 32 kv heads, positions 128-384): at batch 1 more splits pay (6 of 64
+    positions each: 7.0 us a launch, one split 6.6-13 us), at batch 4 one or two (9.5-15.6 us against 12.6-22.4
+    with three to six), since a split's merge costs about what its parallel reads save once the SMs are busy."""
+    return max(1, WAVES * sms // max(1, programs))
+
+
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
-                     rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None) -> Tensor:
+                     rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None,
+                     row_splits: int | None = None) -> Tensor:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride; float32 ones are rounded
@@ -156,7 +172,8 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     (half-split layout): q and k_new are rotated first (as `lowbit.kernels.norm_rope.rope_`, in float32, rounded
     once), and the rotated key is what gets cached.
     positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
-    of its row (`layout.place_channels`), the order an act-order wo reads.
+    of its row (`layout.place_channels`), the order an act-order wo reads. row_splits: the splits a row spreads
+    over at least (its length may need more: one per CHUNK positions); default `row_fill`.
     """
     B, H, D = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]
@@ -186,7 +203,8 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             positions if positions is not None else rows,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
-            G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits,
+            row_splits or row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
+            G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
             **pdl_launch(q))
