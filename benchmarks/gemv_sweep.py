@@ -21,12 +21,13 @@ from kernels import graph_time, random_weight  # noqa: E402
 from lowbit.kernels import qmatmul as qm  # noqa: E402
 
 DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
-# (BN, num_warps, unroll, maxnreg, waves): the full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 4-16 waves,
-# unroll 1-2; benchmarks/results/gpu.md) left the default best but for w13; these test residency: at 167
-# registers a 4-warp program leaves room for 3 an SM, so 4 waves are 1.33 rounds of programs (a third-full tail)
-CONFIGS = ([(64, 4, 2, None, w) for w in (2, 3, 6)] + [(64, 4, 2, 128, w) for w in (4, 8)]
-           + [(32, 2, 2, None, w) for w in (6, 12, 16)] + [(32, 2, 2, 128, w) for w in (8, 16)]
-           + [(64, 4, 1, 96, w) for w in (5, 10)])
+# The full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 2-16 waves, unroll 1-2, maxnreg 96-128;
+# benchmarks/results/gemv_sweep.md) left the default best but for gate/up (-8 %: BN 32, 2 warps, 16 waves,
+# maxnreg 128). Now: loads a step ahead (prefetch), against the default and that runner-up.
+CONFIGS = ([{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
+           + [{"BN": 32, "num_warps": 2, "unroll": 2, "waves": w, "maxnreg": 128, "prefetch": p}
+              for w in (8, 16) for p in (False, True)]
+           + [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "maxnreg": 128, "prefetch": True}])
 # (name, K, N, input): "x" fp16 x; "swiglu" float32 gate/up sums, the input their SwiGLU (down_proj)
 LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096, 2 * 11008, "x"),
             ("w2", 11008, 4096, "swiglu")]
@@ -62,8 +63,7 @@ def main():
         nbytes = copies[0].qweight.numel() * 4 + copies[0].scales.numel() * 4
         copies += [random_weight(k, n, 4, seed=s) for s in range(1, max(2, -(-120_000_000 // nbytes)))]
         results = []
-        configs = [dict(default)] + [{"BN": bn, "num_warps": nw, "unroll": u, "waves": wv, "maxnreg": r}
-                                     for bn, nw, u, r, wv in CONFIGS]
+        configs = [dict(default)] + CONFIGS
         for config in configs:
             if time.time() > DEADLINE:
                 break

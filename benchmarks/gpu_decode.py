@@ -9,8 +9,9 @@ GEMV's split-K finish instead of adding into a float32 residual with atomics, `B
 The table goes to stdout and to $OUT/gpu_decode_<shape>.md when $OUT is set (else benchmarks/results/).
 Decode runs through the engine as users get it: CUDA graphs, greedy tokens in bursts of --decode-steps
 (default 8) per graph replay and host sync. "graph-only" replays that batch-1 burst graph with no host work
-in between: what the GPU alone sustains, the ceiling of the engine's b=1 column (--decode-steps 1 measures
-the single-step graph, as the tables before 2026-11-25 did).
+in between, at the timed run's middle position (before 2026-12-07: at position 0, where attention costs
+least): what the GPU alone sustains, the ceiling of the engine's b=1 column (--decode-steps 1 measures the
+single-step graph, as the tables before 2026-11-25 did).
 """
 
 from __future__ import annotations

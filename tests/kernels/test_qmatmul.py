@@ -107,6 +107,8 @@ CALLS = [  # kernel, M, config
     ("gemv", 1, None),
     ("gemv", 1, {"BN": 16, "split": 2}),
     ("gemv", 1, {"BN": 16, "split": 3, "unroll": 2}),
+    ("gemv", 1, {"BN": 16, "split": 3, "prefetch": True}),  # loads a step ahead (odd and even blocks a split)
+    ("gemv", 1, {"BN": 16, "split": 2, "unroll": 2, "prefetch": True}),
     ("dot", 1, None),
     ("dot", 3, {"split": 3}),
     ("dot", 16, None),
@@ -171,7 +173,9 @@ def test_swiglu_output(n, act_order, kernel, config):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("kernel,config", [("gemv", None), ("gemv", {"BN": 16, "split": 3}), ("dot", None)])
+@pytest.mark.parametrize("kernel,config", [("gemv", None), ("gemv", {"BN": 16, "split": 3}),
+                                           ("gemv", {"BN": 16, "split": 3, "unroll": 2, "prefetch": True}),
+                                           ("dot", None)])
 def test_accumulate_adds_to_a_float32_out(kernel, config):
     """accumulate=True: out (float32) += x @ W + bias; the GEMV adds each K split's float32 partial sums
     (atomics, no split-K finish), the other kernels their fp16 result."""

@@ -4,10 +4,11 @@ weight bandwidth a decode step achieves against the device's measured copy bandw
 Owns the measurement protocol (warm-up runs that compile kernels and capture graphs, then timed runs of
 greedy requests that ignore EOS, through the engine as users get it: CUDA graphs and bursts of
 `decode_steps` tokens per host sync, the next burst running while the host handles one, unless told
-otherwise) and the table. The "graph-only" column replays
-the batch-1 graph the engine decodes with (a burst of decode_steps tokens) with no host work between
-replays: what the GPU alone sustains, the ceiling of the engine's b=1 column. What is measured comes in as a model: a loaded checkpoint
-or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is used.
+otherwise) and the table. The "graph-only" column replays the batch-1 graph the engine decodes with (a burst
+of decode_steps tokens) with no host work between replays, at the timed run's middle position: what the GPU
+alone sustains, the ceiling of the engine's b=1 column. What is measured comes in as a model: a loaded
+checkpoint or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is
+used.
 """
 
 from __future__ import annotations
@@ -110,11 +111,13 @@ def _timed_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tup
     return t1 - t0, time.perf_counter() - t1, tokens
 
 
-def _graph_tps(engine: Engine, steps: int, replays: int = 100) -> float | None:
-    """Batch-1 decode rate of replays of the `steps`-token graph alone: the GPU's share of a token."""
+def _graph_tps(engine: Engine, steps: int, position: int, replays: int = 100) -> float | None:
+    """Batch-1 decode rate of replays of the `steps`-token graph alone, its tokens at `position` onwards (the
+    attention's work grows with it; the cache's contents there do not matter for timing): the GPU's share of a
+    token."""
     if engine.graphs is None:
         return None
-    engine.graphs.run([1], [0], [0], steps)
+    engine.graphs.run([1], [position], [0], steps)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph = engine.graphs.graphs[1, steps].graph
     start.record()
@@ -172,7 +175,9 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
             row.decode[batch] = tokens / decode_s
             if batch == 1:
                 row.ttft_ms = first * 1e3
-                row.graph_tps = _graph_tps(eng, config.decode_steps if eng.bursts is not None else 1)
+                steps = config.decode_steps if eng.bursts is not None else 1
+                middle = min(config.prompt_len + config.new_tokens // 2, context - steps)
+                row.graph_tps = _graph_tps(eng, steps, middle)
         except torch.cuda.OutOfMemoryError:
             row.decode[batch] = "oom"
         finally:

@@ -207,6 +207,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
+                 PREFETCH: tl.constexpr,
                  SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, XSW: tl.constexpr,
                  PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
@@ -221,6 +222,9 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     scales serves 8 columns. A weight then costs an AND and an FMA (SUB: the code read in place as a float32
     subnormal), ~3.6 instructions all told; per run the part is scaled once: sum x W = a*part - b*sum x.
     UNROLL=2 issues the next block's loads before this block's math (more bytes in flight a thread).
+    PREFETCH: each step first issues the loads of the next step's UNROLL blocks, then does this step's math on
+    words loaded a step earlier, so a program's loads overlap its own math rather than only other programs'
+    (register double buffering; an Nsight profile of the default showed no eligible warp in half the cycles).
     PDL: the first blocks' words are loaded before waiting for the previous kernel (they are not its output),
     so a program's first loads overlap that kernel's tail (most programs own only 2-6 blocks)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -246,23 +250,41 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
     release_next(PDL)
     wait_previous(PDL)
-    for blk in range(b_start, b_end, UNROLL):
-        if blk != b_start:  # the first iteration's words were loaded above
-            w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
-            w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
+    if PREFETCH:
+        for blk in range(b_start, b_end, UNROLL):
+            ahead = tl.minimum(blk + UNROLL, b_end - 1)  # past the end: unused (the loop stops)
+            p0, q0 = _chunk_words(qw_ptr, qh_ptr, ahead, wi, c0, ok0, N, BITS, EVEN_N)
+            p1, q1 = _chunk_words(qw_ptr, qh_ptr, ahead, wi, c1, ok1, N, BITS, EVEN_N)
             if UNROLL == 2:
-                nxt = tl.minimum(blk + 1, b_end - 1)
-                v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
-                v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
-        acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
-                                 ok0, ok1, wi,
-                                 N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB, EVEN_N, EVEN_K,
-                                 False, XSW)
-        if UNROLL == 2:
-            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
-                                     tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
-                                     ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
+                r0, s0 = _chunk_words(qw_ptr, qh_ptr, tl.minimum(blk + 3, b_end - 1), wi, c0, ok0, N, BITS, EVEN_N)
+                r1, s1 = _chunk_words(qw_ptr, qh_ptr, tl.minimum(blk + 3, b_end - 1), wi, c1, ok1, N, BITS, EVEN_N)
+            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
+                                     c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW)
+            if UNROLL == 2:
+                acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, tl.minimum(blk + 1, b_end - 1),
+                                         tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
+                                         ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
+                v0, g0, v1, g1 = r0, s0, r1, s1
+            w0, h0, w1, h1 = p0, q0, p1, q1
+    else:
+        for blk in range(b_start, b_end, UNROLL):
+            if blk != b_start:  # the first iteration's words were loaded above
+                w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
+                w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
+                if UNROLL == 2:
+                    nxt = tl.minimum(blk + 1, b_end - 1)
+                    v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
+                    v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
+            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
+                                     c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW)
+            if UNROLL == 2:
+                acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
+                                         tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
+                                         ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     if ADD:
@@ -455,7 +477,7 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None):
+          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None, prefetch=False):
     """Launch the GEMV (keywords: `_gemv_kernel`'s tiles; waves: programs per SM; maxnreg: a register cap for
     ptxas, which trades spills for programs resident per SM) -> the launched kernel (its n_regs, for benchmarks)."""
     n, fields = w.out_features, fields_per_word(w.bits)
@@ -473,7 +495,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
-        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, SWIGLU=swiglu, HAS_POS=positions is not None,
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu, HAS_POS=positions is not None,
         ADD=add, XSW=_ROUNDING[x_swiglu], num_warps=num_warps, num_stages=num_stages, **cap, **pdl_launch(x2))
 
 
