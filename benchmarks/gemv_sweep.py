@@ -23,8 +23,10 @@ from lowbit.kernels import qmatmul as qm  # noqa: E402
 DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
 # The full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 2-16 waves, unroll 1-2, maxnreg 96-128;
 # benchmarks/results/gemv_sweep.md) left the default best but for gate/up (-8 %: BN 32, 2 warps, 16 waves,
-# maxnreg 128). Now: loads a step ahead (prefetch), against the default and that runner-up.
-CONFIGS = ([{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
+# maxnreg 128). Now: loads a step ahead (prefetch), against the default and that runner-up, and SwiGLU computed
+# once per value into a scratch row (swiglu_once: only down_proj's launch reads it).
+CONFIGS = ([{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
+            {"BN": 64, "num_warps": 4, "unroll": 1, "waves": 4, "prefetch": True, "swiglu_once": True}] +[{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
            + [{"BN": 32, "num_warps": 2, "unroll": 2, "waves": w, "maxnreg": 128, "prefetch": p}
               for w in (8, 16) for p in (False, True)]
            + [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "maxnreg": 128, "prefetch": True}])

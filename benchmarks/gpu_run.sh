@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -27,6 +27,15 @@ for stage in "$@"; do
     decode)  # whole-model decode table, LLaMA-7B shape
       timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b --tuned "$OUT/tuned.json" ${DECODE_ARGS:-} \
         > "$OUT/decode_log.txt" 2>&1; tail -n 12 "$OUT/decode_log.txt" ;;
+    gemv_ab)  # whole-model b=1 decode, the M=1 GEMV's default config against $GEMV_AB (JSON keywords), one call
+      echo "[[1, \"gemv\", ${GEMV_AB:?set GEMV_AB to a GEMV config}]]" > "$OUT/gemv_ab.json"
+      for t in default ab; do
+        extra=(); [ "$t" = ab ] && extra=(--tuned "$OUT/gemv_ab.json")
+        timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
+          --variants gptq-4bit-g128,gptq-4bit-g128-act --batches 1 "${extra[@]}" --out "$OUT/decode_gemv_$t.md" \
+          > "$OUT/decode_gemv_$t.txt" 2>&1
+        echo "$t"; grep "^| gptq" "$OUT/decode_gemv_$t.txt" | sort -u
+      done ;;
     memory)  # 13B 4-bit at 2048 context, batch 1: "peak GB (b=1: load, prefill, decode)" against the 9 GB target
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host --prefill-chunk 256 ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1

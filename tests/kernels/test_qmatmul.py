@@ -193,10 +193,14 @@ def test_accumulate_adds_to_a_float32_out(kernel, config):
             qmatmul(x, w, kernel=kernel, accumulate=True, out=wrong)
 
 
-@pytest.mark.parametrize("kernel,m,act_order", [("gemv", 1, False), ("gemv", 1, True), ("dot", 3, True)])
-def test_swiglu_input_is_silu_mul_then_the_matmul(kernel, m, act_order):
+@pytest.mark.parametrize("kernel,m,act_order,config", [
+    ("gemv", 1, False, None), ("gemv", 1, True, None), ("dot", 3, True, None),
+    ("gemv", 1, False, {"BN": 16, "split": 2, "unroll": 2, "swiglu_once": True}),  # odd blocks a split
+    ("gemv", 1, True, {"BN": 16, "split": 3, "swiglu_once": True, "prefetch": True})])
+def test_swiglu_input_is_silu_mul_then_the_matmul(kernel, m, act_order, config):
     """swiglu_input: x holds a fused w13's float32 gate and up sums; the input is silu(gate) * up rounded to
-    float16 as `silu_mul` rounds (the GEMV computes it as it loads x), alone or added into a float32 out."""
+    float16 as `silu_mul` rounds (the GEMV computes it as it loads x, or with swiglu_once into a scratch row
+    first), alone or added into a float32 out."""
     from lowbit.kernels.reference import silu_mul_reference
 
     k = 320
@@ -204,12 +208,12 @@ def test_swiglu_input_is_silu_mul_then_the_matmul(kernel, m, act_order):
     bias = torch.randn(192).half().to(DEVICE)
     x = (torch.randn(m, 2 * k) * 2).to(DEVICE)
     want = reference(silu_mul_reference(x.half()), w, bias)
-    y = qmatmul(x, w, bias, kernel=kernel, swiglu_input=torch.float16)
+    y = qmatmul(x, w, bias, kernel=kernel, config=config, swiglu_input=torch.float16)
     assert y.dtype == torch.float16 and y.shape == (m, 192)
     check(y, want)
     start = torch.randn(m, 192, device=DEVICE)
     out = start.clone()
-    qmatmul(x, w, bias, kernel=kernel, swiglu_input=torch.float16, accumulate=True, out=out)
+    qmatmul(x, w, bias, kernel=kernel, config=config, swiglu_input=torch.float16, accumulate=True, out=out)
     check(out - start if kernel == "gemv" else (out - start).half(), want)
     assert not w.locks.any()
     with pytest.raises(ValueError, match="gate then up"):

@@ -172,9 +172,9 @@ def _gemv_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, SUB: tl.const
 def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1, ok0, ok1, wi, N, K, num_blocks,
                 acc0, acc1, BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                MAYBE_DEAD: tl.constexpr, XSW: tl.constexpr):
+                MAYBE_DEAD: tl.constexpr, XSW: tl.constexpr, xs_ptr, XONCE: tl.constexpr):
     """acc += this block's contribution to the two column chunks (x rows >= `live` read as 0; MAYBE_DEAD: the
-    block may be a re-read past the end, with `live` 0)."""
+    block may be a re-read past the end, with `live` 0; XONCE: the input comes from xs, by packed row)."""
     F: tl.constexpr = 4 if BITS == 3 else 1 << BITS
     OFF: tl.constexpr = 3 if BITS == 3 else 1
     RUNS: tl.constexpr = FIELDS // GROUP_SLOTS
@@ -184,7 +184,9 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
         for jj in tl.static_range(GROUP_SLOTS):  # this run's fields, summed per word: no cross-thread work
             j = a * GROUP_SLOTS + jj
             row = blk * (16 * FIELDS) + j * 16 + wi
-            if EVEN_K and not HAS_PERM and not MAYBE_DEAD and not XSW:
+            if XONCE:
+                xj = tl.load(xs_ptr + row, mask=row < live, other=0.0)[:, None]
+            elif EVEN_K and not HAS_PERM and not MAYBE_DEAD and not XSW:
                 xj = tl.load(x_ptr + row).to(tl.float32)[:, None]
             else:
                 xj = _load_x(x_ptr, row, row < live, perm_ptr, K, HAS_PERM, XSW)[:, None]
@@ -202,17 +204,20 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr,
+def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xs_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr,
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
                  PREFETCH: tl.constexpr,
                  SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, XSW: tl.constexpr,
-                 PDL: tl.constexpr):
+                 XONCE: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
     float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits). XSW: x is
-    a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`). (RMSNorm fused in the same
+    a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`); XONCE: each program first
+    writes the input of its rows to xs (float32, by packed row) once, then reads it as a plain x, rather than
+    every lane recomputing SwiGLU for each field (the lanes of a row share its x values: 16 of them compute
+    each; offline sm_90 SASS: ~2x the instructions of the plain GEMV). (RMSNorm fused in the same
     way, every program reading the whole row for the mean square, lost: 415 against 444 tok/s at b=1 on an
     H100, 2026-12-06; benchmarks/results/gpu.md.)
 
@@ -250,6 +255,13 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
         v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
     release_next(PDL)
     wait_previous(PDL)
+    if XONCE:  # each of the program's input values computed by one thread, then visible to all of them
+        r = tl.arange(0, 16 * FIELDS)
+        for blk in range(b_start, b_end):
+            rows = blk * (16 * FIELDS) + r
+            x_in = _load_x(x_ptr, rows, rows < 16 * FIELDS * num_blocks, perm_ptr, K, HAS_PERM, XSW)
+            tl.store(xs_ptr + rows, x_in)
+        tl.debug_barrier()
     if PREFETCH:
         for blk in range(b_start, b_end, UNROLL):
             ahead = tl.minimum(blk + UNROLL, b_end - 1)  # past the end: unused (the loop stops)
@@ -260,12 +272,12 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                 r1, s1 = _chunk_words(qw_ptr, qh_ptr, tl.minimum(blk + 3, b_end - 1), wi, c1, ok1, N, BITS, EVEN_N)
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
                                      c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW, xs_ptr, XONCE)
             if UNROLL == 2:
                 acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, tl.minimum(blk + 1, b_end - 1),
                                          tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                          ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
+                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, xs_ptr, XONCE)
                 v0, g0, v1, g1 = r0, s0, r1, s1
             w0, h0, w1, h1 = p0, q0, p1, q1
     else:
@@ -279,12 +291,12 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                     v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
             acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
                                      c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW)
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW, xs_ptr, XONCE)
             if UNROLL == 2:
                 acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
                                          tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
                                          ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW)
+                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, xs_ptr, XONCE)
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     if ADD:
@@ -477,9 +489,11 @@ def _common(w: QWeight, x2: Tensor, bias: Tensor | None):
 
 
 def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
-          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None, prefetch=False):
-    """Launch the GEMV (keywords: `_gemv_kernel`'s tiles; waves: programs per SM; maxnreg: a register cap for
-    ptxas, which trades spills for programs resident per SM) -> the launched kernel (its n_regs, for benchmarks)."""
+          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None, prefetch=False,
+          swiglu_once=False):
+    """Launch the GEMV (keywords: `_gemv_kernel`'s tiles and modes; waves: programs per SM; maxnreg: a register
+    cap for ptxas, which trades spills for programs resident per SM; prefetch: PREFETCH; swiglu_once: XONCE,
+    with x_swiglu) -> the launched kernel (its n_regs, for benchmarks)."""
     n, fields = w.out_features, fields_per_word(w.bits)
     dtype = x_swiglu or x2.dtype  # what the input is rounded to
     num_blocks = w.padded_rows // (SLOT * fields)
@@ -488,15 +502,17 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
+    once = bool(x_swiglu and swiglu_once)
+    xs = torch.empty(w.padded_rows if once else 1, dtype=torch.float32, device=x2.device)
     cap = {"maxnreg": maxnreg} if maxnreg and x2.is_cuda and not interpreting() else {}
     return _gemv_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
-        n, w.in_features, num_blocks, per,
+        xs, n, w.in_features, num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu, HAS_POS=positions is not None,
-        ADD=add, XSW=_ROUNDING[x_swiglu], num_warps=num_warps, num_stages=num_stages, **cap, **pdl_launch(x2))
+        ADD=add, XSW=_ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps, num_stages=num_stages, **cap, **pdl_launch(x2))
 
 
 _ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's rounding codes for XSW

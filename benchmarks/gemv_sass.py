@@ -1,0 +1,89 @@
+"""Offline sm_90 compile of the M=1 GEMV (`qmatmul._gemv_kernel`) in its modes, with no GPU: Triton's bundled
+ptxas and cuobjdump give each variant's registers, local memory (spills) and SASS instruction counts, so a
+variant can be screened before device time is spent on it. 4-bit g128, adding into float32 (as one-row
+decode runs it), PDL on.
+
+Run from the repository root (any machine with triton):  PYTHONPATH=src python benchmarks/gemv_sass.py [--dump DIR]
+(--dump: each variant's SASS to DIR). The counts are of the local Triton's compiler, which may differ from the
+GPU machine's version; compare variants with each other, not with a profile taken there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lowbit.kernels import qmatmul as qm
+
+POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "perm_ptr": "*i32",
+            "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32",
+            "xs_ptr": "*fp32"}
+DEFAULTS = dict(BITS=4, FIELDS=8, GROUP_SLOTS=8, HAS_PERM=False, HAS_BIAS=False, BN=64, SP=8, FENCE=True, SUB=True,
+                EVEN_N=True, EVEN_K=True, UNROLL=2, PREFETCH=False, SWIGLU=False, HAS_POS=False, ADD=True, XSW=0,
+                XONCE=False, PDL=True)
+VARIANTS = [  # (name, constexpr overrides, num_warps)
+    ("default (BN 64, unroll 2)", {}, 4),
+    ("unroll 1", {"UNROLL": 1}, 4),
+    ("unroll 1, prefetch", {"UNROLL": 1, "PREFETCH": True}, 4),
+    ("unroll 2, prefetch", {"PREFETCH": True}, 4),
+    ("BN 32, 2 warps", {"BN": 32}, 2),
+    ("SwiGLU on load (down_proj)", {"XSW": 1}, 4),
+    ("SwiGLU once into a scratch row", {"XSW": 1, "XONCE": True}, 4),
+    ("SwiGLU once, unroll 1, prefetch", {"XSW": 1, "XONCE": True, "UNROLL": 1, "PREFETCH": True}, 4),
+]
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_variant(overrides: dict, num_warps: int) -> bytes:
+    params = list(inspect.signature(qm._gemv_kernel.fn).parameters)
+    const = {**DEFAULTS, **overrides}
+    pointers = {**POINTERS, "x_ptr": "*fp32" if const["XSW"] else "*fp16"}
+    signature = {p: "constexpr" if p in const else pointers.get(p, "i32") for p in params}
+    source = ASTSource(qm._gemv_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in POINTERS})
+    options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
+    """(registers, local bytes, SASS opcodes, SASS text)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True).stdout
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0] for line in lines]
+    return re.search(r"REG:(\d+)", usage).group(1), re.search(r"LOCAL:(\d+)", usage).group(1), ops, sass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dump", help="write each variant's SASS into this folder")
+    args = p.parse_args()
+    print(f"triton {triton.__version__}, sm_90\n")
+    print("| variant | registers | local bytes | SASS | LDG | FFMA | LOP3 | MUFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, (name, overrides, warps) in enumerate(VARIANTS):
+        regs, local, ops, sass = inspect_cubin(compile_variant(overrides, warps))
+        n = collections.Counter(ops)
+        print(f"| {name} | {regs} | {local} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} |",
+              flush=True)
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, f"gemv_{i}.sass"), "w") as f:
+                f.write(sass)
+
+
+if __name__ == "__main__":
+    main()
