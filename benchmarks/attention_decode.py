@@ -1,10 +1,11 @@
 """Decode attention alone (`lowbit.kernels.attention.decode_attention`): µs per launch at LLaMA-7B's heads (32 q
-and kv heads of 128), a 2048-position cache, by row length and batch, for each `row_splits` given (0: the default, `row_fill`).
+and kv heads of 128), a 2048-position cache, by row length and batch, for each `row_splits` given (0: the
+default, `row_fill`).
 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/attention_decode.py [--row-splits 0,1,2,8]
-(a tree whose decode_attention has no row_splits runs its default once). µs from CUDA-graph replays of 10
-launches, PDL on (launches overlap as in the model) and off (each alone). Markdown to stdout.
+(a tree whose decode_attention has no row_splits runs its default once). µs: the median of CUDA-graph replays
+of 10 launches, PDL on (launches overlap as in the model) and off (each alone). Markdown to stdout.
 """
 
 from __future__ import annotations
@@ -12,30 +13,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 
 import torch
 
-from lowbit.kernels import attention
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import graph_time  # noqa: E402
+
+from lowbit.kernels import attention  # noqa: E402
 
 HEADS, DIM, CACHE = 32, 128, 2048
-
-
-def graph_us(fn, launches: int = 10, replays: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (launches * replays)
 
 
 def launch(batch: int, position: int, row_splits: int | None):
@@ -68,9 +55,9 @@ def main() -> None:
             cells = []
             for t in positions:
                 fn = launch(batch, t, chunk)
-                on = graph_us(fn)
+                on = graph_time(fn, reps=10)
                 os.environ["LOWBIT_PDL"] = "0"
-                off = graph_us(fn)
+                off = graph_time(fn, reps=10)
                 del os.environ["LOWBIT_PDL"]
                 cells.append(f"{on:.1f} / {off:.1f}")
             print(f"| {batch} | {chunk or 'default'} | " + " | ".join(cells) + " |", flush=True)

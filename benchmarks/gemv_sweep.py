@@ -26,7 +26,8 @@ DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
 # maxnreg 128). Now: loads a step ahead (prefetch), against the default and that runner-up, and SwiGLU computed
 # once per value into a scratch row (swiglu_once: only down_proj's launch reads it).
 CONFIGS = ([{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
-            {"BN": 64, "num_warps": 4, "unroll": 1, "waves": 4, "prefetch": True, "swiglu_once": True}] +[{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
+            {"BN": 64, "num_warps": 4, "unroll": 1, "waves": 4, "prefetch": True, "swiglu_once": True}]
+           + [{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
            + [{"BN": 32, "num_warps": 2, "unroll": 2, "waves": w, "maxnreg": 128, "prefetch": p}
               for w in (8, 16) for p in (False, True)]
            + [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "maxnreg": 128, "prefetch": True}])

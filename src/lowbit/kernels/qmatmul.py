@@ -511,8 +511,9 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
-        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu, HAS_POS=positions is not None,
-        ADD=add, XSW=_ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps, num_stages=num_stages, **cap, **pdl_launch(x2))
+        EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu,
+        HAS_POS=positions is not None, ADD=add, XSW=_ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps,
+        num_stages=num_stages, **cap, **pdl_launch(x2))
 
 
 _ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's rounding codes for XSW
