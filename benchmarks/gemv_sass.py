@@ -1,5 +1,5 @@
 """Offline sm_90 compile of the M=1 GEMV (`qmatmul._gemv_kernel`) in its modes, with no GPU: Triton's bundled
-ptxas and cuobjdump give each variant's registers, local memory (spills) and SASS instruction counts, so a
+ptxas and cuobjdump give each variant's registers, stack bytes (spills) and SASS instruction counts, so a
 variant can be screened before device time is spent on it. 4-bit g128, adding into float32 (as one-row
 decode runs it), PDL on.
 
@@ -55,16 +55,16 @@ def compile_variant(overrides: dict, num_warps: int) -> bytes:
 
 
 def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
-    """(registers, local bytes, SASS opcodes, SASS text)."""
+    """(registers, stack bytes a thread (spills), SASS opcodes, SASS text)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
         usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                                text=True).stdout
-    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0] for line in lines]
-    return re.search(r"REG:(\d+)", usage).group(1), re.search(r"LOCAL:(\d+)", usage).group(1), ops, sass
+    return re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1), ops, sass
 
 
 def main() -> None:
@@ -72,12 +72,12 @@ def main() -> None:
     p.add_argument("--dump", help="write each variant's SASS into this folder")
     args = p.parse_args()
     print(f"triton {triton.__version__}, sm_90\n")
-    print("| variant | registers | local bytes | SASS | LDG | FFMA | LOP3 | MUFU |")
+    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU |")
     print("|---|---|---|---|---|---|---|---|")
     for i, (name, overrides, warps) in enumerate(VARIANTS):
-        regs, local, ops, sass = inspect_cubin(compile_variant(overrides, warps))
+        regs, stack, ops, sass = inspect_cubin(compile_variant(overrides, warps))
         n = collections.Counter(ops)
-        print(f"| {name} | {regs} | {local} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} |",
+        print(f"| {name} | {regs} | {stack} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} |",
               flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)

@@ -205,8 +205,15 @@ def _sweep_configs():
             ("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": 8, "unroll": 1})]
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
            for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
+    # the slots dot kernel's tiles with fewer registers a thread: offline sm_90 compiles (triton 3.9) of the
+    # defaults gave 255 registers and 16 stack bytes at M=16 (BM 16, BN 128, 2 warps), 255 registers and 872 stack
+    # bytes of spills at M=64 (BM 64, BN 128, 4 warps); these compile to 89-151 registers, no stack, at M=16 and
+    # to 0-32 stack bytes at M=64
+    dot16 = [("slots", "dot", {"BM": 16, "BN": bn, "num_warps": 4, "waves": wv}) for bn in (64, 128) for wv in (2, 4)]
+    dot64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": st})
+             for bn, nw in ((64, 4), (128, 8)) for st in (2, 3)]
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
-    return {1: slots + gemv, 16: slots + m16, 64: slots + m16[:4], 2048: big}
+    return {1: slots + gemv, 16: slots + dot16 + m16, 64: slots + dot64 + m16[:4], 2048: big}
 
 
 SWEEP = _sweep_configs()
