@@ -262,41 +262,34 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
             x_in = _load_x(x_ptr, rows, rows < 16 * FIELDS * num_blocks, perm_ptr, K, HAS_PERM, XSW)
             tl.store(xs_ptr + rows, x_in)
         tl.debug_barrier()
-    if PREFETCH:
-        for blk in range(b_start, b_end, UNROLL):
+    for blk in range(b_start, b_end, UNROLL):
+        if PREFETCH:  # the next step's words, in flight during this step's math
+            nxt = tl.minimum(blk + 1, b_end - 1)
             ahead = tl.minimum(blk + UNROLL, b_end - 1)  # past the end: unused (the loop stops)
             p0, q0 = _chunk_words(qw_ptr, qh_ptr, ahead, wi, c0, ok0, N, BITS, EVEN_N)
             p1, q1 = _chunk_words(qw_ptr, qh_ptr, ahead, wi, c1, ok1, N, BITS, EVEN_N)
             if UNROLL == 2:
                 r0, s0 = _chunk_words(qw_ptr, qh_ptr, tl.minimum(blk + 3, b_end - 1), wi, c0, ok0, N, BITS, EVEN_N)
                 r1, s1 = _chunk_words(qw_ptr, qh_ptr, tl.minimum(blk + 3, b_end - 1), wi, c1, ok1, N, BITS, EVEN_N)
-            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
-                                     c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW, xs_ptr, XONCE)
+        elif blk != b_start:  # this step's words (the first step's were loaded above)
+            w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
+            w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
             if UNROLL == 2:
-                acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, tl.minimum(blk + 1, b_end - 1),
-                                         tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
-                                         ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, xs_ptr, XONCE)
-                v0, g0, v1, g1 = r0, s0, r1, s1
+                nxt = tl.minimum(blk + 1, b_end - 1)
+                v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
+                v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
+        acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0, c1,
+                                 ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS, HAS_PERM, SUB,
+                                 EVEN_N, EVEN_K, False, XSW, xs_ptr, XONCE)
+        if UNROLL == 2:
+            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
+                                     tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
+                                     ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
+                                     HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, xs_ptr, XONCE)
+        if PREFETCH:
             w0, h0, w1, h1 = p0, q0, p1, q1
-    else:
-        for blk in range(b_start, b_end, UNROLL):
-            if blk != b_start:  # the first iteration's words were loaded above
-                w0, h0 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c0, ok0, N, BITS, EVEN_N)
-                w1, h1 = _chunk_words(qw_ptr, qh_ptr, blk, wi, c1, ok1, N, BITS, EVEN_N)
-                if UNROLL == 2:
-                    nxt = tl.minimum(blk + 1, b_end - 1)
-                    v0, g0 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c0, ok0, N, BITS, EVEN_N)
-                    v1, g1 = _chunk_words(qw_ptr, qh_ptr, nxt, wi, c1, ok1, N, BITS, EVEN_N)
-            acc0, acc1 = _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, 16 * FIELDS * num_blocks, c0,
-                                     c1, ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                     HAS_PERM, SUB, EVEN_N, EVEN_K, False, XSW, xs_ptr, XONCE)
             if UNROLL == 2:
-                acc0, acc1 = _gemv_block(x_ptr, perm_ptr, v0, g0, v1, g1, s_ptr, z_ptr, nxt,
-                                         tl.where(blk + 1 < b_end, 16 * FIELDS * num_blocks, 0), c0, c1,
-                                         ok0, ok1, wi, N, K, num_blocks, acc0, acc1, BITS, FIELDS, GROUP_SLOTS,
-                                         HAS_PERM, SUB, EVEN_N, EVEN_K, True, XSW, xs_ptr, XONCE)
+                v0, g0, v1, g1 = r0, s0, r1, s1
     # the two chunks side by side: one split-K finish (one fence/counter round trip) for 2*BN columns
     out = _side_by_side(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0))
     if ADD:
@@ -503,7 +496,7 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
     once = bool(x_swiglu and swiglu_once)
-    xs = torch.empty(w.padded_rows if once else 1, dtype=torch.float32, device=x2.device)
+    xs = torch.empty(w.padded_rows, dtype=torch.float32, device=x2.device) if once else ws  # ws: unused there
     cap = {"maxnreg": maxnreg} if maxnreg and x2.is_cuda and not interpreting() else {}
     return _gemv_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y, positions if positions is not None else perm,
