@@ -34,7 +34,7 @@ def launch(batch: int, position: int, row_splits: int | None):
     pos = torch.full((batch,), position, device=dev, dtype=torch.int32)
     locks = torch.zeros(batch * HEADS, device=dev, dtype=torch.int32)
     out = torch.empty_like(q)
-    extra = {} if row_splits is None else {"row_splits": row_splits or None}
+    extra = {"row_splits": row_splits} if row_splits else {}
     return lambda: attention.decode_attention(q, k_new, v_new, k_cache, v_cache, rows, pos, locks, out=out, **extra)
 
 

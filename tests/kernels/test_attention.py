@@ -51,6 +51,15 @@ def test_a_row_takes_the_splits_its_length_needs(row_splits):
     test_decode_attention(9, 3, 64, 600, torch.float32, row_splits)
 
 
+def test_row_splits_below_one_are_refused():
+    q = torch.zeros(1, 2, 16, device=DEVICE)
+    cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
+    idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="row_splits must be at least 1"):
+        decode_attention(q, q, q, cache, cache.clone(), idx, idx, torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                         row_splits=0)
+
+
 def test_splits_grow_with_the_cache_and_fill_the_sms():
     assert num_splits(256) == 1 and num_splits(257) == 2 and num_splits(2048) == 8 and num_splits(1 << 20) == 16
     assert num_splits(384, programs=32, sms=132) == 6  # LLaMA-7B at batch 1: one split per 64 positions

@@ -186,6 +186,8 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         raise ValueError(f"positions must be int32 [{H * D}], got {positions.dtype} {tuple(positions.shape)}")
     if out is not None and positions is not None and (out.stride(1) != D or out.stride(2) != 1):
         raise ValueError("positions need each output row's heads contiguous")
+    if row_splits is not None and row_splits < 1:
+        raise ValueError(f"row_splits must be at least 1, got {row_splits}")
     if locks.numel() < B * n_kv:
         raise ValueError(f"locks has {locks.numel()} counters, needs {B * n_kv}")
     G = H // n_kv
@@ -203,7 +205,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             positions if positions is not None else rows,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
-            row_splits or row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
+            row_splits if row_splits is not None else row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
