@@ -30,6 +30,7 @@ POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp1
 DEFAULTS = dict(BITS=4, FIELDS=8, GROUP_SLOTS=8, HAS_PERM=False, HAS_BIAS=False, BN=64, SP=8, FENCE=True, SUB=True,
                 EVEN_N=True, EVEN_K=True, UNROLL=2, PREFETCH=False, SWIGLU=False, HAS_POS=False, ADD=True, XSW=0,
                 XONCE=False, PDL=True)
+DIVISIBLE = ("N", "K", "num_blocks")  # 7B shapes: Triton's launcher marks integers divisible by 16 (vector loads)
 VARIANTS = [  # (name, constexpr overrides, num_warps)
     ("default (BN 64, unroll 2)", {}, 4),
     ("unroll 1", {"UNROLL": 1}, 4),
@@ -49,7 +50,7 @@ def compile_variant(overrides: dict, num_warps: int) -> bytes:
     pointers = {**POINTERS, "x_ptr": "*fp32" if const["XSW"] else "*fp16"}
     signature = {p: "constexpr" if p in const else pointers.get(p, "i32") for p in params}
     source = ASTSource(qm._gemv_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
-                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in POINTERS})
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in (*POINTERS, *DIVISIBLE)})
     options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 

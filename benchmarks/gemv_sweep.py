@@ -14,6 +14,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from kernels import graph_time, random_weight  # noqa: E402
@@ -23,17 +25,52 @@ from lowbit.kernels import qmatmul as qm  # noqa: E402
 DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
 # The full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 2-16 waves, unroll 1-2, maxnreg 96-128;
 # benchmarks/results/gemv_sweep.md) left the default best but for gate/up (-8 %: BN 32, 2 warps, 16 waves,
-# maxnreg 128). Now: loads a step ahead (prefetch), against the default and that runner-up, and SwiGLU computed
-# once per value into a scratch row (swiglu_once: only down_proj's launch reads it).
-CONFIGS = ([{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
-            {"BN": 64, "num_warps": 4, "unroll": 1, "waves": 4, "prefetch": True, "swiglu_once": True}]
-           + [{"BN": 64, "num_warps": 4, "unroll": u, "waves": w, "prefetch": True} for u in (1, 2) for w in (4, 8)]
-           + [{"BN": 32, "num_warps": 2, "unroll": 2, "waves": w, "maxnreg": 128, "prefetch": p}
-              for w in (8, 16) for p in (False, True)]
-           + [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "maxnreg": 128, "prefetch": True}])
+# maxnreg 128). A half2 version of the math (float16 products, 10 % fewer instructions in the loop) was slower
+# at every launch (+2 to +6 %) and was dropped. Now: the default tile at K splits around the default's (the
+# blocks each program reads, and how the programs fill whole waves of the SMs), SwiGLU computed once per value
+# into a scratch row (swiglu_once: only down_proj's launch reads it), and loads a step ahead (prefetch).
+CONFIGS = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
+           {"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "prefetch": True},
+           {"BN": 32, "num_warps": 2, "unroll": 2, "waves": 16, "maxnreg": 128}]
+SPLITS = {"wqkv": (4, 5, 8, 11), "wo": (8, 11, 32), "w13": (3, 4, 6, 8), "w2": (8, 11, 22, 29)}  # default's tile
+PROBES = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": w} for w in (4, 8)]  # load_only_fn
 # (name, K, N, input): "x" fp16 x; "swiglu" float32 gate/up sums, the input their SwiGLU (down_proj)
 LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096, 2 * 11008, "x"),
             ("w2", 11008, 4096, "swiglu")]
+
+
+@triton.jit
+def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr, UNROLL: tl.constexpr):
+    """The GEMV's grid and word tiles with no math: two [16, BN] chunks a block, xor-reduced, one atomic a
+    column (the memory side's ceiling for this decomposition)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
+    wi = tl.arange(0, 16)
+    acc = tl.zeros((16, BN), tl.int32)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
+    for blk in range(b_start, b_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            ptr = qw_ptr + (tl.minimum(blk + u, b_end - 1) * 16 + wi[:, None]) * N + c0[None, :]
+            acc ^= tl.load(ptr) ^ tl.load(ptr + BN)
+    tl.atomic_add(y_ptr + c0, tl.sum(acc, axis=0).to(tl.float32), sem="relaxed")
+
+
+def load_only_fn(copies, config):
+    """The memory-only probe over the weight copies, with `config`'s tile and waves."""
+    k, n = copies[0].in_features, copies[0].out_features
+    out = torch.zeros(len(copies), n, device="cuda")
+    bn, unroll = config.get("BN", 64), config.get("unroll", 1)
+    num_blocks = copies[0].qweight.shape[0] // 16
+    tiles = -(-n // (2 * bn))
+    splits, per = qm._split(num_blocks, tiles, config.get("waves", 4) * qm.sm_count(out.device))
+
+    def fn():
+        out.zero_()
+        for i, w in enumerate(copies):
+            _load_only[(tiles, splits)](w.qweight, out[i], n, per, num_blocks, BN=bn, UNROLL=unroll,
+                                        num_warps=config.get("num_warps", 4))
+    return fn, "no math"
 
 
 def launch_fn(copies, kind, config):
@@ -66,12 +103,17 @@ def main():
         nbytes = copies[0].qweight.numel() * 4 + copies[0].scales.numel() * 4
         copies += [random_weight(k, n, 4, seed=s) for s in range(1, max(2, -(-120_000_000 // nbytes)))]
         results = []
-        configs = [dict(default)] + CONFIGS
+        configs = ([dict(default)] + [dict(c) for c in CONFIGS] + [{**default, "split": n} for n in SPLITS[name]]
+                   + [{"load_only": True, **c} for c in PROBES])
+        if kind == "swiglu":
+            configs += [{**default, "split": n, "swiglu_once": True} for n in SPLITS[name]]
         for config in configs:
             if time.time() > DEADLINE:
                 break
             try:
-                fn, regs = launch_fn(copies, kind, config)
+                probe = config.pop("load_only", False)
+                fn, regs = load_only_fn(copies, config) if probe else launch_fn(copies, kind, config)
+                config = {"load_only": True, **config} if probe else config
                 t = graph_time(fn, reps=4) / len(copies)
             except Exception as e:  # a tile the compiler refuses (registers, shared memory)
                 print(f"{name} {config}: {e!r:.200}", flush=True)

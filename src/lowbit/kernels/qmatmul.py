@@ -491,7 +491,8 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
     dtype = x_swiglu or x2.dtype  # what the input is rounded to
     num_blocks = w.padded_rows // (SLOT * fields)
     tiles = -(-n // 2 // BN) if swiglu else -(-n // (2 * BN))
-    splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device)) if split is None else (
+    # whole unrolled steps a split: an odd count would re-read a block with its x zeroed in each program
+    splits, per = _split(num_blocks, tiles, waves * sm_count(x2.device), unroll) if split is None else (
         split, -(-num_blocks // split))
     qh, perm, b, fence = _common(w, x2, bias)
     ws = torch.empty(splits * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
