@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernels import graph_time, random_weight  # noqa: E402
 
 from lowbit.kernels import qmatmul as qm  # noqa: E402
+from lowbit.kernels.sync import pdl_launch, release_next, wait_previous  # noqa: E402
 
 DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
 # The full tile sweep of 2026-12-06 (BN 32-128, 2-8 warps, 2-16 waves, unroll 1-2, maxnreg 96-128;
@@ -40,10 +41,13 @@ LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096
 
 
 @triton.jit
-def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr, UNROLL: tl.constexpr):
+def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr, UNROLL: tl.constexpr,
+               PDL: tl.constexpr):
     """The GEMV's grid and word tiles with no math: two [16, BN] chunks a block, xor-reduced, one atomic a
-    column (the memory side's ceiling for this decomposition)."""
+    column (the memory side's ceiling for this decomposition); launched with PDL as the GEMV is, but waiting
+    for the kernel before only to add its sums (it reads nothing that kernel writes)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    release_next(PDL)
     c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
     wi = tl.arange(0, 16)
     acc = tl.zeros((16, BN), tl.int32)
@@ -53,6 +57,7 @@ def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr,
         for u in tl.static_range(UNROLL):
             ptr = qw_ptr + (tl.minimum(blk + u, b_end - 1) * 16 + wi[:, None]) * N + c0[None, :]
             acc ^= tl.load(ptr) ^ tl.load(ptr + BN)
+    wait_previous(PDL)
     tl.atomic_add(y_ptr + c0, tl.sum(acc, axis=0).to(tl.float32), sem="relaxed")
 
 
@@ -69,7 +74,7 @@ def load_only_fn(copies, config):
         out.zero_()
         for i, w in enumerate(copies):
             _load_only[(tiles, splits)](w.qweight, out[i], n, per, num_blocks, BN=bn, UNROLL=unroll,
-                                        num_warps=config.get("num_warps", 4))
+                                        num_warps=config.get("num_warps", 4), **pdl_launch(out))
     return fn, "no math"
 
 
