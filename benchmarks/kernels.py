@@ -205,10 +205,10 @@ def _sweep_configs():
             ("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": 8, "unroll": 1})]
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
            for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
-    # the slots dot kernel's tiles with fewer registers a thread: offline sm_90 compiles (triton 3.9) of the
-    # defaults gave 255 registers and 16 stack bytes at M=16 (BM 16, BN 128, 2 warps), 255 registers and 872 stack
-    # bytes of spills at M=64 (BM 64, BN 128, 4 warps); these compile to 89-151 registers, no stack, at M=16 and
-    # to 0-32 stack bytes at M=64
+    # the slots dot kernel's tiles with fewer registers a thread: offline sm_90 compiles (triton 3.9, N, K and
+    # the strides marked divisible by 16 as the launcher marks them) of the defaults give 255 registers and 16
+    # stack bytes at M=16 (BM 16, BN 128, 2 warps), 255 registers and 72 stack bytes at M=64 (BM 64, BN 128,
+    # 4 warps); these give 80-136 registers and no stack at M=16, 177-255 registers and 0-24 stack bytes at M=64
     dot16 = [("slots", "dot", {"BM": 16, "BN": bn, "num_warps": 4, "waves": wv}) for bn in (64, 128) for wv in (2, 4)]
     dot64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": st})
              for bn, nw in ((64, 4), (128, 8)) for st in (2, 3)]
