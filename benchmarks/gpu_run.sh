@@ -51,7 +51,7 @@ for stage in "$@"; do
       for i in "${!cfgs[@]}"; do
         GEMV_CONFIG="${cfgs[$i]}" timeout "${PROFILE_SECONDS:-90}" ncu --kernel-name regex:'_gemv_kernel|_dot_kernel' --launch-skip 5 \
           --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-          --section Occupancy --section LaunchStats --section SchedulerStats \
+          --section Occupancy --section LaunchStats --section SchedulerStats --section SourceCounters \
           python3 benchmarks/profile_gemv.py > "$OUT/ncu_gemv_$i.txt" 2>&1
         echo "config ${cfgs[$i]}"; grep -E "DRAM Throughput|Memory Throughput|Duration|Stall|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Ipc|Eligible Warps|No Eligible" "$OUT/ncu_gemv_$i.txt" | head -n 16
       done ;;

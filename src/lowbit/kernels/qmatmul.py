@@ -444,7 +444,9 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, n0, n1,
 # with benchmarks/kernels.py (4-bit g128, one LLaMA-7B block; benchmarks/results/gpu.md); large M
 # dequantizes to a float weight and calls cuBLAS. Off CUDA (the interpreter) "gemv" for M=1, else "dot".
 CUDA_CONFIGS: list[tuple[int, str, dict]] = [
-    (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "unroll": 2}),
+    # swiglu_once (read only by down_proj's launch, whose input is SwiGLU of the gate/up sums): 13.9 against 15.3 us
+    # alone, 442 against 436 tok/s for the whole 7B model at batch 1 (2026-12-06, benchmarks/results/gpu.md)
+    (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "unroll": 2, "swiglu_once": True}),
     (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
     (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
     (256, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),  # 256: a 256-token prefill chunk needs no float copy
@@ -452,6 +454,7 @@ CUDA_CONFIGS: list[tuple[int, str, dict]] = [
 ]
 # The same for weights in the "mma" layout (4-bit; `lowbit.kernels.mma`), which only its own kernels read.
 MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
+    (16, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 3}),  # M=16: 92.5 against 105.5 us (2026-12-06)
     (64, "mma", {"CT": 8, "waves": 2, "num_warps": 4, "stages": 4}),
     (1 << 62, "dequant", {}),
 ]
