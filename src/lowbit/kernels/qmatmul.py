@@ -663,7 +663,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if kernel == "dequant":
         _dequant_matmul(x2, w, bias, y, **config)
         return y.view(*lead, n)
-    if (gather or kernel == "mma") and w.tail_perm and w.perm is not None and kernel != "gemv":  # coalesced x tiles beat a gather
+    # coalesced x tiles beat a gather
+    if (gather or kernel == "mma") and w.tail_perm and w.perm is not None and kernel != "gemv":
         x2 = x2.index_select(1, w.perm[:k].long())
         w = w.for_sorted_input()
     elif x2.stride(1) != 1:
