@@ -1,6 +1,7 @@
 """Tile sweep of the M=1 GEMV as one-row decode runs it: every launch adds into float32 (qmatmul's accumulate,
 atomics, no split-K finish), one 7B block's four fused launches each alone, weights rotated through more than
-twice the L2. The split-K finish's sweep (benchmarks/kernels.py) picked the default tile; with the finish gone,
+twice the L2 (one row, "l2_resident", reads one copy every launch instead; "load_only" rows are the probe
+below: the grid and loads with no math). The split-K finish's sweep (benchmarks/kernels.py) picked the default tile; with the finish gone,
 more K splits cost less, so the best tile may differ, and may differ by shape.
 
 Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/gemv_sweep.py
@@ -34,7 +35,8 @@ CONFIGS = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": Tr
            {"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "prefetch": True},
            {"BN": 32, "num_warps": 2, "unroll": 2, "waves": 16, "maxnreg": 128}]
 SPLITS = {"wqkv": (4, 5, 8, 11), "wo": (8, 11, 32), "w13": (3, 4, 6, 8), "w2": (8, 11, 22, 29)}  # default's tile
-PROBES = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": w} for w in (4, 8)]  # load_only_fn
+PROBES = ([{"BN": 64, "num_warps": 4, "unroll": 2, "waves": w} for w in (4, 8)]  # load_only_fn
+          + [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "wait_first": True}])
 # (name, K, N, input): "x" fp16 x; "swiglu" float32 gate/up sums, the input their SwiGLU (down_proj)
 LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096, 2 * 11008, "x"),
             ("w2", 11008, 4096, "swiglu")]
@@ -42,12 +44,15 @@ LAUNCHES = [("wqkv", 4096, 3 * 4096, "x"), ("wo", 4096, 4096, "x"), ("w13", 4096
 
 @triton.jit
 def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr, UNROLL: tl.constexpr,
-               PDL: tl.constexpr):
+               WAIT_FIRST: tl.constexpr, PDL: tl.constexpr):
     """The GEMV's grid and word tiles with no math: two [16, BN] chunks a block, xor-reduced, one atomic a
     column (the memory side's ceiling for this decomposition); launched with PDL as the GEMV is, but waiting
-    for the kernel before only to add its sums (it reads nothing that kernel writes)."""
+    for the kernel before only to add its sums (it reads nothing that kernel writes), or (WAIT_FIRST) before
+    any load, as a kernel whose every load depends on the one before."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     release_next(PDL)
+    if WAIT_FIRST:
+        wait_previous(PDL)
     c0 = pid_n * (2 * BN) + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
     wi = tl.arange(0, 16)
     acc = tl.zeros((16, BN), tl.int32)
@@ -57,7 +62,8 @@ def _load_only(qw_ptr, y_ptr, N, blocks_per_split, num_blocks, BN: tl.constexpr,
         for u in tl.static_range(UNROLL):
             ptr = qw_ptr + (tl.minimum(blk + u, b_end - 1) * 16 + wi[:, None]) * N + c0[None, :]
             acc ^= tl.load(ptr) ^ tl.load(ptr + BN)
-    wait_previous(PDL)
+    if not WAIT_FIRST:
+        wait_previous(PDL)
     tl.atomic_add(y_ptr + c0, tl.sum(acc, axis=0).to(tl.float32), sem="relaxed")
 
 
@@ -74,6 +80,7 @@ def load_only_fn(copies, config):
         out.zero_()
         for i, w in enumerate(copies):
             _load_only[(tiles, splits)](w.qweight, out[i], n, per, num_blocks, BN=bn, UNROLL=unroll,
+                                        WAIT_FIRST=config.get("wait_first", False),
                                         num_warps=config.get("num_warps", 4), **pdl_launch(out))
     return fn, "no math"
 
@@ -110,15 +117,19 @@ def main():
         results = []
         configs = ([dict(default)] + [dict(c) for c in CONFIGS] + [{**default, "split": n} for n in SPLITS[name]]
                    + [{"load_only": True, **c} for c in PROBES])
+        if nbytes < 30e6:  # the same weight every launch, read from the 50 MB L2: the GEMV's cost without DRAM
+            configs.append({"l2_resident": True, **default})
         if kind == "swiglu":
             configs += [{**default, "split": n, "swiglu_once": True} for n in SPLITS[name]]
         for config in configs:
             if time.time() > DEADLINE:
                 break
             try:
-                probe = config.pop("load_only", False)
-                fn, regs = load_only_fn(copies, config) if probe else launch_fn(copies, kind, config)
-                config = {"load_only": True, **config} if probe else config
+                marks = {key: config.pop(key) for key in ("load_only", "l2_resident") if key in config}
+                weights = [copies[0]] * len(copies) if marks.get("l2_resident") else copies
+                fn, regs = (load_only_fn if marks.get("load_only") else
+                            lambda ws, c: launch_fn(ws, kind, c))(weights, config)
+                config = {**marks, **config}
                 t = graph_time(fn, reps=4) / len(copies)
             except Exception as e:  # a tile the compiler refuses (registers, shared memory)
                 print(f"{name} {config}: {e!r:.200}", flush=True)
