@@ -1,8 +1,8 @@
 """Tile sweep of the M=1 GEMV as one-row decode runs it: every launch adds into float32 (qmatmul's accumulate,
 atomics, no split-K finish), one 7B block's four fused launches each alone, weights rotated through more than
-twice the L2 (one row, "l2_resident", reads one copy every launch instead; "load_only" rows are the probe
-below: the grid and loads with no math). The split-K finish's sweep (benchmarks/kernels.py) picked the default tile; with the finish gone,
-more K splits cost less, so the best tile may differ, and may differ by shape.
+twice the L2. One row ("l2_resident") reads one copy every launch instead; the "load_only" rows are the probe
+below, the grid and loads with no math. The split-K finish's sweep (benchmarks/kernels.py) picked the default
+tile; with the finish gone, more K splits cost less, so the best tile may differ, and may differ by shape.
 
 Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/gemv_sweep.py
 ($GEMV_SWEEP_SECONDS caps the time; a markdown table per launch goes to stdout and $OUT/gemv_sweep.md.)
