@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -13,7 +13,8 @@ for stage in "$@"; do
       timeout "${TESTS_SECONDS:-200}" python3 -m pytest -p no:cacheprovider --maxfail=20 -v ${TESTS:-\
         tests/kernels/test_norm_rope.py tests/kernels/test_attention.py tests/model/test_linear_backends.py \
         tests/engine/test_cuda_graphs.py tests/kernels/test_embedding.py tests/model/test_host_embedding.py \
-        tests/engine/test_prefill.py tests/kernels/test_mma.py tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes \
+        tests/engine/test_prefill.py tests/kernels/test_mma.py tests/kernels/test_dense.py \
+        tests/kernels/test_qmatmul.py::test_qmatmul_gpu_awkward_shapes \
         tests/kernels/test_qmatmul.py::test_accumulate_adds_to_a_float32_out \
         tests/kernels/test_qmatmul.py::test_accumulate_places_gate_and_up_for_an_act_order_down_proj \
         tests/kernels/test_qmatmul.py::test_swiglu_input_is_silu_mul_then_the_matmul} \
@@ -35,6 +36,12 @@ for stage in "$@"; do
           --variants gptq-4bit-g128,gptq-4bit-g128-act --batches 1 "${extra[@]}" --out "$OUT/decode_gemv_$t.md" \
           > "$OUT/decode_gemv_$t.txt" 2>&1
         echo "$t"; grep "^| gptq" "$OUT/decode_gemv_$t.txt" | sort -u
+      done ;;
+    float_ab)  # whole-model fp16 decode, batch 1: cuBLAS linears against the float GEMV (LOWBIT_FLOAT_GEMV=1), one call
+      for t in 0 1; do
+        LOWBIT_FLOAT_GEMV=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
+          --variants fp16 --batches 1 --out "$OUT/decode_float_$t.md" > "$OUT/decode_float_$t.txt" 2>&1
+        echo "LOWBIT_FLOAT_GEMV=$t"; grep "^| fp16" "$OUT/decode_float_$t.txt" | sort -u
       done ;;
     memory)  # 13B 4-bit at 2048 context, batch 1: "peak GB (b=1: load, prefill, decode)" against the 9 GB target
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import LowbitError
-from lowbit.model.linear import QuantLinear, pick_backend
+from lowbit.model.linear import FloatLinear, QuantLinear, pick_backend
 from lowbit.model.llama import Transformer
 from lowbit.quant import pack
 
@@ -82,7 +82,7 @@ def random_model(shape: ModelConfig, variant: Variant, device: torch.device, see
             return QuantLinear(in_features, out_features, bias, variant.quant)
         if variant.tinygemm:
             return _Pending(in_features, out_features)
-        return nn.Linear(in_features, out_features, bias=bias)
+        return FloatLinear(in_features, out_features, bias=bias)
 
     _check_fits(shape, variant, device)
     with torch.device("meta"):

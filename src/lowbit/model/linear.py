@@ -9,6 +9,7 @@ reference (dequantize group-wise, then matmul) runs on any device; "triton" repa
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -191,6 +192,40 @@ class QuantLinear(nn.Module):
         q = self.quant
         return (f"in={self.in_features}, out={self.out_features}, bits={q.bits}, group_size={q.group_size}, "
                 f"desc_act={q.desc_act}, sym={q.sym}, format={q.checkpoint_format}, backend={self.backend}")
+
+
+class FloatLinear(nn.Linear):
+    """An unquantized linear (nn.Linear's weight and state dict) that one-row decode can have add its output
+    into a float32 buffer, as QuantLinear's GEMV does (`adds_in_place`, `Block.forward_into`).
+
+    On CUDA with LOWBIT_FLOAT_GEMV=1, one row of x goes through `lowbit.kernels.dense.dense_gemv_add` (K splits
+    adding with atomics, under PDL; on a CPU through Triton's interpreter, for tests); elsewhere, and under
+    deterministic algorithms, forward is nn.Linear's. Opt-in until the GPU measures it against cuBLAS."""
+
+    def adds_in_place(self, rows: int) -> bool:
+        if rows != 1 or os.environ.get("LOWBIT_FLOAT_GEMV", "0") != "1" or torch.are_deterministic_algorithms_enabled():
+            return False
+        if importlib.util.find_spec("triton") is None:
+            return False
+        from lowbit.kernels.sync import interpreting
+
+        return self.weight.is_cuda or interpreting()
+
+    def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
+                swiglu_input: torch.dtype | None = None, order=None) -> Tensor:
+        """nn.Linear's forward; add_to, swiglu_input and order as QuantLinear.forward's (a float weight reads its
+        input in order: sorted_input must be False)."""
+        if sorted_input:
+            raise ValueError("sorted_input: a float linear reads its input in order")
+        if swiglu_input is not None:
+            x = ops.silu_mul(x.to(swiglu_input))
+        if add_to is None:
+            return super().forward(x)
+        if order is None and x[..., 0].numel() == 1 and self.adds_in_place(1):
+            from lowbit.kernels.dense import dense_gemv_add
+
+            return dense_gemv_add(x, self.weight, self.bias, add_to)
+        return add_to.add_(place_halves(super().forward(x), order))
 
 
 class ConcatLinear(nn.Module):

@@ -24,8 +24,10 @@ LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
 
 def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """The default factory: a float nn.Linear (the name is for factories that need it)."""
-    return nn.Linear(in_features, out_features, bias=bias)
+    """The default factory: a float linear (an nn.Linear; the name is for factories that need it)."""
+    from lowbit.model.linear import FloatLinear
+
+    return FloatLinear(in_features, out_features, bias=bias)
 
 
 def input_order(linear: nn.Module, x: Tensor):
@@ -275,7 +277,8 @@ class Transformer(nn.Module):
 
     def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
-        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish; one memset zeroes
+        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish (or, opt-in, on the
+        float GEMV: `FloatLinear`); one memset zeroes
         every layer's q/k/v and gate/up sums."""
         h = x.float()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]

@@ -19,6 +19,7 @@ from lowbit.config import ModelConfig, QuantConfig
 from lowbit.errors import FormatError, LowbitError
 from lowbit.model.linear import (
     ConcatLinear,
+    FloatLinear,
     QuantLinear,
     canonical,
     fuse_gptq,
@@ -96,7 +97,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dt
 
     def make_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if name not in quantized:
-            return nn.Linear(in_features, out_features, bias=bias)
+            return FloatLinear(in_features, out_features, bias=bias)
         t = fused[name]
         if isinstance(t, list):  # parts disagree on g_idx: keep them apart
             return ConcatLinear([QuantLinear(in_features, p.scales.shape[1], p.bias is not None, ckpt.quant) for p in t])
