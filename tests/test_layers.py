@@ -16,8 +16,8 @@ RANK = {
     "errors": 0, "config": 1,
     # kernels: tensors in, tensors out (a launcher may import the kernel file it launches)
     "kernels.sync": 1.5, "kernels.layout": 1.5, "kernels.splitk": 1.6, "kernels.mma": 1.8, "kernels.qmatmul": 2, "kernels.gptq_block_kernel": 2, "kernels.norm_rope": 1.9, "kernels.embedding": 2,
-    "kernels.dense": 2,
-    "kernels.attention": 2.1, "kernels.reference": 2.1, "kernels.gptq_block": 2.1, "kernels.ops": 2.2,
+    "kernels.attention": 2.1, "kernels.dense": 2.1, "kernels.reference": 2.1, "kernels.gptq_block": 2.1,
+    "kernels.ops": 2.2,
     "quant.pack": 3, "quant.quantizer": 3, "engine.sampling": 3, "engine.scheduler": 3,
     "quant.gptq": 4, "engine.request": 4,
     "model.linear": 5, "model.source": 5, "model.checkpoint": 5, "model.tokenizer": 5, "chat.template": 5,

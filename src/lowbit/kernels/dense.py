@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.qmatmul import sm_count
 from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 
@@ -47,11 +48,9 @@ def _dense_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, chunks_per_s
         cols = k0 + kk
         if EVEN:  # the last step re-reads its own tile (unused) rather than past the split
             nxt = _tile(w_ptr, rows, r_ok, tl.minimum(k0 + BK, k_end - BK) + kk, k_end, stride_wn, EVEN)
+            x = tl.load(x_ptr + cols).to(tl.float32)
         else:  # past the split: all masked
             nxt = _tile(w_ptr, rows, r_ok, k0 + BK + kk, k_end, stride_wn, EVEN)
-        if EVEN:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-        else:
             x = tl.load(x_ptr + cols, mask=cols < k_end, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         w = nxt
@@ -77,8 +76,7 @@ def dense_gemv_add(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, 
     x = x if x.is_contiguous() else x.contiguous()
     tiles, chunks = triton.cdiv(n, BN), triton.cdiv(k, BK)
     if split is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        split = max(1, min(chunks, round(waves * sms / tiles)))
+        split = max(1, min(chunks, round(waves * sm_count(x.device) / tiles)))
     per = triton.cdiv(chunks, split)
     splits = triton.cdiv(chunks, per)
     even = n % BN == 0 and k % (per * BK) == 0

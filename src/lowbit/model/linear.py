@@ -194,6 +194,9 @@ class QuantLinear(nn.Module):
                 f"desc_act={q.desc_act}, sym={q.sym}, format={q.checkpoint_format}, backend={self.backend}")
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: adds_in_place runs every step
+
+
 class FloatLinear(nn.Linear):
     """An unquantized linear (nn.Linear's weight and state dict) that one-row decode can have add its output
     into a float32 buffer, as QuantLinear's GEMV does (`adds_in_place`, `Block.forward_into`).
@@ -203,9 +206,8 @@ class FloatLinear(nn.Linear):
     deterministic algorithms, forward is nn.Linear's. Opt-in until the GPU measures it against cuBLAS."""
 
     def adds_in_place(self, rows: int) -> bool:
-        if rows != 1 or os.environ.get("LOWBIT_FLOAT_GEMV", "0") != "1" or torch.are_deterministic_algorithms_enabled():
-            return False
-        if importlib.util.find_spec("triton") is None:
+        if (rows != 1 or os.environ.get("LOWBIT_FLOAT_GEMV", "0") != "1" or not _HAS_TRITON
+                or torch.are_deterministic_algorithms_enabled()):
             return False
         from lowbit.kernels.sync import interpreting
 
