@@ -37,7 +37,7 @@ for stage in "$@"; do
           > "$OUT/decode_gemv_$t.txt" 2>&1
         echo "$t"; grep "^| gptq" "$OUT/decode_gemv_$t.txt" | sort -u
       done ;;
-    float_ab)  # whole-model fp16 decode, batch 1: cuBLAS linears against the float GEMV (LOWBIT_FLOAT_GEMV=1), one call
+    float_ab)  # whole-model fp16 decode, batch 1: cuBLAS linears (LOWBIT_FLOAT_GEMV=0) against the float GEMV (1, the default), one call
       for t in 0 1; do
         LOWBIT_FLOAT_GEMV=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
           --variants fp16 --batches 1 --out "$OUT/decode_float_$t.md" > "$OUT/decode_float_$t.txt" 2>&1

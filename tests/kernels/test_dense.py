@@ -61,8 +61,8 @@ def test_dense_gemv_refuses_mismatched_tensors():
 
 
 def test_float_linear_adds_into_a_buffer_and_takes_a_swiglu_input():
-    """FloatLinear is nn.Linear (state dict, forward) plus QuantLinear's keywords for one-row decode; off the
-    opt-in GPU path (here) adding falls back to torch."""
+    """FloatLinear is nn.Linear (state dict, forward) plus QuantLinear's keywords for one-row decode; on a CPU
+    (without LOWBIT_FLOAT_GEMV=1, even under the interpreter) adding falls back to torch."""
     from lowbit.kernels.reference import silu_mul_reference
 
     torch.manual_seed(0)
@@ -86,10 +86,14 @@ def test_float_linear_adds_into_a_buffer_and_takes_a_swiglu_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4096, 12288), (11008, 4096)])
 def test_float_linear_on_the_gpu_path(k, n, monkeypatch):
-    """LOWBIT_FLOAT_GEMV=1: one row on CUDA adds through the kernel, at LLaMA-7B shapes, as cuBLAS computes."""
-    monkeypatch.setenv("LOWBIT_FLOAT_GEMV", "1")
+    """By default one row on CUDA adds through the kernel, at LLaMA-7B shapes, as cuBLAS computes;
+    LOWBIT_FLOAT_GEMV=0 turns it off."""
+    monkeypatch.delenv("LOWBIT_FLOAT_GEMV", raising=False)
     layer = FloatLinear(k, n, bias=False).half().cuda()
     assert layer.adds_in_place(1) and not layer.adds_in_place(2)
+    monkeypatch.setenv("LOWBIT_FLOAT_GEMV", "0")
+    assert not layer.adds_in_place(1)
+    monkeypatch.delenv("LOWBIT_FLOAT_GEMV")
     x = torch.randn(1, k, device="cuda").half()
     out = torch.zeros(1, n, device="cuda")
     layer(x, add_to=out)
@@ -98,9 +102,9 @@ def test_float_linear_on_the_gpu_path(k, n, monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_float_model_decode_adds_into_a_float32_residual_with_the_opt_in(tmp_path, monkeypatch, bias):
-    """LOWBIT_FLOAT_GEMV=1: a float model's one-row decode runs `Block.forward_into` (every linear adding into
-    float32 through the kernel, on the interpreter here); its logits match the default path's."""
+def test_float_model_decode_adds_into_a_float32_residual_through_the_kernel(tmp_path, monkeypatch, bias):
+    """With the float GEMV (LOWBIT_FLOAT_GEMV=1: on a CPU, through the interpreter), a float model's one-row
+    decode runs `Block.forward_into` (every linear adding into float32); its logits match cuBLAS's path (=0)."""
     from lowbit.engine.kv_cache import KVCache
     from lowbit.model import llama
     from lowbit.model.weights import load_model
@@ -110,7 +114,7 @@ def test_float_model_decode_adds_into_a_float32_residual_with_the_opt_in(tmp_pat
     write_hf_checkpoint(tmp_path, cfg)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     model, _ = load_model(tmp_path, device=DEVICE, dtype=dtype)
-    assert isinstance(model.layers[0].mlp.w2, FloatLinear) and not model.layers[0].adds_in_place(1)
+    assert isinstance(model.layers[0].mlp.w2, FloatLinear)
     tokens = torch.randint(0, cfg["vocab_size"], (1, 7))
     streamed = []
     into = llama.Block.forward_into
@@ -123,6 +127,8 @@ def test_float_model_decode_adds_into_a_float32_residual_with_the_opt_in(tmp_pat
             model(tokens[:, :6].to(DEVICE), None, cache, rows)
             return model(tokens[:, 6:].to(DEVICE), torch.full((1, 1), 6, device=DEVICE), cache, rows).float().cpu()
 
+    monkeypatch.setenv("LOWBIT_FLOAT_GEMV", "0")
+    assert not model.layers[0].adds_in_place(1)
     want = step()
     assert not streamed
     monkeypatch.setenv("LOWBIT_FLOAT_GEMV", "1")

@@ -60,12 +60,14 @@ def _dense_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, chunks_per_s
     tl.atomic_add(y_ptr + rows, out, mask=r_ok, sem="relaxed")
 
 
-def dense_gemv_add(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, BN: int = 16, BK: int = 256,
-                   num_warps: int = 4, waves: int = 4, split: int | None = None) -> Tensor:
+def dense_gemv_add(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, BN: int = 4, BK: int = 512,
+                   num_warps: int = 4, waves: int = 8, split: int | None = None) -> Tensor:
     """out (float32, contiguous, N values) += x (one row of K values) @ weight.T + bias; -> out.
 
     weight: [N, K] with unit stride along K (an nn.Linear's); any float dtype, as x. waves: about this many
-    programs per SM (K splits are added while the row tiles leave SMs short); split: that many K splits."""
+    programs per SM (K splits are added while the row tiles leave SMs short); split: that many K splits.
+    The default tile had the lowest sum over a 7B block's four fp16 launches in benchmarks/dense_sweep.py
+    (H200, 2026-12-06: 102.4 µs against 108.3 for BN 16, BK 256, 4 waves, and 128.2 for cuBLAS and its add)."""
     n, k = weight.shape
     if x.numel() != k or out.numel() != n or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"dense_gemv_add: x needs {k} values (got {x.numel()}) and out {n} contiguous float32 "

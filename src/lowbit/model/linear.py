@@ -201,17 +201,20 @@ class FloatLinear(nn.Linear):
     """An unquantized linear (nn.Linear's weight and state dict) that one-row decode can have add its output
     into a float32 buffer, as QuantLinear's GEMV does (`adds_in_place`, `Block.forward_into`).
 
-    On CUDA with LOWBIT_FLOAT_GEMV=1, one row of x goes through `lowbit.kernels.dense.dense_gemv_add` (K splits
-    adding with atomics, under PDL; on a CPU through Triton's interpreter, for tests); elsewhere, and under
-    deterministic algorithms, forward is nn.Linear's. Opt-in until the GPU measures it against cuBLAS."""
+    On CUDA, one row of x goes through `lowbit.kernels.dense.dense_gemv_add` (K splits adding with atomics,
+    under PDL): a 7B fp16 model decodes at 253 rather than 236 tok/s at batch 1 (H200, benchmarks/results/
+    gpu.md). LOWBIT_FLOAT_GEMV=1 also takes it on a CPU through Triton's interpreter (for tests); =0, more
+    rows, and deterministic algorithms (the atomics' order varies) take nn.Linear's forward and cuBLAS."""
 
     def adds_in_place(self, rows: int) -> bool:
-        if (rows != 1 or os.environ.get("LOWBIT_FLOAT_GEMV", "0") != "1" or not _HAS_TRITON
-                or torch.are_deterministic_algorithms_enabled()):
+        flag = os.environ.get("LOWBIT_FLOAT_GEMV", "")
+        if rows != 1 or flag == "0" or not _HAS_TRITON or torch.are_deterministic_algorithms_enabled():
             return False
+        if self.weight.is_cuda:
+            return True
         from lowbit.kernels.sync import interpreting
 
-        return self.weight.is_cuda or interpreting()
+        return flag == "1" and interpreting()
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
                 swiglu_input: torch.dtype | None = None, order=None) -> Tensor:
