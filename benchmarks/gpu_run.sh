@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|dense|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -43,6 +43,9 @@ for stage in "$@"; do
           --variants fp16 --batches 1 --out "$OUT/decode_float_$t.md" > "$OUT/decode_float_$t.txt" 2>&1
         echo "LOWBIT_FLOAT_GEMV=$t"; grep "^| fp16" "$OUT/decode_float_$t.txt" | sort -u
       done ;;
+    dense)  # the float GEMV's tile sweep against cuBLAS, one 7B block's four fp16 launches each alone
+      timeout "${DENSE_SECONDS:-150}" python3 benchmarks/dense_sweep.py > "$OUT/dense_sweep_log.txt" 2>&1
+      grep -E "^###|^\| (default|cuBLAS)" "$OUT/dense_sweep_log.txt" ;;
     memory)  # 13B 4-bit at 2048 context, batch 1: "peak GB (b=1: load, prefill, decode)" against the 9 GB target
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host --prefill-chunk 256 ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1
