@@ -99,6 +99,17 @@ def test_silu_mul(dtype):
     close(norm_rope.silu_mul(x), reference.silu_mul_reference(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_rounds_float32_sums_to_its_output_dtype_first(dtype):
+    """dtype=: float32 gate/up sums in, the result of x.to(dtype) then silu_mul out, in one launch."""
+    skip_bf16_interpreted(dtype)
+    x = torch.randn(1, 2 * 700, device=DEVICE) * 4
+    got = norm_rope.silu_mul(x, dtype=dtype)
+    assert got.dtype == dtype and x.dtype == torch.float32
+    torch.testing.assert_close(got, norm_rope.silu_mul(x.to(dtype)), rtol=0, atol=0)
+    close(got, reference.silu_mul_reference(x.to(dtype)))
+
+
 def test_norm_slices_fill_the_gpu_with_few_rows():
     assert norm_rope.norm_slices(1, 4096) == 16 and norm_rope.norm_slices(16, 4096) == 16
     assert norm_rope.norm_slices(64, 4096) == 4 and norm_rope.norm_slices(1024, 4096) == 1
@@ -112,3 +123,4 @@ def test_ops_use_the_references_off_cuda():
     cos, sin = torch.rand(2, 1, 8), torch.rand(2, 1, 8)
     assert torch.equal(ops.rope(x, cos, sin, 2), reference.rope_reference(x, cos, sin, 2))
     assert torch.equal(ops.silu_mul(x), reference.silu_mul_reference(x))
+    assert torch.equal(ops.silu_mul(x, dtype=torch.float16), reference.silu_mul_reference(x.half()))

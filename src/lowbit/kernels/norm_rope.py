@@ -130,27 +130,29 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, y_ptr, src_ptr, I, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y[r] = silu(x[r, :I]) * x[r, I:], silu rounded to the dtype first (as torch's silu, then mul); HAS_SRC:
-    column j holds channel src[j]."""
+    """y[r] = silu(x[r, :I]) * x[r, I:] in y's dtype, x first rounded to it and silu rounded to it before the
+    product (as torch's x.to(dtype), silu, then mul); HAS_SRC: column j holds channel src[j]."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
     src = tl.load(src_ptr + offs, mask=ok, other=0) if HAS_SRC else offs  # constants: before the wait
     release_next(PDL)
     wait_previous(PDL)
-    g = tl.load(x_ptr + row * 2 * I + src, mask=ok, other=0.0)
-    u = tl.load(x_ptr + row * 2 * I + I + src, mask=ok, other=0.0)
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    g = tl.load(x_ptr + row * 2 * I + src, mask=ok, other=0.0).to(DT)
+    u = tl.load(x_ptr + row * 2 * I + I + src, mask=ok, other=0.0).to(DT)
     gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    tl.store(y_ptr + row * I + offs, (act * u.to(tl.float32)).to(g.dtype), mask=ok)
+    act = (gf / (1.0 + tl.exp(-gf))).to(DT).to(tl.float32)
+    tl.store(y_ptr + row * I + offs, (act * u.to(tl.float32)).to(DT), mask=ok)
 
 
-def silu_mul(x: Tensor, sources: Tensor | None = None) -> Tensor:
-    """[..., 2I] -> silu(x[..., :I]) * x[..., I:]; sources (int32 [I]): column j holds channel sources[j]."""
+def silu_mul(x: Tensor, sources: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """[..., 2I] -> silu(x[..., :I]) * x[..., I:]; sources (int32 [I]): column j holds channel sources[j].
+    dtype: the output's, x rounded to it first (float32 gate/up sums in, float16 out: no cast launch)."""
     i = x.shape[-1] // 2
     _check_sources(sources, i)
     x2 = x.reshape(-1, 2 * i).contiguous()
-    y = torch.empty(*x.shape[:-1], i, dtype=x.dtype, device=x.device)
+    y = torch.empty(*x.shape[:-1], i, dtype=dtype or x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(i))
     if x2.shape[0]:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](

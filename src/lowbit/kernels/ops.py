@@ -61,7 +61,10 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
     return k.rope_(x, cos, sin, n_rot) if k else reference.rope_reference(x, cos, sin, n_rot)
 
 
-def silu_mul(x: Tensor, order: ChannelOrder | None = None) -> Tensor:
-    """silu(gate) * up of [..., 2I] (gate first), its channels in `order` when given."""
+def silu_mul(x: Tensor, order: ChannelOrder | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """silu(gate) * up of [..., 2I] (gate first), its channels in `order` when given; in `dtype` (x rounded to
+    it first, as x.to(dtype) would, in the same launch)."""
     k = _fused(x)
-    return k.silu_mul(x, _sources(order)) if k else place_channels(reference.silu_mul_reference(x), order)
+    if k:
+        return k.silu_mul(x, _sources(order), dtype)
+    return place_channels(reference.silu_mul_reference(x.to(dtype or x.dtype)), order)

@@ -713,7 +713,7 @@ def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None
     if (kernel or picked[0]) != "gemv" or swiglu or (order is not None and not accumulate):
         from lowbit.kernels import norm_rope
 
-        return qmatmul(norm_rope.silu_mul(x.to(dtype)), w, bias, kernel, config, out, swiglu, order, accumulate)
+        return qmatmul(norm_rope.silu_mul(x, dtype=dtype), w, bias, kernel, config, out, swiglu, order, accumulate)
     config = {**(picked[1] if kernel is None else {}), **(config or {})}
     x2 = x.reshape(-1, width)
     if accumulate:

@@ -173,7 +173,7 @@ class QuantLinear(nn.Module):
                                order=order)
             return qmatmul(x, weight, self.bias, swiglu_input=swiglu_input)
         if swiglu_input is not None:
-            x = ops.silu_mul(x.to(swiglu_input))
+            x = ops.silu_mul(x, dtype=swiglu_input)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)
         y = place_halves(F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)), order)
         return y if add_to is None else add_to.add_(y)
@@ -223,7 +223,7 @@ class FloatLinear(nn.Linear):
         if sorted_input:
             raise ValueError("sorted_input: a float linear reads its input in order")
         if swiglu_input is not None:
-            x = ops.silu_mul(x.to(swiglu_input))
+            x = ops.silu_mul(x, dtype=swiglu_input)
         if add_to is None:
             return super().forward(x)
         if order is None and x[..., 0].numel() == 1 and self.adds_in_place(1):
