@@ -19,12 +19,12 @@ from lowbit.kernels.layout import place_channels
 if TYPE_CHECKING:
     from lowbit.kernels.qmatmul import ChannelOrder
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: callers ask every step
 
 
 def _fused(x: Tensor):
     """The Triton kernel module when x lives on a CUDA device and Triton is installed, else None."""
-    if x.is_cuda and _HAS_TRITON:
+    if x.is_cuda and HAS_TRITON:
         from lowbit.kernels import norm_rope
 
         return norm_rope

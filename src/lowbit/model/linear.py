@@ -194,9 +194,6 @@ class QuantLinear(nn.Module):
                 f"desc_act={q.desc_act}, sym={q.sym}, format={q.checkpoint_format}, backend={self.backend}")
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: adds_in_place runs every step
-
-
 class FloatLinear(nn.Linear):
     """An unquantized linear (nn.Linear's weight and state dict) that one-row decode can have add its output
     into a float32 buffer, as QuantLinear's GEMV does (`adds_in_place`, `Block.forward_into`).
@@ -208,7 +205,7 @@ class FloatLinear(nn.Linear):
 
     def adds_in_place(self, rows: int) -> bool:
         flag = os.environ.get("LOWBIT_FLOAT_GEMV", "")
-        if rows != 1 or flag == "0" or not _HAS_TRITON or torch.are_deterministic_algorithms_enabled():
+        if rows != 1 or flag == "0" or not ops.HAS_TRITON or torch.are_deterministic_algorithms_enabled():
             return False
         if self.weight.is_cuda:
             return True

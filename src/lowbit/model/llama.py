@@ -277,9 +277,8 @@ class Transformer(nn.Module):
 
     def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
-        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish (or, opt-in, on the
-        float GEMV: `FloatLinear`); one memset zeroes
-        every layer's q/k/v and gate/up sums."""
+        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish, or on the float
+        GEMV (`FloatLinear`); one memset zeroes every layer's q/k/v and gate/up sums."""
         h = x.float()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
         sums = h.new_zeros(len(self.layers), *h.shape[:-1], sum(widths))
