@@ -4,7 +4,8 @@ twice the L2. One row ("l2_resident") reads one copy every launch instead; the "
 below, the grid and loads with no math. The split-K finish's sweep (benchmarks/kernels.py) picked the default
 tile; with the finish gone, more K splits cost less, so the best tile may differ, and may differ by shape.
 
-Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/gemv_sweep.py
+Run from the repository root on a CUDA machine:  PYTHONPATH=src python benchmarks/gemv_sweep.py [--mma]
+(--mma: the mma layout's kernel at M=1 in its tiles against the slots GEMV's default, to gemv_sweep_mma.md.)
 ($GEMV_SWEEP_SECONDS caps the time; a markdown table per launch goes to stdout and $OUT/gemv_sweep.md.)
 """
 
@@ -103,9 +104,75 @@ def launch_fn(copies, kind, config):
     return fn, regs
 
 
+# The mma layout's kernel at M=1 adding into float32 (`mma_matmul(add=True)`): tensor cores do the multiply-adds,
+# ~1.3 instructions a weight against the GEMV's ~3.6. x is plain fp16 for every launch (down_proj too: that
+# kernel does not compute SwiGLU on load), so w2's row is the matmul alone.
+MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": st, "prefetch": pf, "num_warps": nw}
+               for ct, wv, st, pf, nw in [(4, 4, 3, 2, 4), (4, 4, 2, 2, 4), (4, 4, 4, 2, 4), (4, 4, 1, 2, 4),
+                                          (4, 4, 3, 0, 4), (4, 8, 3, 2, 4), (4, 2, 3, 2, 4), (8, 2, 4, 2, 4),
+                                          (8, 4, 3, 2, 4), (2, 8, 3, 2, 4), (2, 4, 4, 2, 4), (8, 4, 4, 2, 8),
+                                          (4, 6, 4, 2, 4), (2, 8, 4, 2, 4)]]
+
+
+def mma_fn(copies, config):
+    """One adding launch of the mma kernel per mma-layout weight copy (fp16 x), outputs zeroed by one memset."""
+    k, n = copies[0].in_features, copies[0].out_features
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    out = torch.zeros(len(copies), n, device="cuda")
+
+    def fn():
+        out.zero_()
+        for i, w in enumerate(copies):
+            qm.qmatmul(x, w, kernel="mma", config=config, out=out[i:i + 1], accumulate=True)
+    return fn, "mma"
+
+
+def main_mma():
+    """The mma kernel's tiles at M=1 against the slots GEMV's default, each launch alone, one table per launch."""
+    lines = [f"# M=1, adding into float32: the mma kernel's tiles against the slots GEMV ({torch.cuda.get_device_name()}"
+             f", torch {torch.__version__}), us per launch (GB/s of weight bytes)\n"]
+    default = qm.CUDA_CONFIGS[0][2]
+    for name, k, n, kind in LAUNCHES:
+        slots = [random_weight(k, n, 4, seed=s, layout="slots") for s in range(1)]
+        nbytes = slots[0].qweight.numel() * 4 + slots[0].scales.numel() * 4
+        count = max(2, -(-120_000_000 // nbytes))
+        slots += [random_weight(k, n, 4, seed=s, layout="slots") for s in range(1, count)]
+        results = []
+        fn, _ = launch_fn(slots, kind, dict(default))
+        results.append((graph_time(fn, reps=4) / count, f"slots GEMV default {default}"))
+        print(f"{name} {results[-1][1]}: {results[-1][0]:.2f} us", flush=True)
+        del slots, fn
+        copies = [random_weight(k, n, 4, seed=s, layout="mma") for s in range(count)]
+        for config in MMA_CONFIGS:
+            if time.time() > DEADLINE:
+                break
+            try:
+                fn, _ = mma_fn(copies, config)
+                t = graph_time(fn, reps=4) / count
+            except Exception as e:
+                print(f"{name} mma {config}: {e!r:.200}", flush=True)
+                continue
+            results.append((t, f"mma {config}"))
+            print(f"{name} mma {config}: {t:.2f} us", flush=True)
+        base = results[0][0]
+        block = [f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us\n",
+                 "| rank | kernel, config | us | GB/s | vs slots GEMV |", "|---|---|---|---|---|"]
+        for i, (t, c) in enumerate(sorted(results, key=lambda r: r[0])):
+            block.append(f"| {i + 1} | {c} | {t:.2f} | {nbytes / t / 1e3:.0f} | {t / base - 1:+.1%} |")
+        lines += block + [""]
+        print("\n".join(block) + "\n", flush=True)
+        del copies
+        torch.cuda.empty_cache()
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(folder, "gemv_sweep_mma.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    if "--mma" in sys.argv:
+        return main_mma()
     lines = [f"# M=1 GEMV adding into float32, tile sweep ({torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}), us per launch (GB/s of weight bytes)\n"]
     print(lines[0], flush=True)

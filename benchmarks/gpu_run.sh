@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|dense|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -42,6 +42,15 @@ for stage in "$@"; do
         LOWBIT_FLOAT_GEMV=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
           --variants fp16 --batches 1 --out "$OUT/decode_float_$t.md" > "$OUT/decode_float_$t.txt" 2>&1
         echo "LOWBIT_FLOAT_GEMV=$t"; grep "^| fp16" "$OUT/decode_float_$t.txt" | sort -u
+      done ;;
+    mma_m1)  # M=1 adding into float32: the mma kernel's tiles against the slots GEMV, each launch alone
+      GEMV_SWEEP_SECONDS=${MMA_SECONDS:-200} python3 benchmarks/gemv_sweep.py --mma > "$OUT/gemv_sweep_mma_log.txt" 2>&1
+      grep -E "^## |^\| 1 \||slots GEMV" "$OUT/gemv_sweep_mma_log.txt" | grep -v ": [0-9.]* us$" ;;
+    mma_ab)  # whole-model decode, 4-bit g128: the slots layout (LOWBIT_MMA=0) against the mma layout (1), one call
+      for t in 0 1; do
+        LOWBIT_MMA=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b \
+          --variants gptq-4bit-g128 --batches ${MMA_BATCHES:-1,16} --out "$OUT/decode_mma_$t.md" > "$OUT/decode_mma_$t.txt" 2>&1
+        echo "LOWBIT_MMA=$t"; grep -E "^\| (gptq|lowbit)" "$OUT/decode_mma_$t.txt" | sort -u
       done ;;
     dense)  # the float GEMV's tile sweep against cuBLAS, one 7B block's four fp16 launches each alone
       timeout "${DENSE_SECONDS:-150}" python3 benchmarks/dense_sweep.py > "$OUT/dense_sweep_log.txt" 2>&1

@@ -89,6 +89,22 @@ def test_mma_swiglu_and_order():
     check(y, place_channels(ref, order))
 
 
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 1, "split": 1}, {"CT": 4, "waves": 1}])
+def test_mma_adds_one_row_into_float32(config):
+    """accumulate=True at M = 1: each K split adds its float32 sums (and the bias, once) into out with atomics,
+    no split-K finish; the counters stay untouched."""
+    w, _ = mma_weight(384, 64, 64, False, False, "gptq_v2", seed=3)
+    x = torch.randn(1, 384).half().to(DEVICE)
+    bias = torch.randn(64).half().to(DEVICE)
+    start = torch.randn(1, 64, device=DEVICE)
+    out = start.clone()
+    assert qmatmul(x, w, bias, kernel="mma", config=config, accumulate=True, out=out) is out
+    check(out - start, reference(x, w, bias))
+    assert not w.locks.any()
+    with pytest.raises(ValueError, match="one row into a float32 y"):
+        mma.mma_matmul(x, w, None, out.half(), 4, add=True)
+
+
 def test_mma_reads_views_and_act_order_input():
     """x as a strided or misaligned view is copied; an act-order weight gathers x unless it arrives sorted."""
     w, _ = mma_weight(192, 48, 64, True, False, "gptq")

@@ -206,12 +206,13 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
-                PDL: tl.constexpr):
+                ADD: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
     views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
-    the up columns N/2 further, and the finish writes silu(gate) * up."""
+    the up columns N/2 further, and the finish writes silu(gate) * up. ADD (M = 1): y is float32 and each K
+    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -264,6 +265,14 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                         (16, 16 * CT))
         out = tl.reshape(tl.permute(tl.join(out, hi), (2, 0, 1)), (32, 16 * CT))
     cols = tl.arange(0, 16 * CT)
+    if ADD:  # every x row of the tile is row 0: add row 0's sums (and the bias, once)
+        offs_n = pid_n * (16 * CT) + cols
+        ok = offs_n < N
+        row0 = tl.sum(tl.where(tl.arange(0, 8)[:, None] == 0, out, 0.0), axis=0)
+        if HAS_BIAS:
+            row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
+        tl.atomic_add(y_ptr + offs_n, row0, mask=ok, sem="relaxed")
+        return
     if SWIGLU:
         offs_n = pid_n * (8 * CT) + tl.where(cols < 8 * CT, cols, cols - 8 * CT + N // 2)
         out = tl.sum(tl.where(tl.arange(0, 8 * NT)[:, None] == 0, out, 0.0), axis=0)[None, :]
@@ -296,18 +305,21 @@ def _column_tiles(tiles: int, want: int) -> int:
 
 def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
-               swiglu: bool = False, positions: Tensor | None = None) -> None:
+               swiglu: bool = False, positions: Tensor | None = None, add: bool = False) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
-    for the previous kernel (PDL)."""
+    for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
+    order, and so its last bits, may vary between runs)."""
     m, k = x2.shape
     n = w.out_features
     if not supports(x2, w):
         raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
     if swiglu and m != 1:
         raise ValueError("the fused SwiGLU finish takes one row")
+    if add and (m != 1 or swiglu or positions is not None or y.dtype != torch.float32):
+        raise ValueError("add takes one row into a float32 y, without swiglu or positions")
     emulate = interpreting() or not x2.is_cuda
     tiles = n // 16
     if swiglu:
@@ -326,7 +338,7 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     for r0 in range(0, m, ROWS_PER_TILE * MAX_TILES):
         rows = min(m - r0, ROWS_PER_TILE * MAX_TILES)
         nt = 1 if rows <= 8 else 2 if rows <= 16 else 4
-        ws = torch.empty(splits * rows * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
+        ws = torch.empty(splits * rows * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
         asm, constraints = _asm(nt)
         out = y[r0:r0 + rows]
         _mma_kernel[(groups, splits)](
@@ -334,7 +346,7 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             positions if positions is not None else w.locks, rows, n, x2.stride(0), slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
-            STAGES=stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, num_warps=num_warps,
+            STAGES=stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=add, num_warps=num_warps,
             **pdl_launch(x2))
 
 

@@ -691,12 +691,22 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
                          "(not with swiglu)")
     if not out.numel():
         return out
-    if kernel != "gemv" or torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled() or not (kernel == "gemv" or _mma_adds(x2, w, kernel, order,
+                                                                                        x_swiglu)):
         return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
+    if kernel == "mma":
+        config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
+        mma.mma_matmul(x2, w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True)
+        return out
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
           positions=None if order is None else order.positions, x_swiglu=x_swiglu)
     return out
+
+
+def _mma_adds(x2: Tensor, w: QWeight, kernel: str, order: ChannelOrder | None, x_swiglu) -> bool:
+    """Whether the mma kernel adds this one row into float32 itself (else: a result, then torch's add)."""
+    return kernel == "mma" and x2.shape[0] == 1 and order is None and x_swiglu is None and mma.supports(x2, w)
 
 
 def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
