@@ -206,13 +206,15 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
-                ADD: tl.constexpr, PDL: tl.constexpr):
+                ADD: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
     views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
     the up columns N/2 further, and the finish writes silu(gate) * up. ADD (M = 1): y is float32 and each K
-    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode."""
+    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode. AHEAD
+    (1 or 2; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
+    before waiting for the previous kernel), instead of through Triton's shared-memory pipeline."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -237,6 +239,9 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         lines = (tile * slabs + ss).to(tl.int64) * 128 + (j % 4) * 32  # 4 lines of 128 bytes a row (x4 copies)
         for i in tl.static_range(PREFETCH):
             _prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128))
+    if AHEAD:  # the first steps' words (weights: no earlier kernel writes them) load under the previous kernel
+        ahead0 = tl.load(qw_ptr + w_off + s_begin * (SPR * 128))
+        ahead1 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 1, s_end - 1) * (SPR * 128)) if AHEAD == 2 else ahead0
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
@@ -245,8 +250,16 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
     sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)
     for step in tl.range(s_begin, s_end, num_stages=STAGES):
-        words = tl.load(qw_ptr + w_off + step * (SPR * 128))
         nxt = tl.minimum(step + 1, s_end - 1)  # the last step reloads its own: harmless
+        if AHEAD == 0:
+            words = tl.load(qw_ptr + w_off + step * (SPR * 128))
+        else:  # words loaded AHEAD steps earlier into registers; this step asks for those AHEAD steps on
+            words = ahead0
+            later = qw_ptr + w_off + tl.minimum(step + AHEAD, s_end - 1) * (SPR * 128)
+            if AHEAD == 1:
+                ahead0 = tl.load(later)
+            else:
+                ahead0, ahead1 = ahead1, tl.load(later)
         y0, y1, y2, y3 = _x_rows(x_ptr, xrow, nxt, g, M, stride_xm // 2, SPR, NT, EMULATE)
         sc2, zz2 = _meta(s_ptr, z_ptr, m_off + nxt * (N // 2), EMULATE)
         if NT == 1:
@@ -305,19 +318,22 @@ def _column_tiles(tiles: int, want: int) -> int:
 
 def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
-               swiglu: bool = False, positions: Tensor | None = None, add: bool = False) -> None:
+               swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
     for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
-    order, and so its last bits, may vary between runs)."""
+    order, and so its last bits, may vary between runs). ahead (1 or 2): words through registers, loaded that
+    many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline."""
     m, k = x2.shape
     n = w.out_features
     if not supports(x2, w):
         raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
     if swiglu and m != 1:
         raise ValueError("the fused SwiGLU finish takes one row")
+    if ahead not in (0, 1, 2):
+        raise ValueError(f"ahead is 0, 1 or 2 steps, got {ahead}")
     if add and (m != 1 or swiglu or positions is not None or y.dtype != torch.float32):
         raise ValueError("add takes one row into a float32 y, without swiglu or positions")
     emulate = interpreting() or not x2.is_cuda
@@ -346,7 +362,8 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             positions if positions is not None else w.locks, rows, n, x2.stride(0), slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
-            STAGES=stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=add, num_warps=num_warps,
+            STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=add, AHEAD=ahead,
+            num_warps=num_warps,
             **pdl_launch(x2))
 
 
