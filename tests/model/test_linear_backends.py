@@ -66,19 +66,24 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
     assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act):
-    """One-row decode on the "triton" GEMV keeps the residual stream in float32 and lets every linear add into
-    float32 (`Block.forward_into`); more rows, or deterministic algorithms, keep the float16 residual. The
-    logits match the reference either way."""
+@pytest.mark.parametrize("desc_act,mma", [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.gpu),
+                                          pytest.param(True, True, marks=pytest.mark.gpu)])
+def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act, mma):
+    """One-row decode on the "triton" GEMV (or the mma layout's kernel: LOWBIT_MMA=1, CUDA) keeps the residual
+    stream in float32 and lets every linear add into float32 (`Block.forward_into`); more rows, or
+    deterministic algorithms, keep the float16 residual. The logits match the reference either way."""
     from lowbit.model import llama
 
-    cfg = tiny_config(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2)
-    write_gptq_checkpoint(tmp_path, cfg, 4, 32, desc_act, False, "gptq", distinct_perms=False)
+    if mma:
+        monkeypatch.setenv("LOWBIT_MMA", "1")
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    write_gptq_checkpoint(tmp_path, cfg, 4, 64 if mma else 32, desc_act, False, "gptq", distinct_perms=False)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=dtype, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
     block = fast.layers[0]
+    layouts = {m.kernel_weight.layout for m in fast.modules() if isinstance(m, QuantLinear)}
+    assert layouts == {"mma" if mma else "slots"}
     assert block.adds_in_place(1) and not block.adds_in_place(2)
     assert not ref.layers[0].adds_in_place(1), "the reference backend has no free add"
     streamed = []

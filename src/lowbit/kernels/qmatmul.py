@@ -590,6 +590,13 @@ def pick_kernel(m: int, device: torch.device, layout: str = "slots") -> tuple[st
     return next((kernel, config) for bound, kernel, config in table if m <= bound)
 
 
+def adds_itself(m: int, w: QWeight) -> bool:
+    """Whether `qmatmul(accumulate=True)` of M rows adds into its float32 out inside the kernel (atomics, no
+    split-K finish, no result tensor): the GEMV, and the mma kernel at M=1 (for an input in the weight's order)."""
+    kernel = pick_kernel(m, w.qweight.device, w.layout)[0]
+    return kernel == "gemv" or (kernel == "mma" and m == 1)
+
+
 def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bool:
     """Whether the kernel for M rows gains from x arriving in an act-order weight's `input_order`. The GEMV and
     tensor-core kernels read x in packed-row order; the large-M path dequantizes W into channel order for

@@ -145,17 +145,17 @@ class QuantLinear(nn.Module):
     def adds_in_place(self, rows: int) -> bool:
         """Whether `forward(x, add_to=h)` with `rows` rows of x adds into a float32 h at no cost of its own.
 
-        True for the "triton" GEMV (one row): its K splits add their partial sums into h with atomics, which
-        also drops the split-K finish it otherwise ends with (~2.7 us a launch on an H100, BENCHMARKS.md), so
-        one-row decode lets every linear add into float32 (`Block.forward_into`). The atomics' order,
+        True for the "triton" GEMV (one row; the mma layout's kernel too): its K splits add their partial sums
+        into h with atomics, which also drops the split-K finish it otherwise ends with (~2.7 us a launch on an
+        H100, BENCHMARKS.md), so one-row decode lets every linear add into float32 (`Block.forward_into`). The atomics' order,
         and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)` this is
         False and the model keeps its float16 residual."""
         w = self.kernel_weight
         if w is None or torch.are_deterministic_algorithms_enabled():
             return False
-        from lowbit.kernels.qmatmul import pick_kernel
+        from lowbit.kernels.qmatmul import adds_itself
 
-        return pick_kernel(rows, w.qweight.device, w.layout)[0] == "gemv"
+        return adds_itself(rows, w)
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
                 swiglu_input: torch.dtype | None = None, order=None) -> Tensor:
