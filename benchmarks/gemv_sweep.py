@@ -107,12 +107,12 @@ def launch_fn(copies, kind, config):
 # The mma layout's kernel at M=1 adding into float32 (`mma_matmul(add=True)`): tensor cores do the multiply-adds,
 # ~1.3 instructions a weight against the GEMV's ~3.6. x is plain fp16 for every launch (down_proj too: that
 # kernel does not compute SwiGLU on load), so w2's row is the matmul alone.
-MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": st, "prefetch": pf, "num_warps": nw, "ahead": ah}
-               for ct, wv, st, pf, nw, ah in [  # ahead: words through registers, that many steps early
-                   (4, 4, 3, 2, 4, 0), (4, 4, 2, 2, 4, 0), (4, 4, 4, 2, 4, 0), (8, 2, 4, 2, 4, 0), (8, 4, 3, 2, 4, 0),
-                   (4, 8, 3, 2, 4, 0), (4, 4, 1, 0, 4, 1), (4, 4, 1, 0, 4, 2), (8, 4, 1, 0, 4, 1), (8, 4, 1, 0, 4, 2),
-                   (4, 8, 1, 0, 4, 2), (4, 4, 1, 0, 2, 2), (8, 4, 1, 0, 8, 2), (2, 8, 1, 0, 2, 2), (8, 2, 1, 0, 4, 2),
-                   (4, 2, 1, 0, 4, 2)]]
+MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": nw, "ahead": ah}
+               for ct, wv, nw, ah in [  # ahead: words through registers, that many steps early (the first sweep,
+                   # 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to it everywhere)
+                   (4, 8, 4, 2), (4, 8, 4, 3), (4, 8, 4, 4), (4, 12, 4, 2), (4, 12, 4, 3), (4, 16, 4, 2),
+                   (4, 16, 4, 3), (8, 4, 8, 3), (8, 8, 8, 2), (8, 8, 8, 3), (4, 8, 8, 2), (4, 8, 8, 3), (2, 16, 4, 2),
+                   (2, 16, 4, 3), (4, 6, 4, 3)]]
 
 
 def mma_fn(copies, config):

@@ -49,7 +49,7 @@ for stage in "$@"; do
     mma_ab)  # whole-model decode, 4-bit g128: the slots layout (LOWBIT_MMA=0) against the mma layout (1), one call
       # ($MMA_M1, JSON keywords: the mma kernel's config at M=1 instead of its M<=16 row)
       tuned=(); [ -n "${MMA_M1:-}" ] && echo "[[1, \"mma\", $MMA_M1]]" > "$OUT/mma_m1.json" && tuned=(--tuned "$OUT/mma_m1.json")
-      for t in 0 1; do
+      for t in ${MMA_AB_LAYOUTS:-0 1}; do
         LOWBIT_MMA=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b "${tuned[@]}" \
           --variants gptq-4bit-g128 --batches ${MMA_BATCHES:-1,16} --out "$OUT/decode_mma_$t.md" > "$OUT/decode_mma_$t.txt" 2>&1
         echo "LOWBIT_MMA=$t"; grep -E "^\| (gptq|lowbit)" "$OUT/decode_mma_$t.txt" | sort -u

@@ -91,7 +91,8 @@ def test_mma_swiglu_and_order():
 
 @pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 1, "split": 1}, {"CT": 4, "waves": 1},
                                     {"CT": 2, "split": 4, "ahead": 1}, {"CT": 1, "split": 1, "ahead": 2},
-                                    {"CT": 2, "split": 3, "ahead": 2}])
+                                    {"CT": 2, "split": 3, "ahead": 2}, {"CT": 2, "split": 2, "ahead": 3},
+                                    {"CT": 1, "split": 1, "ahead": 4}])
 def test_mma_adds_one_row_into_float32(config):
     """accumulate=True at M = 1: each K split adds its float32 sums (and the bias, once) into out with atomics,
     no split-K finish; the counters stay untouched."""
@@ -105,8 +106,8 @@ def test_mma_adds_one_row_into_float32(config):
     assert not w.locks.any()
     with pytest.raises(ValueError, match="one row into a float32 y"):
         mma.mma_matmul(x, w, None, out.half(), 4, add=True)
-    with pytest.raises(ValueError, match="ahead is 0, 1 or 2"):
-        mma.mma_matmul(x, w, None, out, 4, add=True, ahead=3)
+    with pytest.raises(ValueError, match="ahead is 0 to 4"):
+        mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
 
 
 def test_mma_reads_views_and_act_order_input():

@@ -213,7 +213,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
     the up columns N/2 further, and the finish writes silu(gate) * up. ADD (M = 1): y is float32 and each K
     split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode. AHEAD
-    (1 or 2; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
+    (1-4; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
@@ -241,7 +241,13 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             _prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128))
     if AHEAD:  # the first steps' words (weights: no earlier kernel writes them) load under the previous kernel
         ahead0 = tl.load(qw_ptr + w_off + s_begin * (SPR * 128))
-        ahead1 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 1, s_end - 1) * (SPR * 128)) if AHEAD == 2 else ahead0
+        ahead1, ahead2, ahead3 = ahead0, ahead0, ahead0  # (unused past AHEAD)
+        if AHEAD >= 2:
+            ahead1 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 1, s_end - 1) * (SPR * 128))
+        if AHEAD >= 3:
+            ahead2 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 2, s_end - 1) * (SPR * 128))
+        if AHEAD >= 4:
+            ahead3 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 3, s_end - 1) * (SPR * 128))
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
@@ -258,8 +264,12 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             later = qw_ptr + w_off + tl.minimum(step + AHEAD, s_end - 1) * (SPR * 128)
             if AHEAD == 1:
                 ahead0 = tl.load(later)
-            else:
+            elif AHEAD == 2:
                 ahead0, ahead1 = ahead1, tl.load(later)
+            elif AHEAD == 3:
+                ahead0, ahead1, ahead2 = ahead1, ahead2, tl.load(later)
+            else:
+                ahead0, ahead1, ahead2, ahead3 = ahead1, ahead2, ahead3, tl.load(later)
         y0, y1, y2, y3 = _x_rows(x_ptr, xrow, nxt, g, M, stride_xm // 2, SPR, NT, EMULATE)
         sc2, zz2 = _meta(s_ptr, z_ptr, m_off + nxt * (N // 2), EMULATE)
         if NT == 1:
@@ -324,7 +334,7 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
     for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
-    order, and so its last bits, may vary between runs). ahead (1 or 2): words through registers, loaded that
+    order, and so its last bits, may vary between runs). ahead (1-4): words through registers, loaded that
     many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline."""
     m, k = x2.shape
     n = w.out_features
@@ -332,8 +342,8 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
         raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
     if swiglu and m != 1:
         raise ValueError("the fused SwiGLU finish takes one row")
-    if ahead not in (0, 1, 2):
-        raise ValueError(f"ahead is 0, 1 or 2 steps, got {ahead}")
+    if ahead not in range(5):
+        raise ValueError(f"ahead is 0 to 4 steps, got {ahead}")
     if add and (m != 1 or swiglu or positions is not None or y.dtype != torch.float32):
         raise ValueError("add takes one row into a float32 y, without swiglu or positions")
     emulate = interpreting() or not x2.is_cuda
