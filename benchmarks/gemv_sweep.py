@@ -107,12 +107,14 @@ def launch_fn(copies, kind, config):
 # The mma layout's kernel at M=1 adding into float32 (`mma_matmul(add=True)`): tensor cores do the multiply-adds,
 # ~1.3 instructions a weight against the GEMV's ~3.6. x is plain fp16 for every launch (down_proj too: that
 # kernel does not compute SwiGLU on load), so w2's row is the matmul alone.
-MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": nw, "ahead": ah}
-               for ct, wv, nw, ah in [  # ahead: words through registers, that many steps early (the first sweep,
-                   # 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to it everywhere)
-                   (4, 8, 4, 2), (4, 8, 4, 3), (4, 8, 4, 4), (4, 12, 4, 2), (4, 12, 4, 3), (4, 16, 4, 2),
-                   (4, 16, 4, 3), (8, 4, 8, 3), (8, 8, 8, 2), (8, 8, 8, 3), (4, 8, 8, 2), (4, 8, 8, 3), (2, 16, 4, 2),
-                   (2, 16, 4, 3), (4, 6, 4, 3)]]
+MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": nw, "ahead": ah, "lanes": ln}
+               for ct, wv, nw, ah, ln in [  # ahead: words through registers, that many steps early (the first
+                   # sweep, 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to it
+                   # everywhere); lanes: each lane adds its own sums (no gather through shared memory)
+                   (4, 8, 4, 2, False), (8, 4, 8, 2, False), (4, 8, 4, 2, True), (4, 8, 4, 3, True),
+                   (4, 8, 4, 4, True), (4, 12, 4, 2, True), (4, 12, 4, 3, True), (4, 16, 4, 2, True),
+                   (4, 16, 4, 3, True), (8, 4, 8, 3, True), (8, 8, 8, 2, True), (8, 8, 8, 3, True),
+                   (4, 8, 8, 2, True), (4, 8, 8, 3, True), (2, 16, 4, 3, True), (4, 6, 4, 3, True)]]
 
 
 def mma_fn(copies, config):

@@ -92,7 +92,8 @@ def test_mma_swiglu_and_order():
 @pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 1, "split": 1}, {"CT": 4, "waves": 1},
                                     {"CT": 2, "split": 4, "ahead": 1}, {"CT": 1, "split": 1, "ahead": 2},
                                     {"CT": 2, "split": 3, "ahead": 2}, {"CT": 2, "split": 2, "ahead": 3},
-                                    {"CT": 1, "split": 1, "ahead": 4}])
+                                    {"CT": 1, "split": 1, "ahead": 4}, {"CT": 2, "split": 3, "lanes": True},
+                                    {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
 def test_mma_adds_one_row_into_float32(config):
     """accumulate=True at M = 1: each K split adds its float32 sums (and the bias, once) into out with atomics,
     no split-K finish; the counters stay untouched."""

@@ -212,7 +212,9 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
     views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
     the up columns N/2 further, and the finish writes silu(gate) * up. ADD (M = 1): y is float32 and each K
-    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode. AHEAD
+    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode (ADD 2:
+    each lane adds its own registers, one atomic a column and slab, instead of gathering the columns through
+    shared memory first; all x rows are row 0, so the four lanes of a column group hold the same sums). AHEAD
     (1-4; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -280,6 +282,14 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             acc0, acc1, acc2, acc3 = _step4(words, acc0, acc1, acc2, acc3, x0, x1, x2, x3, zz, sc, ASM, CONSTRAINTS,
                                             EMULATE)
         x0, x1, x2, x3, sc, zz = y0, y1, y2, y3, sc2, zz2
+    if ADD == 2:  # straight from the registers: lane t = 0's elements p = 0 and 2 hold its columns ca and cb
+        col = tile * 16 + g + 8 * ((j % 4) // 2)
+        mine = (j // 4 == 0) & (j % 2 == 0) & (col < N)
+        if HAS_BIAS:  # once a column: by the first K split's first slab
+            first = mine & (ss + pid_k == 0)
+            acc0 += tl.load(b_ptr + col, mask=first, other=0.0).to(tl.float32)
+        tl.atomic_add(y_ptr + col, acc0, mask=mine, sem="relaxed")
+        return
     out = _to_rows(acc0, CT, SPR)
     if NT > 1:
         out = tl.reshape(tl.permute(tl.join(out, _to_rows(acc1, CT, SPR)), (2, 0, 1)), (16, 16 * CT))
@@ -328,14 +338,16 @@ def _column_tiles(tiles: int, want: int) -> int:
 
 def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
-               swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0) -> None:
+               swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
+               lanes: bool = False) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
     for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
     order, and so its last bits, may vary between runs). ahead (1-4): words through registers, loaded that
-    many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline."""
+    many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add): each lane
+    adds its registers itself (ADD 2)."""
     m, k = x2.shape
     n = w.out_features
     if not supports(x2, w):
@@ -372,7 +384,7 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             positions if positions is not None else w.locks, rows, n, x2.stride(0), slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
-            STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=add, AHEAD=ahead,
+            STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=(2 if lanes else 1) if add else 0, AHEAD=ahead,
             num_warps=num_warps,
             **pdl_launch(x2))
 
