@@ -111,6 +111,26 @@ def test_mma_adds_one_row_into_float32(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
 
 
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3, "ahead": 2, "lanes": True}, {"CT": 1, "split": 1}])
+def test_mma_adds_the_swiglu_of_gate_up_sums(config, monkeypatch):
+    """swiglu_input with accumulate at M = 1: the kernel computes silu(gate) * up of float32 sums in float16 (as
+    `silu_mul` rounds it) for its own rows first, then adds x @ W + bias into out."""
+    from lowbit.kernels.reference import silu_mul_reference
+
+    w, _ = mma_weight(384, 64, 128, False, False, "gptq", seed=4)
+    x = (torch.randn(1, 768) * 2).to(DEVICE)
+    bias = torch.randn(64).half().to(DEVICE)
+    start = torch.randn(1, 64, device=DEVICE)
+    out = start.clone()
+    from lowbit.kernels import norm_rope
+
+    monkeypatch.setattr(norm_rope, "silu_mul", None)  # no launch of its own
+    qmatmul(x, w, bias, kernel="mma", config=config, swiglu_input=torch.float16, accumulate=True, out=out)
+    check(out - start, reference(silu_mul_reference(x.half()), w, bias))
+    with pytest.raises(ValueError, match="x_swiglu: one row of float32 gate/up sums"):
+        mma.mma_matmul(x.half(), w, None, out, 4, add=True, x_swiglu=torch.float16)
+
+
 def test_mma_reads_views_and_act_order_input():
     """x as a strided or misaligned view is copied; an act-order weight gathers x unless it arrives sorted."""
     w, _ = mma_weight(192, 48, 64, True, False, "gptq")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lowbit.kernels.layout import QWeight
 from lowbit.kernels.splitk import finish_tile
+from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
@@ -201,12 +202,12 @@ def _to_rows(acc, CT: tl.constexpr, SPR: tl.constexpr):
 
 
 @triton.jit
-def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr,
+def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
                 M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
-                ADD: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -216,7 +217,10 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     each lane adds its own registers, one atomic a column and slab, instead of gathering the columns through
     shared memory first; all x rows are row 0, so the four lanes of a column group hold the same sums). AHEAD
     (1-4; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
-    before waiting for the previous kernel), instead of through Triton's shared-memory pipeline."""
+    before waiting for the previous kernel), instead of through Triton's shared-memory pipeline. XSW (M = 1; a
+    `swiglu_load.ROUNDING` code): xf holds a fused w13's float32 gate/up sums and the input is their SwiGLU; each
+    program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
+    that as its x."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -253,6 +257,14 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
+    if XSW:
+        K = slabs * 64
+        rows = tl.arange(0, SPR * 64)
+        for step in range(s_begin, s_end):
+            k = step * (SPR * 64) + rows
+            tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
+        tl.debug_barrier()
+        xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
@@ -339,7 +351,7 @@ def _column_tiles(tiles: int, want: int) -> int:
 def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
-               lanes: bool = False) -> None:
+               lanes: bool = False, x_swiglu: torch.dtype | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -347,10 +359,16 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
     order, and so its last bits, may vary between runs). ahead (1-4): words through registers, loaded that
     many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add): each lane
-    adds its registers itself (ADD 2)."""
-    m, k = x2.shape
-    n = w.out_features
-    if not supports(x2, w):
+    adds its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
+    gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW)."""
+    n, k = w.out_features, w.in_features
+    m = x2.shape[0]
+    xf = None
+    if x_swiglu is not None:
+        if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
+            raise ValueError(f"x_swiglu: one row of float32 gate/up sums [1, {2 * k}], the input in float16")
+        xf, x2 = x2, torch.empty(1, k, dtype=torch.float16, device=x2.device)  # x2: the scratch the kernel fills
+    if not supports(x2, w) or x2.shape[1] != k:
         raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
     if swiglu and m != 1:
         raise ValueError("the fused SwiGLU finish takes one row")
@@ -381,11 +399,12 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
         out = y[r0:r0 + rows]
         _mma_kernel[(groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
-            positions if positions is not None else w.locks, rows, n, x2.stride(0), slabs, per,
+            positions if positions is not None else w.locks, xf if xf is not None else b, x2, rows, n, x2.stride(0),
+            slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
-            STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate, ADD=(2 if lanes else 1) if add else 0, AHEAD=ahead,
-            num_warps=num_warps,
+            STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
+            ADD=(2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu], num_warps=num_warps,
             **pdl_launch(x2))
 
 

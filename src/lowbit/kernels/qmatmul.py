@@ -21,6 +21,7 @@ from torch import Tensor
 from lowbit.kernels import mma
 from lowbit.kernels.layout import SLOT, ChannelOrder, QWeight, fields_per_word, place_halves, repack  # noqa: F401
 from lowbit.kernels.splitk import finish_tile
+from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import (
     interpreting,
     pdl_launch,
@@ -99,24 +100,11 @@ def _sub_term(words, hi, xj, j: tl.constexpr, BITS: tl.constexpr, HIGH: tl.const
 
 
 @triton.jit
-def _round(v, R: tl.constexpr):
-    """float32 v rounded to float16 (R 1), bfloat16 (2) or left as is (3): `_ROUNDING`'s codes."""
-    if R == 1:
-        return v.to(tl.float16).to(tl.float32)
-    elif R == 2:
-        return v.to(tl.bfloat16).to(tl.float32)
-    else:
-        return v
-
-
-@triton.jit
 def _x_at(x_ptr, src, ok, K, XSW: tl.constexpr):
     """x[src] in float32 (ok False: 0). XSW (0: off): x holds float32 gate sums then up sums, [2K], and the input
-    is silu(gate) * up, rounded where torch rounds silu-then-mul in float16 (1), bfloat16 (2) or float32 (3)."""
+    is their SwiGLU (`swiglu_load.swiglu_at`, rounded as `ROUNDING` code XSW's dtype)."""
     if XSW:
-        g = _round(tl.load(x_ptr + src, mask=ok, other=0.0), XSW)
-        u = _round(tl.load(x_ptr + K + src, mask=ok, other=0.0), XSW)
-        return _round(_round(g / (1.0 + tl.exp(-g)), XSW) * u, XSW)
+        return swiglu_at(x_ptr, src, ok, K, XSW)
     return tl.load(x_ptr + src, mask=ok, other=0.0).to(tl.float32)
 
 
@@ -509,11 +497,10 @@ def _gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=T
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu,
-        HAS_POS=positions is not None, ADD=add, XSW=_ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps,
+        HAS_POS=positions is not None, ADD=add, XSW=ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps,
         num_stages=num_stages, **cap, **pdl_launch(x2))
 
 
-_ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the GEMV's rounding codes for XSW
 
 
 def _dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
@@ -703,7 +690,8 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
         return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
     if kernel == "mma":
         config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
-        mma.mma_matmul(x2, w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True)
+        mma.mma_matmul(x2.contiguous(), w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True,
+                       x_swiglu=x_swiglu)
         return out
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
@@ -712,8 +700,13 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
 
 
 def _mma_adds(x2: Tensor, w: QWeight, kernel: str, order: ChannelOrder | None, x_swiglu) -> bool:
-    """Whether the mma kernel adds this one row into float32 itself (else: a result, then torch's add)."""
-    return kernel == "mma" and x2.shape[0] == 1 and order is None and x_swiglu is None and mma.supports(x2, w)
+    """Whether the mma kernel adds this one row into float32 itself (else: a result, then torch's add); with
+    x_swiglu (float16 only: it multiplies float16), computing the input from float32 gate/up sums as it loads."""
+    if kernel != "mma" or x2.shape[0] != 1 or order is not None or w.layout != "mma" or w.perm is not None:
+        return False
+    if x_swiglu is not None:
+        return x_swiglu == torch.float16 and x2.dtype == torch.float32
+    return mma.supports(x2, w)
 
 
 def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
@@ -722,11 +715,14 @@ def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None
     """qmatmul with swiglu_input=dtype: x [..., 2K] is gate then up, the input silu(gate) * up in `dtype`. The
     GEMV computes the input as it loads x, other kernels get it from `silu_mul`'s launch first."""
     width = 2 * w.in_features
-    if x.shape[-1] != width or dtype not in _ROUNDING or dtype is None:
+    if x.shape[-1] != width or dtype not in ROUNDING or dtype is None:
         raise ValueError(f"swiglu_input: x holds gate then up ({width} features, got {x.shape[-1]}) and the input "
                          f"is a float dtype (got {dtype})")
     m = x[..., 0].numel()
     picked = pick_kernel(m, x.device, w.layout)
+    if accumulate and not swiglu and _mma_adds(x.reshape(-1, width), w, kernel or picked[0], order, dtype):
+        return _accumulate(x, x.reshape(-1, width), w, bias, "mma", {**(picked[1] if kernel is None else {}),
+                                                                       **(config or {})}, out, False, order, dtype)
     if (kernel or picked[0]) != "gemv" or swiglu or (order is not None and not accumulate):
         from lowbit.kernels import norm_rope
 
