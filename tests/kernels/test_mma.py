@@ -131,6 +131,23 @@ def test_mma_adds_the_swiglu_of_gate_up_sums(config, monkeypatch):
         mma.mma_matmul(x.half(), w, None, out, 4, add=True, x_swiglu=torch.float16)
 
 
+@pytest.mark.parametrize("lanes", [False, True])
+def test_mma_adds_gate_and_up_in_an_order(lanes):
+    """accumulate with an order at M = 1: a fused w13's gate and up sums each land in the order an act-order
+    down_proj reads them."""
+    from lowbit.kernels.layout import place_channels
+
+    w, _ = mma_weight(128, 64, 64, False, False, "gptq")
+    x = torch.randn(1, 128).half().to(DEVICE)
+    perm = torch.randperm(32).to(torch.int32).to(DEVICE)
+    order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
+    out = torch.zeros(1, 64, device=DEVICE)
+    qmatmul(x, w, kernel="mma", config={"CT": 2, "split": 2, "lanes": lanes}, accumulate=True, out=out,
+            order=order)
+    want = torch.cat([place_channels(half, order) for half in reference(x, w).chunk(2, dim=-1)], dim=-1)
+    check(out, want)
+
+
 def test_mma_reads_views_and_act_order_input():
     """x as a strided or misaligned view is copied; an act-order weight gathers x unless it arrives sorted."""
     w, _ = mma_weight(192, 48, 64, True, False, "gptq")

@@ -202,6 +202,16 @@ def _to_rows(acc, CT: tl.constexpr, SPR: tl.constexpr):
 
 
 @triton.jit
+def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
+    """Where column `col` of a fused w13 is added (HAS_POS: gate column c at pos[c], up column N/2 + c at
+    N/2 + pos[c], the order an act-order down_proj reads; else at col)."""
+    if HAS_POS:
+        up = col >= N // 2
+        return tl.load(pos_ptr + tl.where(up, col - N // 2, col), mask=ok, other=0) + tl.where(up, N // 2, 0)
+    return col
+
+
+@triton.jit
 def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
                 M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
@@ -300,7 +310,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         if HAS_BIAS:  # once a column: by the first K split's first slab
             first = mine & (ss + pid_k == 0)
             acc0 += tl.load(b_ptr + col, mask=first, other=0.0).to(tl.float32)
-        tl.atomic_add(y_ptr + col, acc0, mask=mine, sem="relaxed")
+        tl.atomic_add(y_ptr + _placed(col, pos_ptr, mine, N, HAS_POS), acc0, mask=mine, sem="relaxed")
         return
     out = _to_rows(acc0, CT, SPR)
     if NT > 1:
@@ -316,7 +326,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         row0 = tl.sum(tl.where(tl.arange(0, 8)[:, None] == 0, out, 0.0), axis=0)
         if HAS_BIAS:
             row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
-        tl.atomic_add(y_ptr + offs_n, row0, mask=ok, sem="relaxed")
+        tl.atomic_add(y_ptr + _placed(offs_n, pos_ptr, ok, N, HAS_POS), row0, mask=ok, sem="relaxed")
         return
     if SWIGLU:
         offs_n = pid_n * (8 * CT) + tl.where(cols < 8 * CT, cols, cols - 8 * CT + N // 2)
@@ -357,7 +367,8 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
     for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
-    order, and so its last bits, may vary between runs). ahead (1-4): words through registers, loaded that
+    order, and so its last bits, may vary between runs; positions: a fused w13's gate and up halves each in
+    that order, as the slots GEMV places them). ahead (1-4): words through registers, loaded that
     many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add): each lane
     adds its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW)."""
@@ -374,8 +385,8 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
         raise ValueError("the fused SwiGLU finish takes one row")
     if ahead not in range(5):
         raise ValueError(f"ahead is 0 to 4 steps, got {ahead}")
-    if add and (m != 1 or swiglu or positions is not None or y.dtype != torch.float32):
-        raise ValueError("add takes one row into a float32 y, without swiglu or positions")
+    if add and (m != 1 or swiglu or y.dtype != torch.float32):
+        raise ValueError("add takes one row into a float32 y, without swiglu")
     emulate = interpreting() or not x2.is_cuda
     tiles = n // 16
     if swiglu:

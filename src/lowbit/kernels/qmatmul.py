@@ -685,13 +685,12 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
                          "(not with swiglu)")
     if not out.numel():
         return out
-    if torch.are_deterministic_algorithms_enabled() or not (kernel == "gemv" or _mma_adds(x2, w, kernel, order,
-                                                                                        x_swiglu)):
+    if torch.are_deterministic_algorithms_enabled() or not (kernel == "gemv" or _mma_adds(x2, w, kernel, x_swiglu)):
         return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
     if kernel == "mma":
         config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
         mma.mma_matmul(x2.contiguous(), w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True,
-                       x_swiglu=x_swiglu)
+                       x_swiglu=x_swiglu, positions=None if order is None else order.positions)
         return out
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
@@ -699,10 +698,10 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     return out
 
 
-def _mma_adds(x2: Tensor, w: QWeight, kernel: str, order: ChannelOrder | None, x_swiglu) -> bool:
+def _mma_adds(x2: Tensor, w: QWeight, kernel: str, x_swiglu) -> bool:
     """Whether the mma kernel adds this one row into float32 itself (else: a result, then torch's add); with
     x_swiglu (float16 only: it multiplies float16), computing the input from float32 gate/up sums as it loads."""
-    if kernel != "mma" or x2.shape[0] != 1 or order is not None or w.layout != "mma" or w.perm is not None:
+    if kernel != "mma" or x2.shape[0] != 1 or w.layout != "mma" or w.perm is not None:
         return False
     if x_swiglu is not None:
         return x_swiglu == torch.float16 and x2.dtype == torch.float32
@@ -720,7 +719,7 @@ def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None
                          f"is a float dtype (got {dtype})")
     m = x[..., 0].numel()
     picked = pick_kernel(m, x.device, w.layout)
-    if accumulate and not swiglu and _mma_adds(x.reshape(-1, width), w, kernel or picked[0], order, dtype):
+    if accumulate and not swiglu and _mma_adds(x.reshape(-1, width), w, kernel or picked[0], dtype):
         return _accumulate(x, x.reshape(-1, width), w, bias, "mma", {**(picked[1] if kernel is None else {}),
                                                                        **(config or {})}, out, False, order, dtype)
     if (kernel or picked[0]) != "gemv" or swiglu or (order is not None and not accumulate):
