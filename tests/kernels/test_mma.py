@@ -81,8 +81,8 @@ def test_mma_swiglu_and_order():
     w, _ = mma_weight(128, 64, 64, False, False, "gptq")
     x = torch.randn(1, 128).half().to(DEVICE)
     ref = silu_mul_reference(reference(x, w).half()).double()
-    y = qmatmul(x, w, kernel="mma", config={"CT": 2, "split": 2}, swiglu=True)
-    check(y, ref)
+    for config in ({"CT": 2, "split": 2}, {"CT": 2, "split": 2, "ahead": 2}):  # ahead: as the M=1 row runs it
+        check(qmatmul(x, w, kernel="mma", config=config, swiglu=True), ref)
     perm = torch.randperm(32).to(torch.int32).to(DEVICE)
     order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
     y = qmatmul(x, w, kernel="mma", swiglu=True, order=order)

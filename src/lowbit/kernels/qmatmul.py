@@ -442,6 +442,9 @@ CUDA_CONFIGS: list[tuple[int, str, dict]] = [
 ]
 # The same for weights in the "mma" layout (4-bit; `lowbit.kernels.mma`), which only its own kernels read.
 MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
+    # M=1 (adds into float32): words two steps ahead through registers beat the shared-memory pipeline by 15-35 %
+    # a launch (H100, 2026-12-07, benchmarks/results/gemv_sweep_mma.md)
+    (1, "mma", {"CT": 4, "waves": 8, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2}),
     (16, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 3}),  # M=16: 92.5 against 105.5 us (2026-12-06)
     (64, "mma", {"CT": 8, "waves": 2, "num_warps": 4, "stages": 4}),
     (1 << 62, "dequant", {}),
