@@ -111,10 +111,9 @@ MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": 
                for ct, wv, nw, ah, ln in [  # ahead: words through registers, that many steps early (the first
                    # sweep, 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to it
                    # everywhere); lanes: each lane adds its own sums (no gather through shared memory)
-                   (4, 8, 4, 2, False), (8, 4, 8, 2, False), (4, 8, 4, 2, True), (4, 8, 4, 3, True),
-                   (4, 8, 4, 4, True), (4, 12, 4, 2, True), (4, 12, 4, 3, True), (4, 16, 4, 2, True),
-                   (4, 16, 4, 3, True), (8, 4, 8, 3, True), (8, 8, 8, 2, True), (8, 8, 8, 3, True),
-                   (4, 8, 8, 2, True), (4, 8, 8, 3, True), (2, 16, 4, 3, True), (4, 6, 4, 3, True)]]
+                   (4, 8, 4, 2, False), (4, 8, 4, 2, True), (4, 8, 4, 3, True), (4, 12, 4, 2, True),
+                   (4, 12, 4, 3, True), (4, 16, 4, 3, True), (8, 4, 8, 2, True), (8, 8, 8, 3, True),
+                   (4, 8, 8, 3, True)]]
 
 
 def mma_fn(copies, config):
