@@ -129,6 +129,26 @@ def mma_fn(copies, config):
     return fn, "mma"
 
 
+def ranked(heading, columns, versus, results, nbytes):
+    """A markdown table (printed, and returned as lines) of `results`, (us, cell per column) tuples, fastest
+    first, with GB/s of `nbytes` and the time against the first result's."""
+    base = results[0][0]
+    block = [heading, "| rank | " + " | ".join(columns) + f" | us | GB/s | {versus} |",
+             "|---" * (len(columns) + 4) + "|"]
+    for i, (t, *cells) in enumerate(sorted(results, key=lambda r: r[0])):
+        block.append(f"| {i + 1} | " + " | ".join(map(str, cells))
+                     + f" | {t:.2f} | {nbytes / t / 1e3:.0f} | {t / base - 1:+.1%} |")
+    print("\n".join(block) + "\n", flush=True)
+    return block + [""]
+
+
+def save(lines, name):
+    """The tables to $OUT/name (else benchmarks/results/name)."""
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(folder, name), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main_mma():
     """The mma kernel's tiles at M=1 against the slots GEMV's default, each launch alone, one table per launch."""
     lines = [f"# M=1, adding into float32: the mma kernel's tiles against the slots GEMV ({torch.cuda.get_device_name()}"
@@ -156,18 +176,11 @@ def main_mma():
                 continue
             results.append((t, f"mma {config}"))
             print(f"{name} mma {config}: {t:.2f} us", flush=True)
-        base = results[0][0]
-        block = [f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us\n",
-                 "| rank | kernel, config | us | GB/s | vs slots GEMV |", "|---|---|---|---|---|"]
-        for i, (t, c) in enumerate(sorted(results, key=lambda r: r[0])):
-            block.append(f"| {i + 1} | {c} | {t:.2f} | {nbytes / t / 1e3:.0f} | {t / base - 1:+.1%} |")
-        lines += block + [""]
-        print("\n".join(block) + "\n", flush=True)
+        lines += ranked(f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us\n",
+                        ["kernel, config"], "vs slots GEMV", results, nbytes)
         del copies
         torch.cuda.empty_cache()
-    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    with open(os.path.join(folder, "gemv_sweep_mma.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save(lines, "gemv_sweep_mma.md")
 
 
 def main():
@@ -209,19 +222,12 @@ def main():
             print(f"{name} {config} ({regs}): {t:.2f} us", flush=True)
         if not results:
             continue
-        base = results[0][0]
-        block = [f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us; default "
-                 f"{default} {base:.2f} us\n", "| rank | config | compiled | us | GB/s | vs default |",
-                 "|---|---|---|---|---|---|"]
-        for i, (t, c, regs) in enumerate(sorted(results, key=lambda r: r[0])):
-            block.append(f"| {i + 1} | {c} | {regs} | {t:.2f} | {nbytes / t / 1e3:.0f} | {t / base - 1:+.1%} |")
-        lines += block + [""]
-        print("\n".join(block) + "\n", flush=True)
+        lines += ranked(f"## {name}: {k} x {n}, {nbytes / 1e6:.1f} MB, ideal at 3.0 TB/s {nbytes / 3e6:.1f} us; "
+                        f"default {default} {results[0][0]:.2f} us\n", ["config", "compiled"], "vs default",
+                        results, nbytes)
         del copies
         torch.cuda.empty_cache()
-    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    with open(os.path.join(folder, "gemv_sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save(lines, "gemv_sweep.md")
 
 
 if __name__ == "__main__":
