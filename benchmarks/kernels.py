@@ -205,6 +205,10 @@ def _sweep_configs():
             ("slots", "gemv", {"BN": 64, "num_warps": 4, "waves": 8, "unroll": 1})]
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
            for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
+    # words through registers a few steps ahead beat the shared-memory pipeline by 15-35 % a launch at M=1
+    # (H100, 2026-12-07, results/gemv_sweep_mma.md); not yet timed at 16 and 64 rows
+    ahead = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": ah})
+             for ct in (4, 8) for wv in (4, 8) for ah in (2, 3)]
     # the slots dot kernel's tiles with fewer registers a thread: offline sm_90 compiles (triton 3.9, N, K and
     # the strides marked divisible by 16 as the launcher marks them) of the defaults give 255 registers and 16
     # stack bytes at M=16 (BM 16, BN 128, 2 warps), 255 registers and 72 stack bytes at M=64 (BM 64, BN 128,
@@ -215,7 +219,7 @@ def _sweep_configs():
     # L2-sized float slices (8/16/32 MB workspaces, so cuBLAS might read them back from the L2) lost to the
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
-    return {1: slots + gemv, 16: slots + dot16 + m16, 64: slots + dot64 + m16[:4], 2048: big}
+    return {1: slots + gemv, 16: slots + dot16 + m16 + ahead, 64: slots + dot64 + m16[:4] + ahead[:4], 2048: big}
 
 
 SWEEP = _sweep_configs()

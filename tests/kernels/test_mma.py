@@ -69,7 +69,8 @@ def test_mma_matmul_many_rows_and_configs():
     w, _ = mma_weight(128, 64, 64, False, False, "gptq")
     x = torch.randn(37, 128).half().to(DEVICE)
     ref = reference(x, w)
-    for config in ({"CT": 4, "split": 1}, {"CT": 1, "split": 2}, {"CT": 2, "waves": 1}):
+    for config in ({"CT": 4, "split": 1}, {"CT": 1, "split": 2}, {"CT": 2, "waves": 1}, {"CT": 2, "ahead": 2},
+                   {"CT": 1, "split": 2, "ahead": 3}):
         check(run(x, w, kernel="mma", config=config), ref)
 
 
