@@ -151,7 +151,8 @@ def save(lines, name):
 
 def main_mma():
     """The mma kernel's tiles at M=1 against the slots GEMV's default, each launch alone, one table per launch."""
-    lines = [f"# M=1, adding into float32: the mma kernel's tiles against the slots GEMV ({torch.cuda.get_device_name()}"
+    lines = ["# M=1, adding into float32: the mma kernel's tiles against the slots GEMV "
+             f"({torch.cuda.get_device_name()}"
              f", torch {torch.__version__}), us per launch (GB/s of weight bytes)\n"]
     default = qm.CUDA_CONFIGS[0][2]
     for name, k, n, kind in LAUNCHES:

@@ -66,7 +66,8 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
     assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE
 
 
-@pytest.mark.parametrize("desc_act,mma", [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.gpu),
+@pytest.mark.parametrize("desc_act,mma", [(False, False), (True, False),
+                                          pytest.param(False, True, marks=pytest.mark.gpu),
                                           pytest.param(True, True, marks=pytest.mark.gpu)])
 def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act, mma):
     """One-row decode on the "triton" GEMV (or the mma layout's kernel: LOWBIT_MMA=1, CUDA) keeps the residual

@@ -147,9 +147,9 @@ class QuantLinear(nn.Module):
 
         True for the "triton" GEMV (one row; the mma layout's kernel too): its K splits add their partial sums
         into h with atomics, which also drops the split-K finish it otherwise ends with (~2.7 us a launch on an
-        H100, BENCHMARKS.md), so one-row decode lets every linear add into float32 (`Block.forward_into`). The atomics' order,
-        and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)` this is
-        False and the model keeps its float16 residual."""
+        H100, BENCHMARKS.md), so one-row decode lets every linear add into float32 (`Block.forward_into`). The
+        atomics' order, and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)`
+        this is False and the model keeps its float16 residual."""
         w = self.kernel_weight
         if w is None or torch.are_deterministic_algorithms_enabled():
             return False
