@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 
@@ -129,21 +130,19 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor, n_rot: int) -> Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, src_ptr, I, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y[r] = silu(x[r, :I]) * x[r, I:] in y's dtype, x first rounded to it and silu rounded to it before the
-    product (as torch's x.to(dtype), silu, then mul); HAS_SRC: column j holds channel src[j]."""
+def _silu_mul_kernel(x_ptr, y_ptr, src_ptr, I, R: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    """y[r] = silu(x[r, :I]) * x[r, I:] in y's dtype (`swiglu_at` with its ROUNDING code R: x rounded to it first,
+    silu rounded before the product, as torch's x.to(dtype), silu, then mul); HAS_SRC: column j holds channel
+    src[j]."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
     src = tl.load(src_ptr + offs, mask=ok, other=0) if HAS_SRC else offs  # constants: before the wait
     release_next(PDL)
     wait_previous(PDL)
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    g = tl.load(x_ptr + row * 2 * I + src, mask=ok, other=0.0).to(DT)
-    u = tl.load(x_ptr + row * 2 * I + I + src, mask=ok, other=0.0).to(DT)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(DT).to(tl.float32)
-    tl.store(y_ptr + row * I + offs, (act * u.to(tl.float32)).to(DT), mask=ok)
+    y = swiglu_at(x_ptr + row * 2 * I, src, ok, I, R)
+    tl.store(y_ptr + row * I + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_mul(x: Tensor, sources: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -156,6 +155,6 @@ def silu_mul(x: Tensor, sources: Tensor | None = None, dtype: torch.dtype | None
     block = min(1024, triton.next_power_of_2(i))
     if x2.shape[0]:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](
-            x2, y, sources if sources is not None else x2, i, HAS_SRC=sources is not None, BLOCK=block,
-            num_warps=4, **pdl_launch(x))
+            x2, y, sources if sources is not None else x2, i, R=ROUNDING[y.dtype], HAS_SRC=sources is not None,
+            BLOCK=block, num_warps=4, **pdl_launch(x))
     return y

@@ -690,14 +690,13 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
         return out
     if torch.are_deterministic_algorithms_enabled() or not (kernel == "gemv" or _mma_adds(x2, w, kernel, x_swiglu)):
         return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
-    if kernel == "mma":
-        config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
-        mma.mma_matmul(x2.contiguous(), w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True,
-                       x_swiglu=x_swiglu, positions=None if order is None else order.positions)
-        return out
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
-    _gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), w, bias, out.view(1, -1), **config, add=True,
-          positions=None if order is None else order.positions, x_swiglu=x_swiglu)
+    positions = None if order is None else order.positions
+    if kernel == "mma":
+        mma.mma_matmul(x2.contiguous(), w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True,
+                       x_swiglu=x_swiglu, positions=positions)
+    else:
+        _gemv(x2.contiguous(), w, bias, out.view(1, -1), **config, add=True, positions=positions, x_swiglu=x_swiglu)
     return out
 
 
@@ -722,15 +721,15 @@ def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None
                          f"is a float dtype (got {dtype})")
     m = x[..., 0].numel()
     picked = pick_kernel(m, x.device, w.layout)
-    if accumulate and not swiglu and _mma_adds(x.reshape(-1, width), w, kernel or picked[0], dtype):
-        return _accumulate(x, x.reshape(-1, width), w, bias, "mma", {**(picked[1] if kernel is None else {}),
-                                                                       **(config or {})}, out, False, order, dtype)
-    if (kernel or picked[0]) != "gemv" or swiglu or (order is not None and not accumulate):
+    chosen, x2 = kernel or picked[0], x.reshape(-1, width)
+    merged = {**(picked[1] if kernel is None else {}), **(config or {})}
+    if accumulate and not swiglu and _mma_adds(x2, w, chosen, dtype):
+        return _accumulate(x, x2, w, bias, "mma", merged, out, False, order, dtype)
+    if chosen != "gemv" or swiglu or (order is not None and not accumulate):
         from lowbit.kernels import norm_rope
 
         return qmatmul(norm_rope.silu_mul(x, dtype=dtype), w, bias, kernel, config, out, swiglu, order, accumulate)
-    config = {**(picked[1] if kernel is None else {}), **(config or {})}
-    x2 = x.reshape(-1, width)
+    config = merged
     if accumulate:
         return _accumulate(x, x2, w, bias, "gemv", config, out, False, order, dtype)
     config.pop("host_gather", None)
