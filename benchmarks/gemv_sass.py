@@ -1,4 +1,4 @@
-"""Offline sm_90 compile of the M=1 GEMV (`qmatmul._gemv_kernel`) in its modes, with no GPU: Triton's bundled
+"""Offline sm_90 compile of the M=1 GEMV (`gemv._gemv_kernel`) in its modes, with no GPU: Triton's bundled
 ptxas and cuobjdump give each variant's registers, stack bytes (spills) and SASS instruction counts, so a
 variant can be screened before device time is spent on it. 4-bit g128, adding into float32 (as one-row
 decode runs it), PDL on.
@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowbit.kernels import qmatmul as qm
+from lowbit.kernels import gemv
 
 POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "perm_ptr": "*i32",
             "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32",
@@ -45,11 +45,11 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_variant(overrides: dict, num_warps: int) -> bytes:
-    params = list(inspect.signature(qm._gemv_kernel.fn).parameters)
+    params = list(inspect.signature(gemv._gemv_kernel.fn).parameters)
     const = {**DEFAULTS, **overrides}
     pointers = {**POINTERS, "x_ptr": "*fp32" if const["XSW"] else "*fp16"}
     signature = {p: "constexpr" if p in const else pointers.get(p, "i32") for p in params}
-    source = ASTSource(qm._gemv_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+    source = ASTSource(gemv._gemv_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in (*POINTERS, *DIVISIBLE)})
     options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]

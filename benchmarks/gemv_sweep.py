@@ -22,6 +22,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(__file__))
 from kernels import graph_time, random_weight  # noqa: E402
 
+from lowbit.kernels import gemv, splitk  # noqa: E402
 from lowbit.kernels import qmatmul as qm  # noqa: E402
 from lowbit.kernels.sync import pdl_launch, release_next, wait_previous  # noqa: E402
 
@@ -75,7 +76,7 @@ def load_only_fn(copies, config):
     bn, unroll = config.get("BN", 64), config.get("unroll", 1)
     num_blocks = copies[0].qweight.shape[0] // 16
     tiles = -(-n // (2 * bn))
-    splits, per = qm._split(num_blocks, tiles, config.get("waves", 4) * qm.sm_count(out.device))
+    splits, per = splitk.split_k(num_blocks, tiles, config.get("waves", 4) * splitk.sm_count(out.device))
 
     def fn():
         out.zero_()
@@ -94,7 +95,7 @@ def launch_fn(copies, kind, config):
                     dtype=torch.float16 if kind == "x" else torch.float32)
     out = torch.zeros(len(copies), n, device="cuda")
     extra = {"swiglu_input": torch.float16} if kind == "swiglu" else {}
-    compiled = qm._gemv(x, copies[0], None, out[:1], **config, add=True, x_swiglu=extra.get("swiglu_input"))
+    compiled = gemv.gemv(x, copies[0], None, out[:1], **config, add=True, x_swiglu=extra.get("swiglu_input"))
     regs = f"{getattr(compiled, 'n_regs', '?')} regs, {getattr(compiled, 'n_spills', '?')} spills"
 
     def fn():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.qmatmul import sm_count
+from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
 
 BLOCK = 64  # cached positions per loop step

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.qmatmul import sm_count
+from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 

@@ -1,7 +1,8 @@
 """The weight layouts the GPTQ kernels read (`QWeight`) and their construction from a checkpoint (`repack`).
 
-Torch only: the kernels that read these layouts live in `lowbit.kernels.qmatmul` (the "slots" layout, every bit
-width) and `lowbit.kernels.mma` (the "mma" layout, 4-bit); `lowbit.kernels.reference` unpacks both.
+Torch only: the kernels that read these layouts live in `lowbit.kernels.gemv`, `lowbit.kernels.dot` and
+`lowbit.kernels.dequant` (the "slots" layout, every bit width) and `lowbit.kernels.mma` (the "mma" layout, 4-bit);
+`lowbit.kernels.reference` unpacks both.
 
 Both layouts first sort the input rows by group (stable; act-order's `perm`), each group padded to a multiple of
 16 rows, the total to whole blocks, and store scales and zeros once per run of rows that share a group, so

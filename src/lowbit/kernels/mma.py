@@ -1,5 +1,5 @@
 """Tensor-core kernels for 4-bit GPTQ weights in the "mma" layout (`lowbit.kernels.layout`): y = x @ W for a
-few rows of x (decode), and W itself (for cuBLAS at large M).
+few rows of x (decode; `lowbit.kernels.dequant` gives W itself, for cuBLAS at large M).
 
 Why: at decode sizes a linear moves its 4-bit weight once and does almost no arithmetic, so the kernel must
 stream the weight at memory speed; on CUDA cores the unpacking and multiply-adds cost ~4 instructions a weight,
@@ -417,35 +417,3 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu], num_warps=num_warps,
             **pdl_launch(x2))
-
-
-@triton.jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, slabs, n0, n1, SPR: tl.constexpr,
-                    HAS_PERM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """W[:, n0:n1] in input-channel order from the "mma" layout (each word is read by the 8 values it holds)."""
-    k = tl.program_id(0) * BK + tl.arange(0, BK)[:, None]
-    n = n0 + tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
-    ok = (k < K) & (n < n1)
-    slab, within = k // 64, k % 64
-    t, p, h = within // 16, (within % 16) // 4, within % 4
-    ct, ab, g = n // 16, (n % 16) // 8, n % 8
-    word = tl.load(qw_ptr + (ct * slabs + slab).to(tl.int64) * 128 + g * 16 + t * 4 + p, mask=ok, other=0)
-    q = (word >> (4 * (ab + 2 * (h // 2) + 4 * (h % 2)))) & 15
-    meta = (slab // SPR) * N + ct * 16 + 2 * g + ab
-    s = tl.load(s_ptr + meta, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + meta, mask=ok, other=0).to(tl.float32)
-    dst = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-    tl.store(w_ptr + dst * (n1 - n0) + (n - n0), ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
-
-
-def dequantize_mma(w: QWeight, dtype: torch.dtype = torch.float16, cols: tuple[int, int] | None = None,
-                   BK: int = 64, BN: int = 64) -> Tensor:
-    """-> W [K, N] (or its columns cols = (n0, n1)) in `dtype`, rows in input-channel order: y = x @ W."""
-    n, k = w.out_features, w.in_features
-    n0, n1 = cols or (0, n)
-    out = torch.empty(k, n1 - n0, dtype=dtype, device=w.qweight.device)
-    grid = (triton.cdiv(k, BK), triton.cdiv(n1 - n0, BN))
-    _dequant_kernel[grid](w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.locks, out, n, k,
-                          k // 64, n0, n1, SPR=w.slabs_per_run, HAS_PERM=w.perm is not None, BK=BK, BN=BN,
-                          num_warps=4)
-    return out

@@ -1,10 +1,14 @@
 """The end of a split-K program: write a tile, or add it to its siblings' and let the last one write the sum.
 
-Shared by every GEMM-like kernel (`lowbit.kernels.qmatmul`, `lowbit.kernels.mma`): partial sums go to a float32
-workspace, a per-tile counter says which program arrives last, and that one sums the partials in split order (so
-results do not depend on timing) and writes y, optionally as SwiGLU's silu(gate) * up.
+Shared by every GEMM-like kernel (`lowbit.kernels.gemv`, `lowbit.kernels.dot`, `lowbit.kernels.mma`): partial
+sums go to a float32 workspace, a per-tile counter says which program arrives last, and that one sums the
+partials in split order (so results do not depend on timing) and writes y, optionally as SwiGLU's
+silu(gate) * up. Also how many programs fill the GPU (`sm_count`, `split_k`).
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -66,3 +70,19 @@ def finish_tile(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr,
                 total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
             _store(y_ptr, mn, mask, total, SWIGLU, pos_ptr, HAS_POS)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (4 off CUDA: the interpreter runs few programs, yet split-K is still exercised)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def split_k(num_blocks: int, tiles: int, target: int, step: int = 1) -> tuple[int, int]:
+    """(splits, blocks per split): about `target` programs over `tiles` output tiles, whole `step`s each."""
+    split = max(1, min(round(target / tiles), -(-num_blocks // step)))
+    per = -(-num_blocks // split)
+    per = -(-per // step) * step
+    return -(-num_blocks // per), per

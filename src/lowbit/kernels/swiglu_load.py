@@ -1,7 +1,7 @@
 """SwiGLU's silu(gate) * up of a fused w13's sums, rounded where torch's cast, silu and mul round it.
 
 One definition for every kernel that computes it: `lowbit.kernels.norm_rope.silu_mul` (its own launch) and the
-kernels that take one-row decode's down_proj (`lowbit.kernels.qmatmul`'s GEMV, `lowbit.kernels.mma`), which
+kernels that take one-row decode's down_proj (`lowbit.kernels.gemv`, `lowbit.kernels.mma`), which
 compute it as they load x, so that it needs no launch there.
 """
 
