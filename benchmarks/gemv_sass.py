@@ -1,9 +1,11 @@
 """Offline sm_90 compile of the M=1 GEMV (`gemv._gemv_kernel`) in its modes, with no GPU: Triton's bundled
 ptxas and cuobjdump give each variant's registers, stack bytes (spills) and SASS instruction counts, so a
 variant can be screened before device time is spent on it. 4-bit g128, adding into float32 (as one-row
-decode runs it), PDL on.
+decode runs it), PDL on. --mma: the mma layout's kernel (`mma._mma_kernel`) instead, at 1, 16 and 32 rows of x
+(one-row decode adding into float32; 16 and 32 with the split-K finish), in the tiles the benchmarks sweep.
 
-Run from the repository root (any machine with triton):  PYTHONPATH=src python benchmarks/gemv_sass.py [--dump DIR]
+Run from the repository root (any machine with triton):
+    PYTHONPATH=src python benchmarks/gemv_sass.py [--mma] [--dump DIR]
 (--dump: each variant's SASS to DIR). The counts are of the local Triton's compiler, which may differ from the
 GPU machine's version; compare variants with each other, not with a profile taken there.
 """
@@ -22,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowbit.kernels import gemv
+from lowbit.kernels import gemv, mma
 
 POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "perm_ptr": "*i32",
             "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32",
@@ -41,6 +43,21 @@ VARIANTS = [  # (name, constexpr overrides, num_warps)
     ("SwiGLU once into a scratch row", {"XSW": 1, "XONCE": True}, 4),
     ("SwiGLU once, unroll 1, prefetch", {"XSW": 1, "XONCE": True, "UNROLL": 1, "PREFETCH": True}, 4),
 ]
+MMA_POINTERS = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16",
+                "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32",
+                "xh_ptr": "*fp16"}
+MMA_DEFAULTS = dict(CT=4, SPR=2, NT=1, HAS_BIAS=False, SP=8, FENCE=True, SWIGLU=False, HAS_POS=False, STAGES=1,
+                    PREFETCH=0, EMULATE=False, ADD=1, AHEAD=2, XSW=0, PDL=True)
+MMA_DIVISIBLE = ("N", "stride_xm", "slabs")
+MMA_VARIANTS = [  # (name, constexpr overrides, num_warps); NT: x row tiles of 8 (M = 8 * NT at most)
+    *[(f"M=1, CT {ct}, ahead {ah}{', lanes' if add == 2 else ''}", {"CT": ct, "AHEAD": ah, "ADD": add}, 4)
+      for ct in (4, 8) for ah in (2, 3) for add in (1, 2)],
+    ("M=1, CT 4, ahead 2, lanes, SwiGLU input (down_proj)", {"ADD": 2, "XSW": 1}, 4),
+    *[(f"M={8 * nt}, CT {ct}, {'ahead ' + str(ah) if ah else 'smem pipeline, 3 stages'}",
+       {"NT": nt, "CT": ct, "AHEAD": ah, "STAGES": 1 if ah else 3, "PREFETCH": 0 if ah else 2, "ADD": 0,
+        "y_ptr": "*fp16"}, 4)
+      for nt in (2, 4) for ct in (4, 8) for ah in (0, 2, 3)],
+]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -51,6 +68,18 @@ def compile_variant(overrides: dict, num_warps: int) -> bytes:
     signature = {p: "constexpr" if p in const else pointers.get(p, "i32") for p in params}
     source = ASTSource(gemv._gemv_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in (*POINTERS, *DIVISIBLE)})
+    options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def compile_mma_variant(overrides: dict, num_warps: int) -> bytes:
+    params = list(inspect.signature(mma._mma_kernel.fn).parameters)
+    pointers = {**MMA_POINTERS, **{k: v for k, v in overrides.items() if k.endswith("_ptr")}}
+    const = {**MMA_DEFAULTS, **{k: v for k, v in overrides.items() if not k.endswith("_ptr")}}
+    const["ASM"], const["CONSTRAINTS"] = mma.mma_asm(const["NT"])
+    signature = {p: "constexpr" if p in const else pointers.get(p, "i32") for p in params}
+    source = ASTSource(mma._mma_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in (*MMA_POINTERS, *MMA_DIVISIBLE)})
     options = {"num_warps": num_warps, "num_stages": 1, "launch_pdl": True}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
@@ -70,19 +99,26 @@ def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mma", action="store_true", help="the mma layout's kernel instead of the slots GEMV")
     p.add_argument("--dump", help="write each variant's SASS into this folder")
     args = p.parse_args()
+    variants, build, stem = (MMA_VARIANTS, compile_mma_variant, "mma") if args.mma else (VARIANTS, compile_variant,
+                                                                                         "gemv")
     print(f"triton {triton.__version__}, sm_90\n")
-    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU |")
-    print("|---|---|---|---|---|---|---|---|")
-    for i, (name, overrides, warps) in enumerate(VARIANTS):
-        regs, stack, ops, sass = inspect_cubin(compile_variant(overrides, warps))
+    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU | HMMA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (name, overrides, warps) in enumerate(variants):
+        try:
+            regs, stack, ops, sass = inspect_cubin(build(overrides, warps))
+        except Exception as e:  # a variant the compiler refuses
+            print(f"| {name} | ERROR {e!r:.150} |", flush=True)
+            continue
         n = collections.Counter(ops)
-        print(f"| {name} | {regs} | {stack} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} |",
-              flush=True)
+        print(f"| {name} | {regs} | {stack} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} "
+              f"| {n['HMMA']} |", flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
-            with open(os.path.join(args.dump, f"gemv_{i}.sass"), "w") as f:
+            with open(os.path.join(args.dump, f"{stem}_{i}.sass"), "w") as f:
                 f.write(sass)
 
 
