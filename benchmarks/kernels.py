@@ -139,18 +139,19 @@ def ours(weights, m, kernel=None, config=None, dtype=torch.float16):
 
 
 def ours_adding(weights, m, config=None):
-    """M=1: the block's GEMVs adding into float32 outputs (qmatmul's accumulate: atomics, no split-K finish),
-    with the one memset that zeroes them first; None for other M."""
-    if m != 1:
+    """The block's launches adding into float32 outputs (qmatmul's accumulate: atomics, no split-K finish), with
+    the one memset that zeroes them first; None where the kernel for M rows does not add itself (the slots
+    layout's GEMV: M=1; the mma kernel: up to 64 rows)."""
+    if qm.pick_kernel(m, torch.device("cuda"), weights[0].layout)[0] not in ("gemv", "mma"):
         return None
-    xs = [torch.randn(1, w.in_features, device="cuda", dtype=torch.float16) for w in weights]
-    acc = torch.empty(sum(w.out_features for w in weights), device="cuda")
-    outs = list(acc.split([w.out_features for w in weights]))
+    xs = [torch.randn(m, w.in_features, device="cuda", dtype=torch.float16) for w in weights]
+    acc = torch.empty(m * sum(w.out_features for w in weights), device="cuda")
+    outs = [o.view(m, -1) for o in acc.split([m * w.out_features for w in weights])]
 
     def fn():
         acc.zero_()
         for w, x, o in zip(weights, xs, outs):
-            qm.qmatmul(x, w, config=config, out=o.view(1, -1), accumulate=True)  # M=1: the GEMV
+            qm.qmatmul(x, w, config=config, out=o, accumulate=True)
     return fn
 
 
@@ -288,6 +289,8 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
                 ("ours 4-bit g128, GEMV adding into float32 (atomics, no split-K finish; + 1 memset)",
                  lambda m: ours_adding(w4, m, pick(m, w4)[1])),
                 ("ours 4-bit g128, mma layout (LOWBIT_MMA=1)", lambda m: ours(w4m, m, *pick(m, w4m))),
+                ("ours 4-bit g128, mma layout adding into float32 (atomics, no split-K finish; + 1 memset)",
+                 lambda m: ours_adding(w4m, m, pick(m, w4m)[1])),
                 ("ours 4-bit g128 act-order, as in the model (x arrives sorted, up to M=256)",
                  lambda m: ours(sorted_input(w4a, m), m, *pick(m, w4a))),
                 ("ours 4-bit g128 act-order, x gathered by the linear", lambda m: ours(w4a, m, *pick(m, w4a))),

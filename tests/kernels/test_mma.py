@@ -106,10 +106,32 @@ def test_mma_adds_one_row_into_float32(config):
     assert qmatmul(x, w, bias, kernel="mma", config=config, accumulate=True, out=out) is out
     check(out - start, reference(x, w, bias))
     assert not w.locks.any()
-    with pytest.raises(ValueError, match="one row into a float32 y"):
+    with pytest.raises(ValueError, match="add takes a contiguous float32 y"):
         mma.mma_matmul(x, w, None, out.half(), 4, add=True)
     with pytest.raises(ValueError, match="ahead is 0 to 4"):
         mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
+
+
+@pytest.mark.parametrize("m", [2, 9, 33])
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2}, {"CT": 1, "split": 1}])
+def test_mma_adds_many_rows_into_float32(m, config):
+    """accumulate=True at M > 1: each K split adds every row's float32 sums (and the bias, once a row) with
+    atomics, across launches of 32 rows; a gate/up order places both halves of every row."""
+    from lowbit.kernels.layout import place_channels
+
+    w, _ = mma_weight(384, 64, 64, False, False, "gptq_v2", seed=5)
+    x = torch.randn(m, 384).half().to(DEVICE)
+    bias = torch.randn(64).half().to(DEVICE)
+    start = torch.randn(m, 64, device=DEVICE)
+    out = start.clone()
+    assert qmatmul(x, w, bias, kernel="mma", config=config, accumulate=True, out=out) is out
+    check(out - start, reference(x, w, bias))
+    assert not w.locks.any()
+    perm = torch.randperm(32).to(torch.int32).to(DEVICE)
+    order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
+    out = torch.zeros(m, 64, device=DEVICE)
+    qmatmul(x, w, kernel="mma", config=config, accumulate=True, out=out, order=order)
+    check(out, torch.cat([place_channels(half, order) for half in reference(x, w).chunk(2, dim=-1)], dim=-1))
 
 
 @pytest.mark.parametrize("config", [{"CT": 2, "split": 3, "ahead": 2, "lanes": True}, {"CT": 1, "split": 1}])

@@ -222,10 +222,11 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
     views (x pairs, scale pairs, zero pairs). SWIGLU (M = 1): the first CT/2 tiles are gate columns, the last CT/2
-    the up columns N/2 further, and the finish writes silu(gate) * up. ADD (M = 1): y is float32 and each K
-    split adds its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode (ADD 2:
-    each lane adds its own registers, one atomic a column and slab, instead of gathering the columns through
-    shared memory first; all x rows are row 0, so the four lanes of a column group hold the same sums). AHEAD
+    the up columns N/2 further, and the finish writes silu(gate) * up. ADD: y is float32 and each K split adds
+    its sums to it with atomics (no split-K finish), as the slots GEMV does in one-row decode: ADD 1 (M = 1) adds
+    row 0's sums; ADD 2 (M = 1) has each lane add its own registers, one atomic a column and slab, instead of
+    gathering the columns through shared memory first (all x rows are row 0, so the four lanes of a column group
+    hold the same sums); ADD 3 adds every row's sums (M rows of y, N apart). AHEAD
     (1-4; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline. XSW (M = 1; a
     `swiglu_load.ROUNDING` code): xf holds a fused w13's float32 gate/up sums and the input is their SwiGLU; each
@@ -320,6 +321,15 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                         (16, 16 * CT))
         out = tl.reshape(tl.permute(tl.join(out, hi), (2, 0, 1)), (32, 16 * CT))
     cols = tl.arange(0, 16 * CT)
+    if ADD == 3:  # each row's sums (and the bias, once a row)
+        offs_n = pid_n * (16 * CT) + cols
+        ok = offs_n < N
+        if HAS_BIAS:
+            out += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)[None, :]
+        offs_m = tl.arange(0, 8 * NT)
+        dst = offs_m[:, None].to(tl.int64) * N + _placed(offs_n, pos_ptr, ok, N, HAS_POS)[None, :]
+        tl.atomic_add(y_ptr + dst, out, mask=(offs_m < M)[:, None] & ok[None, :], sem="relaxed")
+        return
     if ADD:  # every x row of the tile is row 0: add row 0's sums (and the bias, once)
         offs_n = pid_n * (16 * CT) + cols
         ok = offs_n < N
@@ -366,11 +376,11 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
     through K splits, `stages`-deep shared-memory pipeline, `prefetch` steps of words asked of L2 before waiting
-    for the previous kernel (PDL). add (one row): y is float32 and gets x2 @ W + bias added (atomics; the sum's
-    order, and so its last bits, may vary between runs; positions: a fused w13's gate and up halves each in
-    that order, as the slots GEMV places them). ahead (1-4): words through registers, loaded that
-    many steps early (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add): each lane
-    adds its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
+    for the previous kernel (PDL). add: y is float32 and gets x2 @ W + bias added (atomics; the sum's order, and
+    so its last bits, may vary between runs; positions: a fused w13's gate and up halves each in that order, as
+    the slots GEMV places them). ahead (1-4): words through registers, loaded that many steps early
+    (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add, one row): each lane adds
+    its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW)."""
     n, k = w.out_features, w.in_features
     m = x2.shape[0]
@@ -385,8 +395,8 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
         raise ValueError("the fused SwiGLU finish takes one row")
     if ahead not in range(5):
         raise ValueError(f"ahead is 0 to 4 steps, got {ahead}")
-    if add and (m != 1 or swiglu or y.dtype != torch.float32):
-        raise ValueError("add takes one row into a float32 y, without swiglu")
+    if add and (swiglu or y.dtype != torch.float32 or not y.is_contiguous() or y.shape != (m, n)):
+        raise ValueError(f"add takes a contiguous float32 y [{m}, {n}], without swiglu")
     emulate = interpreting() or not x2.is_cuda
     tiles = n // 16
     if swiglu:
@@ -415,5 +425,6 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
-            ADD=(2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu], num_warps=num_warps,
+            ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
+            num_warps=num_warps,
             **pdl_launch(x2))

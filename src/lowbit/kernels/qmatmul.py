@@ -59,7 +59,10 @@ def pick_kernel(m: int, device: torch.device, layout: str = "slots") -> tuple[st
 
 def adds_itself(m: int, w: QWeight) -> bool:
     """Whether `qmatmul(accumulate=True)` of M rows adds into its float32 out inside the kernel (atomics, no
-    split-K finish, no result tensor): the GEMV, and the mma kernel at M=1 (for an input in the weight's order)."""
+    split-K finish, no result tensor), so that the model runs on a float32 residual (`Block.forward_into`): the
+    GEMV, and the mma kernel at M=1 (for an input in the weight's order). The mma kernel adds more rows itself
+    too, but whether batched decode gains from that is not yet measured, so there the model keeps its float16
+    residual."""
     kernel = pick_kernel(m, w.qweight.device, w.layout)[0]
     return kernel == "gemv" or (kernel == "mma" and m == 1)
 
@@ -83,10 +86,10 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     comes in that dtype. The GEMV computes it as it loads x (no launch of its own); other kernels run
     `silu_mul` first.
 
-    accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV adds each K
-    split's float32 partial sums with atomics, so it needs no split-K finish (the sum's order, and so its last
-    bits, may vary between runs, unless `torch.use_deterministic_algorithms(True)`); the other kernels add
-    their result in x's dtype.
+    accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV and the mma
+    kernel add each K split's float32 partial sums with atomics, so they need no split-K finish (the sum's order,
+    and so its last bits, may vary between runs, unless `torch.use_deterministic_algorithms(True)`); the other
+    kernels add their result in x's dtype.
 
     swiglu: W's columns are gate then up (a fused w13) and the result is SwiGLU's silu(gate) * up [..., N/2]:
     the GEMV computes it in its split-K finish (one launch less a layer in decode, nothing added to its loop);
@@ -170,7 +173,7 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     positions = None if order is None else order.positions
     if kernel == "mma":
-        mma.mma_matmul(x2.contiguous(), w, bias, out.view(1, -1), sm_count(x2.device), **config, add=True,
+        mma.mma_matmul(x2.contiguous(), w, bias, out.view(x2.shape[0], -1), sm_count(x2.device), **config, add=True,
                        x_swiglu=x_swiglu, positions=positions)
     else:
         gemv(x2.contiguous(), w, bias, out.view(1, -1), **config, add=True, positions=positions, x_swiglu=x_swiglu)
@@ -178,12 +181,13 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
 
 
 def _mma_adds(x2: Tensor, w: QWeight, kernel: str, x_swiglu) -> bool:
-    """Whether the mma kernel adds this one row into float32 itself (else: a result, then torch's add); with
-    x_swiglu (float16 only: it multiplies float16), computing the input from float32 gate/up sums as it loads."""
-    if kernel != "mma" or x2.shape[0] != 1 or w.layout != "mma" or w.perm is not None:
+    """Whether the mma kernel adds these rows into float32 itself (else: a result, then torch's add); with
+    x_swiglu (one row, float16 only: it multiplies float16), computing the input from float32 gate/up sums as it
+    loads."""
+    if kernel != "mma" or w.layout != "mma" or w.perm is not None:
         return False
     if x_swiglu is not None:
-        return x_swiglu == torch.float16 and x2.dtype == torch.float32
+        return x2.shape[0] == 1 and x_swiglu == torch.float16 and x2.dtype == torch.float32
     return mma.supports(x2, w)
 
 
