@@ -321,18 +321,17 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                         (16, 16 * CT))
         out = tl.reshape(tl.permute(tl.join(out, hi), (2, 0, 1)), (32, 16 * CT))
     cols = tl.arange(0, 16 * CT)
-    if ADD == 3:  # each row's sums (and the bias, once a row)
+    if ADD:
         offs_n = pid_n * (16 * CT) + cols
         ok = offs_n < N
-        if HAS_BIAS:
-            out += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)[None, :]
-        offs_m = tl.arange(0, 8 * NT)
-        dst = offs_m[:, None].to(tl.int64) * N + _placed(offs_n, pos_ptr, ok, N, HAS_POS)[None, :]
-        tl.atomic_add(y_ptr + dst, out, mask=(offs_m < M)[:, None] & ok[None, :], sem="relaxed")
-        return
-    if ADD:  # every x row of the tile is row 0: add row 0's sums (and the bias, once)
-        offs_n = pid_n * (16 * CT) + cols
-        ok = offs_n < N
+        if ADD == 3:  # each row's sums (and the bias, once a row)
+            if HAS_BIAS:
+                out += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)[None, :]
+            offs_m = tl.arange(0, 8 * NT)
+            dst = offs_m[:, None].to(tl.int64) * N + _placed(offs_n, pos_ptr, ok, N, HAS_POS)[None, :]
+            tl.atomic_add(y_ptr + dst, out, mask=(offs_m < M)[:, None] & ok[None, :], sem="relaxed")
+            return
+        # every x row of the tile is row 0: add row 0's sums (and the bias, once)
         row0 = tl.sum(tl.where(tl.arange(0, 8)[:, None] == 0, out, 0.0), axis=0)
         if HAS_BIAS:
             row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
@@ -426,5 +425,4 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
-            num_warps=num_warps,
-            **pdl_launch(x2))
+            num_warps=num_warps, **pdl_launch(x2))
