@@ -3,9 +3,11 @@ ptxas and cuobjdump give each variant's registers, stack bytes (spills) and SASS
 variant can be screened before device time is spent on it. 4-bit g128, adding into float32 (as one-row
 decode runs it), PDL on. --mma: the mma layout's kernel (`mma._mma_kernel`) instead, at 1, 16 and 32 rows of x
 (one-row decode adding into float32; 16 and 32 with the split-K finish), in the tiles the benchmarks sweep.
+--dot: the slots layout's tensor-core kernel (`dot._dot_kernel`), with and without the weight as the dot's first
+operand (SWAP), at 16, 64 and 128 rows of x.
 
 Run from the repository root (any machine with triton):
-    PYTHONPATH=src python benchmarks/gemv_sass.py [--mma] [--dump DIR]
+    PYTHONPATH=src python benchmarks/gemv_sass.py [--mma | --dot] [--dump DIR]
 (--dump: each variant's SASS to DIR). The counts are of the local Triton's compiler, which may differ from the
 GPU machine's version; compare variants with each other, not with a profile taken there.
 """
@@ -24,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowbit.kernels import gemv, mma
+from lowbit.kernels import dot, gemv, mma
 
 POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "perm_ptr": "*i32",
             "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32",
@@ -58,6 +60,17 @@ MMA_VARIANTS = [  # (name, constexpr overrides, num_warps); NT: x row tiles of 8
         "y_ptr": "*fp16"}, 4)
       for nt in (2, 4) for ct in (4, 8) for ah in (0, 2, 3)],
 ]
+DOT_POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                "perm_ptr": "*i32", "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp16"}
+DOT_DEFAULTS = dict(BITS=4, FIELDS=8, GROUP_SLOTS=8, HAS_PERM=False, HAS_BIAS=False, GROUP_M=8, SP=1, FENCE=True,
+                    IEEE=False, SUB=True, PER_SLOT=True, SWAP=False, PDL=True)
+DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: split-K, as at 16 and 64 rows
+    *[(f"BM {bm}, BN {bn}, {nw} warps{', swap' if swap else ''}", {"BM": bm, "BN": bn, "SP": 4, "SWAP": swap}, nw, st)
+      for bm, bn, nw, st in ((16, 128, 2, 2), (16, 128, 4, 2), (16, 64, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3),
+                             (64, 128, 8, 3)) for swap in (False, True)],
+    *[(f"BM 128, BN 128, 8 warps, {'per slot' if ps else 'per group'}{', swap' if swap else ''}",
+       {"BM": 128, "BN": 128, "PER_SLOT": ps, "SWAP": swap}, 8, 3) for ps in (False, True) for swap in (False, True)],
+]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -84,6 +97,17 @@ def compile_mma_variant(overrides: dict, num_warps: int) -> bytes:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
+def compile_dot_variant(overrides: dict, num_warps: int, num_stages: int) -> bytes:
+    params = list(inspect.signature(dot._dot_kernel.fn).parameters)
+    const = {**DOT_DEFAULTS, **overrides}
+    signature = {p: "constexpr" if p in const else DOT_POINTERS.get(p, "i32") for p in params}
+    source = ASTSource(dot._dot_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in (*DOT_POINTERS, *DIVISIBLE,
+                                                                                      "stride_xm")})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
 def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
     """(registers, stack bytes a thread (spills), SASS opcodes, SASS text)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -99,23 +123,29 @@ def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mma", action="store_true", help="the mma layout's kernel instead of the slots GEMV")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--mma", action="store_true", help="the mma layout's kernel instead of the slots GEMV")
+    which.add_argument("--dot", action="store_true", help="the slots layout's tensor-core kernel instead")
     p.add_argument("--dump", help="write each variant's SASS into this folder")
     args = p.parse_args()
-    variants, build, stem = (MMA_VARIANTS, compile_mma_variant, "mma") if args.mma else (VARIANTS, compile_variant,
-                                                                                         "gemv")
+    if args.dot:
+        variants, build, stem = [(n, o, (w, st)) for n, o, w, st in DOT_VARIANTS], compile_dot_variant, "dot"
+    elif args.mma:
+        variants, build, stem = [(n, o, (w,)) for n, o, w in MMA_VARIANTS], compile_mma_variant, "mma"
+    else:
+        variants, build, stem = [(n, o, (w,)) for n, o, w in VARIANTS], compile_variant, "gemv"
     print(f"triton {triton.__version__}, sm_90\n")
-    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU | HMMA |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for i, (name, overrides, warps) in enumerate(variants):
+    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU | HMMA | HGMMA | STS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (name, overrides, launch) in enumerate(variants):
         try:
-            regs, stack, ops, sass = inspect_cubin(build(overrides, warps))
+            regs, stack, ops, sass = inspect_cubin(build(overrides, *launch))
         except Exception as e:  # a variant the compiler refuses
             print(f"| {name} | ERROR {e!r:.150} |", flush=True)
             continue
         n = collections.Counter(ops)
         print(f"| {name} | {regs} | {stack} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} "
-              f"| {n['HMMA']} |", flush=True)
+              f"| {n['HMMA']} | {n['HGMMA']} | {n['STS']} |", flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"{stem}_{i}.sass"), "w") as f:

@@ -130,6 +130,29 @@ def test_qmatmul(bits, k, n, group_size, act_order, sym, fmt, dtype):
         check(y, reference(x, w, bias))
 
 
+SWAP_CALLS = [  # the weight as the dot's first operand (float16 x only)
+    (1, {"swap": True}),
+    (17, {"swap": True, "per_slot": False, "host_gather": False}),
+    (40, {"swap": True, "BM": 64, "BN": 64, "split": 2}),
+]
+
+
+@pytest.mark.parametrize("bits,k,n,group_size,act_order,sym,fmt", WEIGHTS)
+def test_dot_with_the_weight_first(bits, k, n, group_size, act_order, sym, fmt):
+    w, _ = make_weight(k, n, bits, group_size, act_order, sym, fmt)
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
+    for m, config in SWAP_CALLS:
+        x = torch.randn(m, k, generator=g).half().to(DEVICE)
+        check(run(x, w, bias, kernel="dot", config=config), reference(x, w, bias))
+
+
+def test_dot_with_the_weight_first_needs_float16_x():
+    w, _ = make_weight(256, 64, 4, 128, False, False, "gptq")
+    with pytest.raises(ValueError, match="swap needs float16"):
+        run(torch.randn(2, 256).to(DEVICE), w, kernel="dot", config={"swap": True})
+
+
 def test_leading_dims_and_reference():
     w, _ = make_weight(576, 192, 4, 128, True, False, "gptq")
     x = torch.randn(2, 3, 576).half().to(DEVICE)

@@ -42,12 +42,14 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                 BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 GROUP_M: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                SUB: tl.constexpr, PER_SLOT: tl.constexpr, PDL: tl.constexpr):
+                SUB: tl.constexpr, PER_SLOT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):
     """y = x W on tensor cores, the K loop optionally split over grid axis 1 (split > 1 needs M <= BM).
 
     SUB (fp16 x): B is the exact fp16 subnormal (q - z) * 2^-24 and the scale is applied per group to
     the fp32 dot. PER_SLOT: one K=16 dot per field on the [16, BN] word tile; else one dot per group on
-    the group's [GROUP_SLOTS*16, BN] rows (a 3D unpack, reshaped)."""
+    the group's [GROUP_SLOTS*16, BN] rows (a 3D unpack, reshaped). SWAP (with SUB): y^T = W^T x^T, the weight
+    the dot's first operand, which Hopper's wgmma reads from registers (as unpacked), x^T from shared memory;
+    without it the unpacked weight goes through shared memory, and a tile of 16 rows runs on mma.sync."""
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     RG: tl.constexpr = 16 * GROUP_SLOTS
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -61,34 +63,56 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     wi, ji, ri = tl.arange(0, 16), tl.arange(0, GROUP_SLOTS), tl.arange(0, RG)
-    acc = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), tl.float32)
     release_next(PDL)
     wait_previous(PDL)
     b_start = pid_k * blocks_per_split
     for i in range(0, blocks_per_split):
         blk = tl.minimum(b_start + i, num_blocks - 1)  # past the end: block re-read, all of x masked
         m_live = offs_m < tl.where(b_start + i < num_blocks, M, 0)
-        wptr = (blk * 16 + wi[:, None]) * N + offs_n[None, :]
-        words = tl.load(qw_ptr + wptr, mask=n_ok[None, :], other=0)
+        if SWAP:  # [BN, 16] word tiles
+            wptr = (blk * 16 + wi[None, :]) * N + offs_n[:, None]
+            w_ok = n_ok[:, None]
+        else:  # [16, BN]
+            wptr = (blk * 16 + wi[:, None]) * N + offs_n[None, :]
+            w_ok = n_ok[None, :]
+        words = tl.load(qw_ptr + wptr, mask=w_ok, other=0)
         hi = words
         if BITS == 3:
-            hi = tl.load(qh_ptr + wptr, mask=n_ok[None, :], other=0).to(tl.int32)
+            hi = tl.load(qh_ptr + wptr, mask=w_ok, other=0).to(tl.int32)
         for a in tl.static_range(FIELDS // GROUP_SLOTS):
             r = blk * (FIELDS // GROUP_SLOTS) + a  # this run's scales/zeros row
             s = tl.load(s_ptr + r * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + r * N + offs_n, mask=n_ok, other=0.0)
             base = blk * (16 * FIELDS) + a * RG  # the group's fields are consecutive packed rows
             if PER_SLOT:
-                zs = z.to(tl.int16).to(tl.float16, bitcast=True)[None, :]
+                zs = z.to(tl.int16).to(tl.float16, bitcast=True)
+                zs = zs[:, None] if SWAP else zs[None, :]
                 for jj in tl.static_range(GROUP_SLOTS):
                     xj = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + jj * 16 + wi, perm_ptr, K, HAS_PERM)
                     qj = field_int(words, hi, a * GROUP_SLOTS + jj, BITS)
                     bj = qj.to(tl.int16).to(tl.float16, bitcast=True) - zs
-                    if jj == 0:
-                        part = tl.dot(xj, bj)
+                    if SWAP:
+                        bj, xj = bj, tl.trans(xj)
                     else:
-                        part = tl.dot(xj, bj, part)
-                acc += part * (s * 16777216.0)[None, :]
+                        bj, xj = xj, bj
+                    if jj == 0:
+                        part = tl.dot(bj, xj)
+                    else:
+                        part = tl.dot(bj, xj, part)
+                if SWAP:
+                    acc += part * (s * 16777216.0)[:, None]
+                else:
+                    acc += part * (s * 16777216.0)[None, :]
+            elif SWAP:  # [BN, GROUP_SLOTS, 16]: column n, row 16j+w
+                xg = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + ri, perm_ptr, K, HAS_PERM)
+                j = (a * GROUP_SLOTS + ji)[None, :, None]
+                q = (words[:, None, :] >> (j * LO)) & ((1 << LO) - 1)
+                if BITS == 3:
+                    q |= ((hi[:, None, :] >> j) & 1) << 2
+                zs = z.to(tl.int16).to(tl.float16, bitcast=True)[:, None, None]
+                w = tl.reshape(q.to(tl.int16).to(tl.float16, bitcast=True) - zs, (BN, RG))
+                acc += tl.dot(w, tl.trans(xg)) * (s * 16777216.0)[:, None]
             else:
                 xg = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + ri, perm_ptr, K, HAS_PERM)
                 j = (a * GROUP_SLOTS + ji)[:, None, None]
@@ -103,14 +127,17 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
                     f = (q | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, exact
                     w = (f - (z.to(tl.float32) + 8388608.0)[None, None, :]) * s[None, None, :]
                     acc = _mma(xg, tl.reshape(w.to(x_ptr.dtype.element_ty), (RG, BN)), acc, IEEE)
+    if SWAP:
+        acc = tl.trans(acc)
     finish_tile(acc, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k, tl.num_programs(1),
             HAS_BIAS, SP, FENCE, False, b_ptr, False)
 
 
 def dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
-        per_slot=None, waves=2):
+        per_slot=None, waves=2, swap=False):
     """Launch the tensor-core kernel: y [M, N] = x2 [M, K] @ W + bias (keywords: `_dot_kernel`'s tiles; waves:
-    programs per SM that split-K aims for; per_slot: PER_SLOT, by default for BM <= 64)."""
+    programs per SM that split-K aims for; per_slot: PER_SLOT, by default for BM <= 64; swap: SWAP, float16 x
+    only)."""
     m, n, fields = x2.shape[0], w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     BM = BM or (16 if m <= 16 else 64 if m <= 64 else 128)
@@ -125,11 +152,13 @@ def dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages
     splits, per = (split, -(-num_blocks // split))
     qh, perm, b, fence = launch_args(w, x2, bias)
     sub = x2.dtype == torch.float16 and denorm
+    if swap and not sub:
+        raise ValueError("swap needs float16 x and denorm")
     ws = torch.empty(splits * m * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
     _dot_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
         m, n, w.in_features, x2.stride(0), num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SP=triton.next_power_of_2(splits), FENCE=fence,
-        IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot),
+        IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot), SWAP=swap,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
