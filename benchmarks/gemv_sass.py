@@ -72,6 +72,8 @@ DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: sp
                              (64, 128, 8, 3)) for swap in (False, True)],
     *[(f"BM 128, BN 128, 8 warps, {'per slot' if ps else 'per group'}{', swap' if swap else ''}",
        {"BM": 128, "BN": 128, "PER_SLOT": ps, "SWAP": swap}, 8, 3) for ps in (False, True) for swap in (False, True)],
+    *[(f"BM 128, BN {bn}, 8 warps, per slot, swap, (q - z) * s in float16", {"BM": 128, "BN": bn, "PER_SLOT": True,
+       "SWAP": True, "SUB": False}, 8, 3) for bn in (128, 256)],
 ]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

@@ -218,13 +218,16 @@ def _sweep_configs():
     dot64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": st})
              for bn, nw in ((64, 4), (128, 8)) for st in (2, 3)]
     # the weight as the dot's first operand (`dot(swap=True)`): offline sm_90 compiles (triton 3.9) put it in
-    # registers for wgmma (no shared-memory stores of the unpacked tile; `gemv_sass.py --dot`); not yet timed
+    # registers for wgmma (no shared-memory stores of the unpacked tile; `gemv_sass.py --dot`); not yet timed.
+    # Large M: (q - z) * s rounded to float16 in registers (denorm False) needs no per-group scaling of the sums
     swap16 = [("slots", "dot", {"BM": 16, "BN": bn, "num_warps": 4, "waves": wv, "swap": True})
               for bn in (64, 128) for wv in (2, 4)]
     swap64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": 3, "swap": True})
               for bn, nw in ((64, 4), (128, 4), (128, 8))]
-    swap_big = [("slots", "dot", {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": st, "swap": True,
-                                  "per_slot": True}) for st in (3, 4)]
+    swap_big = [("slots", "dot", {"BM": 128, "BN": bn, "num_warps": 8, "num_stages": st, "swap": True,
+                                  "per_slot": True, **({} if sub else {"denorm": False})})
+                for bn, st, sub in ((128, 3, True), (128, 4, True), (128, 3, False), (128, 4, False),
+                                    (256, 3, False))]
     # L2-sized float slices (8/16/32 MB workspaces, so cuBLAS might read them back from the L2) lost to the
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]

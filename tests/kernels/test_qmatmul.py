@@ -131,10 +131,12 @@ def test_qmatmul(bits, k, n, group_size, act_order, sym, fmt, dtype):
         check(y, reference(x, w, bias))
 
 
-SWAP_CALLS = [  # the weight as the dot's first operand (float16 x only)
-    (1, {"swap": True}),
-    (17, {"swap": True, "per_slot": False, "host_gather": False}),
-    (40, {"swap": True, "BM": 64, "BN": 64, "split": 2}),
+SWAP_CALLS = [  # the weight as the dot's first operand
+    (1, {"swap": True}, torch.float16),
+    (17, {"swap": True, "per_slot": False, "host_gather": False}, torch.float16),
+    (40, {"swap": True, "BM": 64, "BN": 64, "split": 2}, torch.float16),
+    (33, {"swap": True, "per_slot": True, "denorm": False, "BM": 64}, torch.float16),  # (q - z) * s in float16
+    (5, {"swap": True, "per_slot": True}, torch.float32),
 ]
 
 
@@ -143,14 +145,14 @@ def test_dot_with_the_weight_first(bits, k, n, group_size, act_order, sym, fmt):
     w, _ = make_weight(k, n, bits, group_size, act_order, sym, fmt)
     g = torch.Generator().manual_seed(2)
     bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
-    for m, config in SWAP_CALLS:
-        x = torch.randn(m, k, generator=g).half().to(DEVICE)
+    for m, config, dtype in SWAP_CALLS:
+        x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
         check(run(x, w, bias, kernel="dot", config=config), reference(x, w, bias))
 
 
-def test_dot_with_the_weight_first_needs_float16_x():
+def test_dot_with_the_weight_first_needs_float16_x_or_per_slot():
     w, _ = make_weight(256, 64, 4, 128, False, False, "gptq")
-    with pytest.raises(ValueError, match="swap needs float16"):
+    with pytest.raises(ValueError, match="swap with other than float16 x"):
         run(torch.randn(2, 256).to(DEVICE), w, kernel="dot", config={"swap": True})
 
 

@@ -47,7 +47,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
 
     SUB (fp16 x): B is the exact fp16 subnormal (q - z) * 2^-24 and the scale is applied per group to
     the fp32 dot. PER_SLOT: one K=16 dot per field on the [16, BN] word tile; else one dot per group on
-    the group's [GROUP_SLOTS*16, BN] rows (a 3D unpack, reshaped). SWAP (with SUB): y^T = W^T x^T, the weight
+    the group's [GROUP_SLOTS*16, BN] rows (a 3D unpack, reshaped). SWAP (SUB or PER_SLOT): y^T = W^T x^T, the weight
     the dot's first operand, which Hopper's wgmma reads from registers (as unpacked), x^T from shared memory;
     without it the unpacked weight goes through shared memory, and a tile of 16 rows runs on mma.sync."""
     LO: tl.constexpr = 2 if BITS == 3 else BITS
@@ -85,25 +85,32 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
             s = tl.load(s_ptr + r * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + r * N + offs_n, mask=n_ok, other=0.0)
             base = blk * (16 * FIELDS) + a * RG  # the group's fields are consecutive packed rows
-            if PER_SLOT:
-                zs = z.to(tl.int16).to(tl.float16, bitcast=True)
-                zs = zs[:, None] if SWAP else zs[None, :]
+            if PER_SLOT:  # SUB: the group's dots summed in `part`, scaled once; else (q - z) * s into acc
+                if SUB:
+                    zc = z.to(tl.int16).to(tl.float16, bitcast=True)
+                else:
+                    zc = z.to(tl.float32) + 8388608.0
+                zc = zc[:, None] if SWAP else zc[None, :]
+                sc = s[:, None] if SWAP else s[None, :]
                 for jj in tl.static_range(GROUP_SLOTS):
                     xj = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + jj * 16 + wi, perm_ptr, K, HAS_PERM)
                     qj = field_int(words, hi, a * GROUP_SLOTS + jj, BITS)
-                    bj = qj.to(tl.int16).to(tl.float16, bitcast=True) - zs
+                    if SUB:
+                        wj = qj.to(tl.int16).to(tl.float16, bitcast=True) - zc
+                    else:  # 2^23 + q exactly, less 2^23 + z: (q - z) * s rounded once to x's dtype
+                        wj = (((qj | 0x4B000000).to(tl.float32, bitcast=True) - zc) * sc).to(x_ptr.dtype.element_ty)
                     if SWAP:
-                        bj, xj = bj, tl.trans(xj)
+                        lhs, rhs = wj, tl.trans(xj)
                     else:
-                        bj, xj = xj, bj
-                    if jj == 0:
-                        part = tl.dot(bj, xj)
+                        lhs, rhs = xj, wj
+                    if not SUB:
+                        acc = _mma(lhs, rhs, acc, IEEE)
+                    elif jj == 0:
+                        part = tl.dot(lhs, rhs)
                     else:
-                        part = tl.dot(bj, xj, part)
-                if SWAP:
-                    acc += part * (s * 16777216.0)[:, None]
-                else:
-                    acc += part * (s * 16777216.0)[None, :]
+                        part = tl.dot(lhs, rhs, part)
+                if SUB:
+                    acc += part * (sc * 16777216.0)
             elif SWAP:  # [BN, GROUP_SLOTS, 16]: column n, row 16j+w
                 xg = _x_tile(x_ptr, offs_m, m_live, stride_xm, base + ri, perm_ptr, K, HAS_PERM)
                 j = (a * GROUP_SLOTS + ji)[None, :, None]
@@ -136,8 +143,8 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
 def dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages=None, denorm=True,
         per_slot=None, waves=2, swap=False):
     """Launch the tensor-core kernel: y [M, N] = x2 [M, K] @ W + bias (keywords: `_dot_kernel`'s tiles; waves:
-    programs per SM that split-K aims for; per_slot: PER_SLOT, by default for BM <= 64; swap: SWAP, float16 x
-    only)."""
+    programs per SM that split-K aims for; per_slot: PER_SLOT, by default for float16 x and BM <= 64; swap:
+    SWAP, with float16 x or per_slot)."""
     m, n, fields = x2.shape[0], w.out_features, fields_per_word(w.bits)
     num_blocks = w.padded_rows // (SLOT * fields)
     BM = BM or (16 if m <= 16 else 64 if m <= 64 else 128)
@@ -152,13 +159,14 @@ def dot(x2, w, bias, y, BM=None, BN=None, split=None, num_warps=None, num_stages
     splits, per = (split, -(-num_blocks // split))
     qh, perm, b, fence = launch_args(w, x2, bias)
     sub = x2.dtype == torch.float16 and denorm
-    if swap and not sub:
-        raise ValueError("swap needs float16 x and denorm")
+    per_slot = sub and BM <= 64 if per_slot is None else per_slot
+    if swap and not (sub or per_slot):
+        raise ValueError("swap with other than float16 x (or with denorm=False) needs per_slot")
     ws = torch.empty(splits * m * n if splits > 1 else 1, dtype=torch.float32, device=x2.device)
     _dot_kernel[(tiles, splits)](
         x2, w.qweight, qh, w.scales, w.zeros, perm, b, ws, w.locks, y,
         m, n, w.in_features, x2.stride(0), num_blocks, per,
         BITS=w.bits, FIELDS=fields, GROUP_SLOTS=w.group_slots, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, BM=BM, BN=BN, GROUP_M=8, SP=triton.next_power_of_2(splits), FENCE=fence,
-        IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=sub and (BM <= 64 if per_slot is None else per_slot), SWAP=swap,
+        IEEE=x2.dtype == torch.float32, SUB=sub, PER_SLOT=per_slot, SWAP=swap,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2))
