@@ -336,12 +336,12 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             offs_m = tl.arange(0, 8 * NT)
             dst = offs_m[:, None].to(tl.int64) * N + _placed(offs_n, pos_ptr, ok, N, HAS_POS)[None, :]
             tl.atomic_add(y_ptr + dst, out, mask=(offs_m < M)[:, None] & ok[None, :], sem="relaxed")
-            return
-        # every x row of the tile is row 0: add row 0's sums (and the bias, once)
-        row0 = tl.sum(tl.where(tl.arange(0, 8)[:, None] == 0, out, 0.0), axis=0)
-        if HAS_BIAS:
-            row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
-        tl.atomic_add(y_ptr + _placed(offs_n, pos_ptr, ok, N, HAS_POS), row0, mask=ok, sem="relaxed")
+        else:  # (not after a return: the compiler still builds what follows one, the interpreter does not)
+            # every x row of the tile is row 0: add row 0's sums (and the bias, once)
+            row0 = tl.sum(tl.where(tl.arange(0, 8)[:, None] == 0, out, 0.0), axis=0)
+            if HAS_BIAS:
+                row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
+            tl.atomic_add(y_ptr + _placed(offs_n, pos_ptr, ok, N, HAS_POS), row0, mask=ok, sem="relaxed")
         return
     if SWIGLU:
         offs_n = pid_n * (8 * CT) + tl.where(cols < 8 * CT, cols, cols - 8 * CT + N // 2)
