@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|warm_ab|dense|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -53,22 +53,6 @@ for stage in "$@"; do
         LOWBIT_MMA=$t timeout "${DECODE_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-7b "${tuned[@]}" \
           --variants gptq-4bit-g128 --batches ${MMA_BATCHES:-1,16} --out "$OUT/decode_mma_$t.md" > "$OUT/decode_mma_$t.txt" 2>&1
         echo "LOWBIT_MMA=$t"; grep -E "^\| (gptq|lowbit)" "$OUT/decode_mma_$t.txt" | sort -u
-      done ;;
-    warm_ab)  # whole-model b=1 decode, 4-bit g128: the slots and mma layouts ($MMA_M1 or the default M=1 mma
-      # config), each without and with warm_l2 (every program asks L2 for its words before waiting), one call
-      python3 -c "import json, sys; from lowbit.kernels import qmatmul as q
-m1 = json.loads(sys.argv[1]) if sys.argv[1] else q.MMA_CUDA_CONFIGS[0][2]
-for warm in (0, 1):
-    extra = {'warm_l2': True} if warm else {}
-    rows = [[1, 'gemv', {**q.CUDA_CONFIGS[0][2], **extra}], [1, 'mma', {**m1, **extra}]]
-    json.dump(rows, open(f'/tmp/warm_{warm}.json', 'w'))" "${MMA_M1:-}"
-      for layout in ${WARM_AB_LAYOUTS:-0 1}; do
-        for warm in 0 1; do
-          LOWBIT_MMA=$layout timeout "${DECODE_SECONDS:-100}" python3 benchmarks/gpu_decode.py --shape llama-7b \
-            --tuned /tmp/warm_$warm.json --variants gptq-4bit-g128 --batches 1 --out /tmp/decode_warm.md \
-            > "$OUT/decode_warm_$layout$warm.txt" 2>&1
-          echo "LOWBIT_MMA=$layout warm_l2=$warm"; grep -E "^\| (gptq|lowbit)" "$OUT/decode_warm_$layout$warm.txt" | sort -u
-        done
       done ;;
     dense)  # the float GEMV's tile sweep against cuBLAS, one 7B block's four fp16 launches each alone
       timeout "${DENSE_SECONDS:-150}" python3 benchmarks/dense_sweep.py > "$OUT/dense_sweep_log.txt" 2>&1
