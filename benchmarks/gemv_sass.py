@@ -33,7 +33,7 @@ POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp1
             "xs_ptr": "*fp32"}
 DEFAULTS = dict(BITS=4, FIELDS=8, GROUP_SLOTS=8, HAS_PERM=False, HAS_BIAS=False, BN=64, SP=8, FENCE=True, SUB=True,
                 EVEN_N=True, EVEN_K=True, UNROLL=2, PREFETCH=False, SWIGLU=False, HAS_POS=False, ADD=True, XSW=0,
-                XONCE=False, WARM=0, PDL=True)
+                XONCE=False, PDL=True)
 DIVISIBLE = ("N", "K", "num_blocks")  # 7B shapes: Triton's launcher marks integers divisible by 16 (vector loads)
 VARIANTS = [  # (name, constexpr overrides, num_warps)
     ("default (BN 64, unroll 2)", {}, 4),
@@ -44,19 +44,17 @@ VARIANTS = [  # (name, constexpr overrides, num_warps)
     ("SwiGLU on load (down_proj)", {"XSW": 1}, 4),
     ("SwiGLU once into a scratch row", {"XSW": 1, "XONCE": True}, 4),
     ("SwiGLU once, unroll 1, prefetch", {"XSW": 1, "XONCE": True, "UNROLL": 1, "PREFETCH": True}, 4),
-    ("words warmed in L2 first", {"WARM": 128}, 4),
 ]
 MMA_POINTERS = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16",
                 "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32",
                 "xh_ptr": "*fp16"}
 MMA_DEFAULTS = dict(CT=4, SPR=2, NT=1, HAS_BIAS=False, SP=8, FENCE=True, SWIGLU=False, HAS_POS=False, STAGES=1,
-                    PREFETCH=0, EMULATE=False, ADD=1, AHEAD=2, XSW=0, WARM=0, PDL=True)
+                    PREFETCH=0, EMULATE=False, ADD=1, AHEAD=2, XSW=0, PDL=True)
 MMA_DIVISIBLE = ("N", "stride_xm", "slabs")
 MMA_VARIANTS = [  # (name, constexpr overrides, num_warps); NT: x row tiles of 8 (M = 8 * NT at most)
     *[(f"M=1, CT {ct}, ahead {ah}{', lanes' if add == 2 else ''}", {"CT": ct, "AHEAD": ah, "ADD": add}, 4)
       for ct in (4, 8) for ah in (2, 3) for add in (1, 2)],
     ("M=1, CT 4, ahead 2, lanes, SwiGLU input (down_proj)", {"ADD": 2, "XSW": 1}, 4),
-    ("M=1, CT 4, ahead 2, lanes, words warmed in L2 first", {"ADD": 2, "WARM": 128}, 4),
     *[(f"M={8 * nt}, CT {ct}, {'ahead ' + str(ah) if ah else 'smem pipeline, 3 stages'}",
        {"NT": nt, "CT": ct, "AHEAD": ah, "STAGES": 1 if ah else 3, "PREFETCH": 0 if ah else 2, "ADD": 0,
         "y_ptr": "*fp16"}, 4)

@@ -33,8 +33,7 @@ DEADLINE = time.time() + float(os.environ.get("GEMV_SWEEP_SECONDS", "240"))
 # at every launch (+2 to +6 %) and was dropped. Now: the default tile at K splits around the default's (the
 # blocks each program reads, and how the programs fill whole waves of the SMs), SwiGLU computed once per value
 # into a scratch row (swiglu_once: only down_proj's launch reads it), and loads a step ahead (prefetch).
-CONFIGS = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True, "warm_l2": True},
-           {"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
+CONFIGS = [{"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "swiglu_once": True},
            {"BN": 64, "num_warps": 4, "unroll": 2, "waves": 4, "prefetch": True},
            {"BN": 32, "num_warps": 2, "unroll": 2, "waves": 16, "maxnreg": 128}]
 SPLITS = {"wqkv": (4, 5, 8, 11), "wo": (8, 11, 32), "w13": (3, 4, 6, 8), "w2": (8, 11, 22, 29)}  # default's tile
@@ -109,15 +108,13 @@ def launch_fn(copies, kind, config):
 # The mma layout's kernel at M=1 adding into float32 (`mma_matmul(add=True)`): tensor cores do the multiply-adds,
 # ~1.3 instructions a weight against the GEMV's ~3.6. x is plain fp16 for every launch (down_proj too: that
 # kernel does not compute SwiGLU on load), so w2's row is the matmul alone.
-MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": nw, "ahead": ah, "lanes": ln,
-                **({"warm_l2": True} if warm else {})}
-               for ct, wv, nw, ah, ln, warm in [  # ahead: words through registers, that many steps early (the
-                   # first sweep, 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to
-                   # it everywhere); lanes: each lane adds its own sums (no gather through shared memory); warm:
-                   # each program asks L2 for its whole word slice before waiting for the kernel before
-                   (4, 8, 4, 2, False, False), (4, 8, 4, 2, True, False), (4, 8, 4, 2, True, True),
-                   (4, 8, 4, 3, True, False), (4, 12, 4, 2, True, False), (4, 12, 4, 3, True, False),
-                   (8, 4, 8, 2, True, False), (8, 4, 8, 2, True, True), (8, 8, 8, 3, True, False)]]
+MMA_CONFIGS = [{"CT": ct, "waves": wv, "stages": 1, "prefetch": 0, "num_warps": nw, "ahead": ah, "lanes": ln}
+               for ct, wv, nw, ah, ln in [  # ahead: words through registers, that many steps early (the first
+                   # sweep, 2026-12-07, results/gemv_sweep_mma.md: Triton's shared-memory pipeline lost to it
+                   # everywhere); lanes: each lane adds its own sums (no gather through shared memory)
+                   (4, 8, 4, 2, False), (4, 8, 4, 2, True), (4, 8, 4, 3, True), (4, 12, 4, 2, True),
+                   (4, 12, 4, 3, True), (4, 16, 4, 3, True), (8, 4, 8, 2, True), (8, 8, 8, 3, True),
+                   (4, 8, 8, 3, True)]]
 
 
 def mma_fn(copies, config):
@@ -165,10 +162,9 @@ def main_mma():
         count = max(2, -(-120_000_000 // nbytes))
         slots += [random_weight(k, n, 4, seed=s, layout="slots") for s in range(1, count)]
         results = []
-        for config in (dict(default), {**default, "warm_l2": True}):
-            fn, _ = launch_fn(slots, kind, config)
-            results.append((graph_time(fn, reps=4) / count, f"slots GEMV {config}"))
-            print(f"{name} {results[-1][1]}: {results[-1][0]:.2f} us", flush=True)
+        fn, _ = launch_fn(slots, kind, dict(default))
+        results.append((graph_time(fn, reps=4) / count, f"slots GEMV default {default}"))
+        print(f"{name} {results[-1][1]}: {results[-1][0]:.2f} us", flush=True)
         del slots, fn
         copies = [random_weight(k, n, 4, seed=s, layout="mma") for s in range(count)]
         for config in MMA_CONFIGS:

@@ -82,8 +82,7 @@ def test_mma_swiglu_and_order():
     w, _ = mma_weight(128, 64, 64, False, False, "gptq")
     x = torch.randn(1, 128).half().to(DEVICE)
     ref = silu_mul_reference(reference(x, w).half()).double()
-    for config in ({"CT": 2, "split": 2}, {"CT": 2, "split": 2, "ahead": 2},  # ahead: as the M=1 row runs it
-                   {"CT": 4, "split": 3, "ahead": 2, "warm_l2": True}):  # warm_l2: a no-op in the interpreter
+    for config in ({"CT": 2, "split": 2}, {"CT": 2, "split": 2, "ahead": 2}):  # ahead: as the M=1 row runs it
         check(qmatmul(x, w, kernel="mma", config=config, swiglu=True), ref)
     perm = torch.randperm(32).to(torch.int32).to(DEVICE)
     order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
@@ -95,8 +94,7 @@ def test_mma_swiglu_and_order():
                                     {"CT": 2, "split": 4, "ahead": 1}, {"CT": 1, "split": 1, "ahead": 2},
                                     {"CT": 2, "split": 3, "ahead": 2}, {"CT": 2, "split": 2, "ahead": 3},
                                     {"CT": 1, "split": 1, "ahead": 4}, {"CT": 2, "split": 3, "lanes": True},
-                                    {"CT": 4, "split": 2, "ahead": 2, "lanes": True},
-                                    {"CT": 2, "split": 3, "ahead": 2, "lanes": True, "warm_l2": True}])
+                                    {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
 def test_mma_adds_one_row_into_float32(config):
     """accumulate=True at M = 1: each K split adds its float32 sums (and the bias, once) into out with atomics,
     no split-K finish; the counters stay untouched."""

@@ -109,7 +109,6 @@ CALLS = [  # kernel, M, config
     ("gemv", 1, {"BN": 16, "split": 3, "unroll": 2}),
     ("gemv", 1, {"BN": 16, "split": 3, "prefetch": True}),  # loads a step ahead (odd and even blocks a split)
     ("gemv", 1, {"BN": 16, "split": 2, "unroll": 2, "prefetch": True}),
-    ("gemv", 1, {"BN": 16, "split": 3, "warm_l2": True}),  # a no-op in the interpreter
     ("dot", 1, None),
     ("dot", 3, {"split": 3}),
     ("dot", 16, None),
@@ -184,7 +183,6 @@ def test_split_k_is_deterministic():
 
 @pytest.mark.parametrize("n,act_order,kernel,config", [(256, False, "gemv", None), (200, True, "gemv", None),
                                                        (200, True, "gemv", {"BN": 16, "split": 3}),
-                                                       (200, True, "gemv", {"BN": 16, "split": 3, "warm_l2": True}),
                                                        (200, False, "dot", None)])
 def test_swiglu_output(n, act_order, kernel, config):
     """swiglu=True: the columns are gate then up and the result is silu(gate) * up, computed by the GEMV in its

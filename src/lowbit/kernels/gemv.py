@@ -15,7 +15,7 @@ from lowbit.kernels.layout import SLOT, fields_per_word
 from lowbit.kernels.slots import field, launch_args, pow2, sub_term
 from lowbit.kernels.splitk import finish_tile, sm_count, split_k
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
-from lowbit.kernels.sync import interpreting, pdl_launch, prefetch_l2, release_next, wait_previous
+from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
 
 
 
@@ -112,26 +112,6 @@ def _gemv_block(x_ptr, perm_ptr, w0, h0, w1, h1, s_ptr, z_ptr, blk, live, c0, c1
 
 
 @triton.jit
-def _warm_words(qw_ptr, b_start, b_end, pid_n, N, BN: tl.constexpr, SWIGLU: tl.constexpr, THREADS: tl.constexpr):
-    """Ask L2 for the words of blocks b_start..b_end in the program's two column chunks, one 128-byte line a
-    thread a pass."""
-    LPC: tl.constexpr = (BN + 31) // 32  # lines a chunk's row (BN int32 words)
-    if SWIGLU:
-        first0 = pid_n * BN
-        first1 = first0 + N // 2
-    else:
-        first0 = pid_n * (2 * BN)
-        first1 = first0 + BN
-    total = (b_end - b_start) * 16 * (2 * LPC)
-    for i0 in range(0, total, THREADS):
-        e = i0 + tl.arange(0, THREADS)
-        row = b_start * 16 + e // (2 * LPC)
-        part = e % (2 * LPC)
-        col = tl.where(part < LPC, first0, first1) + (part % LPC) * 32
-        prefetch_l2(qw_ptr + row.to(tl.int64) * N + col, (e < total) & (col < N))
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xs_ptr,
                  N, K, num_blocks, blocks_per_split,
                  BITS: tl.constexpr, FIELDS: tl.constexpr, GROUP_SLOTS: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -139,7 +119,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
                  SUB: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UNROLL: tl.constexpr,
                  PREFETCH: tl.constexpr,
                  SWIGLU: tl.constexpr, HAS_POS: tl.constexpr, ADD: tl.constexpr, XSW: tl.constexpr,
-                 XONCE: tl.constexpr, WARM: tl.constexpr, PDL: tl.constexpr):
+                 XONCE: tl.constexpr, PDL: tl.constexpr):
     """y[n] = sum_k x[k] W[k, n] for one row x, on CUDA cores; grid (column pairs, K splits). ADD: y is
     float32 and each K split adds its partial sums to it (atomics: no split-K finish, nothing waits). XSW: x is
     a fused w13's float32 gate and up sums and the input SwiGLU of them (`_x_at`); XONCE: each program first
@@ -159,9 +139,7 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     words loaded a step earlier, so a program's loads overlap its own math rather than only other programs'
     (register double buffering; an Nsight profile of the default showed no eligible warp in half the cycles).
     PDL: the first blocks' words are loaded before waiting for the previous kernel (they are not its output),
-    so a program's first loads overlap that kernel's tail (most programs own only 2-6 blocks). WARM (0: off;
-    else the program's thread count): before that, ask L2 for all of the program's words, so its reads keep DRAM
-    busy under that kernel's tail and later hit L2."""
+    so a program's first loads overlap that kernel's tail (most programs own only 2-6 blocks)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if SWIGLU:  # gate columns and their up columns N/2 further: the finish writes silu(gate) * up
         c0 = pid_n * BN + tl.max_contiguous(tl.multiple_of(tl.arange(0, BN), BN), BN)
@@ -177,8 +155,6 @@ def _gemv_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, l
     acc1 = tl.zeros((16, BN), tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, num_blocks)
-    if WARM:
-        _warm_words(qw_ptr, b_start, b_end, pid_n, N, BN, SWIGLU, WARM)
     w0, h0 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c0, ok0, N, BITS, EVEN_N)
     w1, h1 = _chunk_words(qw_ptr, qh_ptr, b_start, wi, c1, ok1, N, BITS, EVEN_N)
     if UNROLL == 2:  # the next block (re-reading this one past the end, with its x zeroed)
@@ -247,10 +223,10 @@ def _side_by_side(a, b):
 
 def gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=True, waves=8, unroll=1,
          swiglu=False, positions=None, add=False, x_swiglu=None, maxnreg=None, prefetch=False,
-         swiglu_once=False, warm_l2=False):
+         swiglu_once=False):
     """Launch the GEMV (keywords: `_gemv_kernel`'s tiles and modes; waves: programs per SM; maxnreg: a register
     cap for ptxas, which trades spills for programs resident per SM; prefetch: PREFETCH; swiglu_once: XONCE,
-    with x_swiglu; warm_l2: WARM, compiled kernels only) -> the launched kernel (its n_regs, for benchmarks)."""
+    with x_swiglu) -> the launched kernel (its n_regs, for benchmarks)."""
     n, fields = w.out_features, fields_per_word(w.bits)
     dtype = x_swiglu or x2.dtype  # what the input is rounded to
     num_blocks = w.padded_rows // (SLOT * fields)
@@ -270,6 +246,5 @@ def gemv(x2, w, bias, y, BN=64, split=None, num_warps=4, num_stages=1, denorm=Tr
         HAS_BIAS=bias is not None, BN=BN, SP=triton.next_power_of_2(splits), FENCE=fence,
         SUB=dtype == torch.float16 and denorm, EVEN_N=(n // 2 % BN if swiglu else n % (2 * BN)) == 0,
         EVEN_K=w.in_features == w.padded_rows, UNROLL=unroll, PREFETCH=prefetch, SWIGLU=swiglu,
-        HAS_POS=positions is not None, ADD=add, XSW=ROUNDING[x_swiglu], XONCE=once,
-        WARM=32 * num_warps if warm_l2 and x2.is_cuda and not interpreting() else 0, num_warps=num_warps,
+        HAS_POS=positions is not None, ADD=add, XSW=ROUNDING[x_swiglu], XONCE=once, num_warps=num_warps,
         num_stages=num_stages, **cap, **pdl_launch(x2))

@@ -29,7 +29,7 @@ from torch import Tensor
 from lowbit.kernels.layout import QWeight
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
-from lowbit.kernels.sync import interpreting, pdl_launch, prefetch_l2, release_next, wait_previous
+from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
 MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
@@ -187,6 +187,13 @@ def _step4(words, a0, a1, a2, a3, x0, x1, x2, x3, zz, sc, ASM: tl.constexpr, CON
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at `ptrs` without waiting (weights, while the previous kernel drains)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _to_rows(acc, CT: tl.constexpr, SPR: tl.constexpr):
     """[CT * SPR * 8, 16] accumulators -> [8, 16 * CT] outputs: x row 2t + p % 2, column 16 ct + 8 (p // 2) + g."""
     a = tl.sum(tl.reshape(acc, (CT, SPR, 8, 16)), axis=1)
@@ -205,22 +212,12 @@ def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _tile(ct, pid_n, N, CT: tl.constexpr, SWIGLU: tl.constexpr):
-    """The 16-column tile of a program's column tile ct (SWIGLU: the first CT/2 are gate tiles, the last CT/2
-    their up tiles N/2 further)."""
-    if SWIGLU:
-        HALF: tl.constexpr = CT // 2
-        return pid_n * HALF + tl.where(ct < HALF, ct, ct - HALF + N // 32)
-    return pid_n * CT + ct
-
-
-@triton.jit
 def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
                 M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
-                ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, WARM: tl.constexpr, PDL: tl.constexpr):
+                ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -234,8 +231,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline. XSW (M = 1; a
     `swiglu_load.ROUNDING` code): xf holds a fused w13's float32 gate/up sums and the input is their SwiGLU; each
     program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
-    that as its x. WARM (0: off; else the program's thread count): before waiting for the previous kernel, ask
-    L2 for the program's whole word slice, so its reads keep DRAM busy under that kernel's tail and hit L2."""
+    that as its x."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -244,16 +240,14 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     j = tl.arange(0, 16)[None, :]
     r, g = q // 8, q % 8
     ct, ss = r // SPR, r % SPR
-    tile = _tile(ct, pid_n, N, CT, SWIGLU)
+    if SWIGLU:
+        HALF: tl.constexpr = CT // 2
+        tile = pid_n * HALF + tl.where(ct < HALF, ct, ct - HALF + N // 32)
+    else:
+        tile = pid_n * CT + ct
     steps = slabs // SPR
     s_begin = pid_k * steps_per_split
     s_end = tl.minimum(s_begin + steps_per_split, steps)
-    if WARM:  # the program's words, each tile's a contiguous run, one line a thread a pass
-        run = (s_end - s_begin) * (SPR * 4)  # 128-byte lines of a tile's run
-        for i0 in range(0, CT * run, WARM):
-            e = i0 + tl.arange(0, WARM)
-            first = (_tile(e // run, pid_n, N, CT, SWIGLU) * slabs + s_begin * SPR).to(tl.int64) * 128
-            prefetch_l2(qw_ptr + first + (e % run) * 32, e < CT * run)
     w_off = (tile * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + step * SPR * 128
     m_off = tile * 8 + g + 0 * j  # + step * N / 2: the lane's scale/zero pair
     x_off = ss * 32 + (j // 4) * 8 + (j % 4) * 2  # + step * SPR * 32 + x row * stride / 2
@@ -261,7 +255,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     if not EMULATE:
         lines = (tile * slabs + ss).to(tl.int64) * 128 + (j % 4) * 32  # 4 lines of 128 bytes a row (x4 copies)
         for i in tl.static_range(PREFETCH):
-            prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128), q + j >= 0)
+            _prefetch_l2(qw_ptr + lines + tl.minimum(s_begin + i, s_end - 1) * (SPR * 128))
     if AHEAD:  # the first steps' words (weights: no earlier kernel writes them) load under the previous kernel
         ahead0 = tl.load(qw_ptr + w_off + s_begin * (SPR * 128))
         ahead1, ahead2, ahead3 = ahead0, ahead0, ahead0  # (unused past AHEAD)
@@ -376,7 +370,7 @@ def _column_tiles(tiles: int, want: int) -> int:
 def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
-               lanes: bool = False, x_swiglu: torch.dtype | None = None, warm_l2: bool = False) -> None:
+               lanes: bool = False, x_swiglu: torch.dtype | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -386,8 +380,7 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     the slots GEMV places them). ahead (1-4): words through registers, loaded that many steps early
     (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add, one row): each lane adds
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
-    gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW). warm_l2:
-    each program first asks L2 for its whole word slice (WARM; compiled kernels only)."""
+    gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW)."""
     n, k = w.out_features, w.in_features
     m = x2.shape[0]
     xf = None
@@ -432,4 +425,4 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
-            WARM=32 * num_warps if warm_l2 and not emulate else 0, num_warps=num_warps, **pdl_launch(x2))
+            num_warps=num_warps, **pdl_launch(x2))

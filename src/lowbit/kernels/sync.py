@@ -66,15 +66,6 @@ def release_next(PDL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the 128-byte line at each of `ptrs` where `mask`, without waiting: a kernel warms its weights
-    (which no kernel writes) while the kernel before it finishes. A hint; compiled kernels only (inline PTX)."""
-    tl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p prefetch.global.L2 [$1];\n\t"
-                              "mov.b32 $0, 0;\n\t}", "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def fence_gpu(t):
     """Make this thread's earlier global stores visible GPU-wide (split-K partials before the tile counter)."""
     tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
