@@ -38,7 +38,7 @@ def say(*a):
     print(line, flush=True)
 
 
-def random_weight(k, n, bits, group_size=128, act_order=False, seed=0, layout="auto"):
+def random_weight(k, n, bits, group_size=128, act_order=False, seed=0, layout="slots"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     groups = pack.num_groups(k, group_size)
     codes = torch.randint(0, 1 << bits, (k, n), device="cuda", generator=g).to(torch.uint8)

@@ -20,7 +20,7 @@ add = config.pop("add", False)  # {"add": true}: the GEMV adding into float32, a
 codes = torch.randint(0, 16, (k, n), device="cuda", dtype=torch.uint8)
 zeros = torch.randint(0, 16, (k // 128, n), device="cuda", dtype=torch.int32)
 scales = torch.rand(k // 128, n, device="cuda").half() * 0.01
-ws = [repack(codes, zeros, scales, pack.default_g_idx(k, 128).cuda(), 4) for _ in range(8)]  # > L2
+ws = [repack(codes, zeros, scales, pack.default_g_idx(k, 128).cuda(), 4, "slots") for _ in range(8)]  # > L2
 x = torch.randn(m, k, device="cuda").half()
 out = torch.zeros(m, n, device="cuda")
 for i in range(8):

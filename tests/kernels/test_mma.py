@@ -195,10 +195,11 @@ def test_mma_layout_refuses_what_it_cannot_hold(monkeypatch):
     w = repack(codes, torch.full((4, 32), 8), scales, torch.arange(128) // 32, 4)  # auto: falls back
     assert w.layout == "slots"
     one_group = (torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64))
-    assert repack(codes, *one_group, 4).layout == "slots"  # auto: the slots layout unless LOWBIT_MMA=1
-    monkeypatch.setenv("LOWBIT_MMA", "1")
+    assert repack(codes, *one_group, 4).layout == "slots"  # auto: the mma kernels run on CUDA only
     w = repack(codes.to(DEVICE), *(t.to(DEVICE) for t in one_group), 4)
-    assert w.layout == ("mma" if DEVICE == "cuda" else "slots")  # the mma kernels run on CUDA only
+    assert w.layout == ("mma" if DEVICE == "cuda" else "slots")
+    monkeypatch.setenv("LOWBIT_MMA", "0")
+    assert repack(codes.to(DEVICE), *(t.to(DEVICE) for t in one_group), 4).layout == "slots"
 
 
 def test_other_kernels_refuse_the_mma_layout():

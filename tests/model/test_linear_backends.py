@@ -70,13 +70,12 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
                                           pytest.param(False, True, marks=pytest.mark.gpu),
                                           pytest.param(True, True, marks=pytest.mark.gpu)])
 def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act, mma):
-    """One-row decode on the "triton" GEMV (or the mma layout's kernel: LOWBIT_MMA=1, CUDA) keeps the residual
+    """One-row decode on the "triton" GEMV (LOWBIT_MMA=0) or the mma layout's kernel (CUDA) keeps the residual
     stream in float32 and lets every linear add into float32 (`Block.forward_into`); more rows, or
     deterministic algorithms, keep the float16 residual. The logits match the reference either way."""
     from lowbit.model import llama
 
-    if mma:
-        monkeypatch.setenv("LOWBIT_MMA", "1")
+    monkeypatch.setenv("LOWBIT_MMA", "1" if mma else "0")
     cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     write_gptq_checkpoint(tmp_path, cfg, 4, 64 if mma else 32, desc_act, False, "gptq", distinct_perms=False)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32

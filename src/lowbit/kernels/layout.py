@@ -151,9 +151,10 @@ def _sorted_rows(order: Tensor, dest: Tensor, padded: Tensor, groups: int, kp: i
 def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, layout: str = "auto") -> QWeight:
     """codes uint8 [K, N], TRUE zero points int [G, N], scales [G, N], g_idx int [K] -> QWeight.
 
-    layout "auto" takes "slots" unless LOWBIT_MMA=1 asks for "mma" (on CUDA, where the weight allows it:
-    `mma_unsupported`). The mma kernel is faster for 2-32 rows of x only (M=16: 102 vs 119 us a 7B block of
-    linears on an H100) and slower at M=1, 64 and prefill, so it is an opt-in for batched decode."""
+    layout "auto" takes "mma" on CUDA where the weight allows it (`mma_unsupported`), else "slots";
+    LOWBIT_MMA=0 asks for "slots". Whole 7B 4-bit model on an H100 (2026-12-07, benchmarks/results/gpu.md):
+    decode at batch 1 508 against 447 tok/s, batch 16 3622 against 2967; but a 7B block of linears at 64 rows
+    takes 263 us against the slots layout's 167, so serving many rows at once may prefer LOWBIT_MMA=0."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
     fields = fields_per_word(bits)
@@ -177,7 +178,7 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     if layout == "mma" and why_not:
         raise ValueError(f"the mma layout does not take this weight: {why_not}")
     if layout == "auto":
-        mma_on = os.environ.get("LOWBIT_MMA", "0") == "1"
+        mma_on = os.environ.get("LOWBIT_MMA", "1") != "0"
         layout = "mma" if dev.type == "cuda" and mma_on and not why_not else "slots"
     block = SLOT * fields
     if layout == "slots" and kp % block:

@@ -28,18 +28,22 @@ CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     # swiglu_once (read only by down_proj's launch, whose input is SwiGLU of the gate/up sums): 13.9 against 15.3 us
     # alone, 442 against 436 tok/s for the whole 7B model at batch 1 (2026-12-06, benchmarks/results/gpu.md)
     (1, "gemv", {"BN": 64, "num_warps": 4, "waves": 4, "unroll": 2, "swiglu_once": True}),
-    (16, "dot", {"BM": 16, "BN": 128, "num_warps": 2, "waves": 4}),
-    (64, "dot", {"BM": 64, "BN": 128, "num_warps": 4, "waves": 2}),
+    # swap (the unpacked weight as wgmma's register operand): one 7B block at M=16 112.5 against 119.7 us, at M=64
+    # 167.4 against 234.9 (H100, 2026-12-07, benchmarks/results/gpu.md)
+    (16, "dot", {"BM": 16, "BN": 64, "num_warps": 4, "waves": 4, "swap": True}),
+    (64, "dot", {"BM": 64, "BN": 128, "num_warps": 8, "waves": 2, "num_stages": 3, "swap": True}),
     (256, "dot", {"BM": 128, "BN": 128, "num_warps": 8}),  # 256: a 256-token prefill chunk needs no float copy
     (1 << 62, "dequant", {}),
 ]
 # The same for weights in the "mma" layout (4-bit; `lowbit.kernels.mma`), which only its own kernels read.
 MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     # M=1 (adds into float32): words two steps ahead through registers beat the shared-memory pipeline by 15-35 %
-    # a launch (H100, 2026-12-07, benchmarks/results/gemv_sweep_mma.md)
-    (1, "mma", {"CT": 4, "waves": 8, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2}),
-    (16, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 3}),  # M=16: 92.5 against 105.5 us (2026-12-06)
-    (64, "mma", {"CT": 8, "waves": 2, "num_warps": 4, "stages": 4}),
+    # a launch (H100, 2026-12-07, benchmarks/results/gemv_sweep_mma.md); the whole 7B model decodes at 508 tok/s
+    # with this row against the slots GEMV's 447 (H100, 2026-12-07, benchmarks/results/gpu.md)
+    (1, "mma", {"CT": 4, "waves": 8, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2, "lanes": True}),
+    # a 7B block, H100, 2026-12-07: M=16 86.4 us (91.8 through the shared-memory pipeline), M=64 263.3 (293.5)
+    (16, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2}),
+    (64, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 3}),
     (1 << 62, "dequant", {}),
 ]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
