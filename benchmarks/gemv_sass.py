@@ -4,10 +4,10 @@ variant can be screened before device time is spent on it. 4-bit g128, adding in
 decode runs it), PDL on. --mma: the mma layout's kernel (`mma._mma_kernel`) instead, at 1, 16 and 32 rows of x
 (one-row decode adding into float32; 16 and 32 with the split-K finish), in the tiles the benchmarks sweep.
 --dot: the slots layout's tensor-core kernel (`dot._dot_kernel`), with and without the weight as the dot's first
-operand (SWAP), at 16, 64 and 128 rows of x.
+operand (SWAP), at 16, 64 and 128 rows of x. --mma-dot: the mma layout's tile kernel (`mma_dot._mma_dot_kernel`).
 
 Run from the repository root (any machine with triton):
-    PYTHONPATH=src python benchmarks/gemv_sass.py [--mma | --dot] [--dump DIR]
+    PYTHONPATH=src python benchmarks/gemv_sass.py [--mma | --dot | --mma-dot] [--dump DIR]
 (--dump: each variant's SASS to DIR). The counts are of the local Triton's compiler, which may differ from the
 GPU machine's version; compare variants with each other, not with a profile taken there.
 """
@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowbit.kernels import dot, gemv, mma
+from lowbit.kernels import dot, gemv, mma, mma_dot
 
 POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "perm_ptr": "*i32",
             "b_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32",
@@ -73,6 +73,15 @@ DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: sp
     *[(f"BM 128, BN {bn}, 8 warps, per slot, swap, (q - z) * s in float16", {"BM": 128, "BN": bn, "PER_SLOT": True,
        "SWAP": True, "SUB": False}, 8, 3) for bn in (128, 256)],
 ]
+MMA_DOT_POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16",
+                    "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp16"}
+MMA_DOT_DEFAULTS = dict(SPR=2, GROUP_M=8, HAS_BIAS=False, SP=1, FENCE=True, BY_ROW=False, PDL=True)
+MMA_DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: split-K
+    (f"BM {bm}, CT {ct}, {nw} warps, {st} stages{', split-K' if sp > 1 else ''}{', by row' if br else ''}",
+     {"BM": bm, "CT": ct, "SP": sp, "BY_ROW": br}, nw, st)
+    for bm, ct, nw, st, sp in ((16, 8, 4, 3, 4), (32, 8, 4, 3, 4), (64, 8, 4, 3, 4), (64, 8, 8, 3, 4),
+                               (64, 4, 4, 3, 4), (128, 8, 8, 3, 1), (128, 16, 8, 3, 1)) for br in (False, True)
+]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -110,6 +119,17 @@ def compile_dot_variant(overrides: dict, num_warps: int, num_stages: int) -> byt
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
+def compile_mma_dot_variant(overrides: dict, num_warps: int, num_stages: int) -> bytes:
+    params = list(inspect.signature(mma_dot._mma_dot_kernel.fn).parameters)
+    const = {**MMA_DOT_DEFAULTS, **overrides}
+    signature = {p: "constexpr" if p in const else MMA_DOT_POINTERS.get(p, "i32") for p in params}
+    divisible = (*MMA_DOT_POINTERS, *MMA_DIVISIBLE)
+    source = ASTSource(mma_dot._mma_dot_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+                       attrs={(params.index(p),): [["tt.divisibility", 16]] for p in divisible})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": True}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
 def inspect_cubin(cubin: bytes) -> tuple[str, str, list[str], str]:
     """(registers, stack bytes a thread (spills), SASS opcodes, SASS text)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -128,9 +148,13 @@ def main() -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--mma", action="store_true", help="the mma layout's kernel instead of the slots GEMV")
     which.add_argument("--dot", action="store_true", help="the slots layout's tensor-core kernel instead")
+    which.add_argument("--mma-dot", action="store_true", help="the mma layout's tile kernel instead")
     p.add_argument("--dump", help="write each variant's SASS into this folder")
     args = p.parse_args()
-    if args.dot:
+    if args.mma_dot:
+        variants = [(n, o, (w, st)) for n, o, w, st in MMA_DOT_VARIANTS]
+        build, stem = compile_mma_dot_variant, "mma_dot"
+    elif args.dot:
         variants, build, stem = [(n, o, (w, st)) for n, o, w, st in DOT_VARIANTS], compile_dot_variant, "dot"
     elif args.mma:
         variants, build, stem = [(n, o, (w,)) for n, o, w in MMA_VARIANTS], compile_mma_variant, "mma"

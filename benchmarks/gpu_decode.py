@@ -26,12 +26,14 @@ from lowbit.kernels import qmatmul
 
 
 def use_tuned(path: str) -> None:
-    """Replace rows of qmatmul.CUDA_CONFIGS (MMA_CUDA_CONFIGS for the mma kernel) with the winners of a
-    benchmarks/kernels.py sweep (tuned.json)."""
-    for bound, kernel, config in json.loads(Path(path).read_text()):
-        rows = qmatmul.MMA_CUDA_CONFIGS if kernel == "mma" else qmatmul.CUDA_CONFIGS
+    """Replace rows of qmatmul.CUDA_CONFIGS (MMA_CUDA_CONFIGS for the mma layout) with the winners of a
+    benchmarks/kernels.py sweep (tuned.json: [bound, kernel, config, layout] rows; without a layout, the mma
+    kernel's rows are the mma layout's)."""
+    for bound, kernel, config, *layout in json.loads(Path(path).read_text()):
+        mma = (layout[0] if layout else "mma" if kernel == "mma" else "slots") == "mma"
+        rows = qmatmul.MMA_CUDA_CONFIGS if mma else qmatmul.CUDA_CONFIGS
         rows[:] = sorted([r for r in rows if r[0] != bound] + [(bound, kernel, config)], key=lambda r: r[0])
-        print(f"qmatmul: M <= {bound}: {kernel} {config}", file=sys.stderr)
+        print(f"qmatmul ({'mma' if mma else 'slots'} layout): M <= {bound}: {kernel} {config}", file=sys.stderr)
 
 
 if __name__ == "__main__":

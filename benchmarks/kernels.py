@@ -217,29 +217,34 @@ def _sweep_configs():
     dot16 = [("slots", "dot", {"BM": 16, "BN": bn, "num_warps": 4, "waves": wv}) for bn in (64, 128) for wv in (2, 4)]
     dot64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": st})
              for bn, nw in ((64, 4), (128, 8)) for st in (2, 3)]
-    # the weight as the dot's first operand (`dot(swap=True)`): offline sm_90 compiles (triton 3.9) put it in
-    # registers for wgmma (no shared-memory stores of the unpacked tile; `gemv_sass.py --dot`); not yet timed.
-    # Large M: (q - z) * s rounded to float16 in registers (denorm False) needs no per-group scaling of the sums
+    # the weight as the dot's first operand (`dot(swap=True)`): H100, 2026-12-07, M=16 112.5 against 119.7 us,
+    # M=64 167.4 against 234.9 (now the defaults); large M: 1.5-1.9x slower than dequantize + cuBLAS
     swap16 = [("slots", "dot", {"BM": 16, "BN": bn, "num_warps": 4, "waves": wv, "swap": True})
               for bn in (64, 128) for wv in (2, 4)]
     swap64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": 3, "swap": True})
               for bn, nw in ((64, 4), (128, 4), (128, 8))]
-    swap_big = [("slots", "dot", {"BM": 128, "BN": bn, "num_warps": 8, "num_stages": st, "swap": True,
-                                  "per_slot": True, **({} if sub else {"denorm": False})})
-                for bn, st, sub in ((128, 3, True), (128, 4, True), (128, 3, False), (128, 4, False),
-                                    (256, 3, False))]
+    # the mma layout's tile kernel (`mma_dot`, "dot" on that layout): x^T through shared memory, the unpacked
+    # weight wgmma's register operand; offline sm_90 compiles (`gemv_sass.py --mma-dot`): by_row keeps the
+    # unpacked tile out of shared memory (9-25 shared stores against 89-145)
+    tiles = {16: [(4, 3, 2), (4, 3, 4)], 32: [(4, 3, 2), (4, 3, 4)],  # (num_warps, num_stages, waves)
+             64: [(4, 3, 2), (4, 4, 2), (8, 3, 2), (8, 4, 2)], 128: [(8, 3, 2), (8, 4, 2)]}
+    mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv, "by_row": br})
+                 for nw, st, wv in tiles[bm] for br in (False, True)] for bm in tiles}
     # L2-sized float slices (8/16/32 MB workspaces, so cuBLAS might read them back from the L2) lost to the
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
-    return {1: slots + gemv, 16: slots + swap16 + m16[2:4] + ahead[:4] + dot16,
-            64: slots + swap64 + dot64 + m16[:4] + ahead[:4], 256: slots + swap_big, 2048: big + swap_big}
+    mma = [("mma", None, None)]
+    return {1: slots + gemv, 16: slots + mma + swap16[2:] + ahead[:4] + mdot[16],
+            32: slots + mma + mdot[32], 64: slots + mma + swap64 + ahead[:4] + mdot[64],
+            256: slots + mma + mdot[128], 2048: big + mdot[128]}
 
 
 SWEEP = _sweep_configs()
 
 
 def sweep(weights):
-    """weights: {layout: the block's 4-bit weights in it}. -> {M: (us, layout, kernel, config)} of the fastest."""
+    """weights: {layout: the block's 4-bit weights in it}. -> {(M, layout): (us, kernel, config)} of the fastest
+    for each layout."""
     best = {}
     say("## tile sweep, 4-bit g128, one 7B block as the model runs it (4 fused launches), us\n")
     say("| M | layout | kernel | config | us |")
@@ -252,8 +257,8 @@ def sweep(weights):
             try:
                 t = graph_time(ours(weights[layout], m, kernel, config))
                 say(f"| {m} | {layout} | {kernel or 'default'} | {config or ''} | {t:.1f} |")
-                if m not in best or t < best[m][0]:
-                    best[m] = (t, layout, kernel, config)
+                if (m, layout) not in best or t < best[m, layout][0]:
+                    best[m, layout] = (t, kernel, config)
             except Exception as e:
                 say(f"| {m} | {layout} | {kernel} | {config} | ERROR {e!r:.200} |")
                 traceback.print_exc()
@@ -264,9 +269,10 @@ def sweep(weights):
 def per_shape(w4, best):
     """Each fused launch alone at M=1 (the default config, the best with and without PDL, and the default adding
     into float32 with no split-K finish; weights rotated through twice the L2): where the time goes."""
-    if 1 not in best:
+    ones = [(t, layout, kernel, config) for (m, layout), (t, kernel, config) in best.items() if m == 1]
+    if not ones:
         return
-    _, layout, kernel, config = best[1]
+    _, layout, kernel, config = min(ones, key=lambda r: r[0])
     say(f"## M=1 per launch ({layout} {kernel} {config}), us (GB/s of weight bytes)\n")
     say("| K x N | default | best | best, PDL off | default, adding into float32 | ideal at 3.0 TB/s |")
     say("|---|---|---|---|---|---|")
@@ -312,8 +318,8 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
 
     def pick(m, ws):
         """The sweep's winner at M for weights in its layout, else the dispatch's default."""
-        _, layout, kernel, config = best.get(m, (0, None, None, None))
-        return (kernel, config) if layout == ws[0].layout else (None, None)
+        _, kernel, config = best.get((m, ws[0].layout), (0, None, None))
+        return kernel, config
 
     w4a = [random_weight(k, n, 4, act_order=True, seed=10 + i) for i, (k, n) in enumerate(shapes)]
     w8 = [random_weight(k, n, 8, seed=20 + i) for i, (k, n) in enumerate(shapes)]
@@ -338,7 +344,8 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
              "|---|" + "---|" * len(MS)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(r.get(m, "") for m in MS) + " |")
-    lines.append("\nconfigs used for 'ours': " + "; ".join(f"M={m}: {lay} {k} {c}" for m, (_, lay, k, c) in sorted(best.items())))
+    lines.append("\nconfigs used for 'ours': " + "; ".join(f"M={m} {lay}: {k} {c}"
+                                                            for (m, lay), (_, k, c) in sorted(best.items())))
     return w4, "\n".join(lines)
 
 
@@ -362,10 +369,9 @@ def main():
     if out:  # the winners, in qmatmul.CUDA_CONFIGS' terms, for benchmarks/gpu_decode.py --tuned
         import json
 
-        bounds = {1: 1, 16: 16, 64: 64, 2048: 1 << 62}
-        with open(os.path.join(out, "tuned.json"), "w") as f:
-            json.dump([[bounds[m], k, c or {}] for m, (_, lay, k, c) in sorted(best.items())
-                       if k == "mma" or (k and lay == "slots")], f)  # rows of the table each layout reads
+        bounds = {1: 1, 16: 16, 32: 32, 64: 64, 256: 256, 2048: 1 << 62}
+        with open(os.path.join(out, "tuned.json"), "w") as f:  # [bound, kernel, config, layout] rows
+            json.dump([[bounds[m], k, c or {}, lay] for (m, lay), (_, k, c) in sorted(best.items()) if k], f)
     del w4
     torch.cuda.empty_cache()
     tables = [(FUSED, "the model runs them (4 launches: q/k/v and gate/up fused)")]

@@ -74,6 +74,35 @@ def test_mma_matmul_many_rows_and_configs():
         check(run(x, w, kernel="mma", config=config), ref)
 
 
+@pytest.mark.parametrize("k,n,group_size,act_order,sym,fmt", CASES)
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_mma_dot(k, n, group_size, act_order, sym, fmt, m):
+    """The mma layout's tile kernel ("dot" on that layout): one K=64 dot a slab or four K=16 ones (by_row), tiles
+    narrower than the weight, split K, rows past the tile masked, act-order x gathered first."""
+    w, _ = mma_weight(k, n, group_size, act_order, sym, fmt, seed=m + 1)
+    g = torch.Generator().manual_seed(m + 1)
+    bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
+    x = torch.randn(m, k, generator=g).half().to(DEVICE)
+    ref = reference(x, w, bias)
+    for config in ({}, {"BM": 16, "CT": 2, "by_row": True}, {"split": 2} if m <= 16 else {"BM": 32, "waves": 1}):
+        check(run(x, w, bias, kernel="dot", config=config), ref)
+
+
+def test_mma_dot_refuses_what_it_cannot_read():
+    from lowbit.kernels.mma_dot import mma_dot
+
+    w, _ = mma_weight(128, 32)
+    x = torch.randn(64, 128).half().to(DEVICE)
+    y = torch.empty(64, 32, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="mma_dot needs"):
+        mma_dot(x.float(), w, None, y)
+    with pytest.raises(ValueError, match="split-K needs M <= BM"):
+        mma_dot(x, w, None, y, BM=16, split=2)
+    with pytest.raises(ValueError, match="mma_dot needs"):
+        qmatmul(x.float(), w, kernel="dot")
+    check(qmatmul(x.float(), w), reference(x.float(), w))  # float32 x through the dispatch: dequantize instead
+
+
 def test_mma_swiglu_and_order():
     """The fused SwiGLU finish (one row): silu(gate) * up, optionally written in an act-order's positions."""
     from lowbit.kernels.layout import place_channels
@@ -232,10 +261,13 @@ def test_mma_gpu_model_shapes(k, n, act_order):
 
     w, _ = mma_weight(k, n, 128, act_order, False, "gptq", seed=k + n)
     W = dequant_reference(w).double()
-    for m in (1, 3, 8, 16, 17, 33, 64):
+    for m in (1, 3, 8, 16, 17, 33, 64, 200):
         x = torch.randn(m, k, device=DEVICE).half()
         y = run(x, w)
         check(y, x.double() @ W)
+        if m >= 16:  # the tile kernel, whether or not the dispatch picks it at this M
+            for by_row in (False, True):
+                check(run(x, w, kernel="dot", config={"by_row": by_row}), x.double() @ W)
     if n == 22016:
         x = torch.randn(1, k, device=DEVICE).half()
         y = qmatmul(x, w, swiglu=True)

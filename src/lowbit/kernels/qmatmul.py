@@ -2,8 +2,9 @@
 for how many rows of x, and decode's fusions around it.
 
 The kernels live one to a module: the one-row GEMV (`lowbit.kernels.gemv`) and the split-K tensor-core kernel
-(`lowbit.kernels.dot`) read the "slots" layout, `lowbit.kernels.mma` the "mma" layout, and large M dequantizes to
-a float weight for cuBLAS (`lowbit.kernels.dequant`). Tensors in, tensors out: reading checkpoints
+(`lowbit.kernels.dot`) read the "slots" layout; the few-row tensor-core kernel (`lowbit.kernels.mma`) and the
+tile kernel (`lowbit.kernels.mma_dot`, "dot" for that layout) read the "mma" layout; large M dequantizes to a
+float weight for cuBLAS (`lowbit.kernels.dequant`). Tensors in, tensors out: reading checkpoints
 (`lowbit.quant.pack`) and module wiring live elsewhere; the torch reference for every kernel is
 `lowbit.kernels.reference`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit.kernels import mma
+from lowbit.kernels import mma, mma_dot
 from lowbit.kernels.dequant import dequant_matmul, dequantize  # noqa: F401  (dequantize: part of this API)
 from lowbit.kernels.dot import dot
 from lowbit.kernels.gemv import gemv
@@ -50,7 +51,7 @@ HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (to
 
 
 KERNELS = ("gemv", "dot", "dequant", "mma")
-LAYOUT_KERNELS = {"slots": ("gemv", "dot", "dequant"), "mma": ("mma", "dequant")}
+LAYOUT_KERNELS = {"slots": ("gemv", "dot", "dequant"), "mma": ("mma", "dot", "dequant")}
 
 
 def pick_kernel(m: int, device: torch.device, layout: str = "slots") -> tuple[str, dict]:
@@ -116,7 +117,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     m = x2.shape[0]
     if kernel is None:
         kernel, picked = pick_kernel(m, x.device, w.layout)
-        if kernel == "mma" and x.dtype != torch.float16:  # its PTX multiplies fp16
+        if kernel in ("mma", "dot") and w.layout == "mma" and x.dtype != torch.float16:  # fp16 codes/PTX
             kernel, picked = "dequant", {}
         config = {**picked, **(config or {})}
     if kernel not in KERNELS:
@@ -144,8 +145,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if kernel == "dequant":
         dequant_matmul(x2, w, bias, y, **config)
         return y.view(*lead, n)
-    # coalesced x tiles beat a gather
-    if (gather or kernel == "mma") and w.tail_perm and w.perm is not None and kernel != "gemv":
+    # coalesced x tiles beat a gather (the mma layout's kernels read no perm)
+    if (gather or w.layout == "mma") and w.tail_perm and w.perm is not None and kernel != "gemv":
         x2 = x2.index_select(1, w.perm[:k].long())
         w = w.for_sorted_input()
     elif x2.stride(1) != 1:
@@ -154,6 +155,9 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         if not mma.supports(x2, w):  # a view (strided, or not 16-byte aligned): a fresh copy is both
             x2 = x2.clone(memory_format=torch.contiguous_format)
         mma.mma_matmul(x2, w, bias, y, sm_count(x2.device), **config)
+        return y.view(*lead, n)
+    if kernel == "dot" and w.layout == "mma":
+        mma_dot.mma_dot(x2, w, bias, y, **config)
         return y.view(*lead, n)
     launch = {"gemv": gemv, "dot": dot}[kernel]
     launch(x2, w, bias, y, **config)
