@@ -138,11 +138,11 @@ def ours(weights, m, kernel=None, config=None, dtype=torch.float16):
     return fn
 
 
-def ours_adding(weights, m, config=None):
+def ours_adding(weights, m, kernel=None, config=None):
     """The block's launches adding into float32 outputs (qmatmul's accumulate: atomics, no split-K finish), with
     the one memset that zeroes them first; None where the kernel for M rows does not add itself (the slots
-    layout's GEMV: M=1; the mma kernel: up to 64 rows)."""
-    if qm.pick_kernel(m, torch.device("cuda"), weights[0].layout)[0] not in ("gemv", "mma"):
+    layout's GEMV: M=1; the mma kernel: up to 32 rows a launch, more in several)."""
+    if (kernel or qm.pick_kernel(m, torch.device("cuda"), weights[0].layout)[0]) not in ("gemv", "mma"):
         return None
     xs = [torch.randn(m, w.in_features, device="cuda", dtype=torch.float16) for w in weights]
     acc = torch.empty(m * sum(w.out_features for w in weights), device="cuda")
@@ -151,7 +151,7 @@ def ours_adding(weights, m, config=None):
     def fn():
         acc.zero_()
         for w, x, o in zip(weights, xs, outs):
-            qm.qmatmul(x, w, config=config, out=o, accumulate=True)
+            qm.qmatmul(x, w, kernel=kernel, config=config, out=o, accumulate=True)
     return fn
 
 
@@ -305,10 +305,10 @@ def table(best, shapes=SHAPES, title="the 7 linears of the checkpoint"):
                 ("ours 4-bit g128", lambda m: ours(w4, m, *pick(m, w4))),
                 ("ours 4-bit g128, PDL off", lambda m: without_pdl(ours(w4, m, *pick(m, w4)))),
                 ("ours 4-bit g128, GEMV adding into float32 (atomics, no split-K finish; + 1 memset)",
-                 lambda m: ours_adding(w4, m, pick(m, w4)[1])),
+                 lambda m: ours_adding(w4, m, *pick(m, w4))),
                 ("ours 4-bit g128, mma layout (LOWBIT_MMA=1)", lambda m: ours(w4m, m, *pick(m, w4m))),
                 ("ours 4-bit g128, mma layout adding into float32 (atomics, no split-K finish; + 1 memset)",
-                 lambda m: ours_adding(w4m, m, pick(m, w4m)[1])),
+                 lambda m: ours_adding(w4m, m, *pick(m, w4m))),
                 ("ours 4-bit g128 act-order, as in the model (x arrives sorted, up to M=256)",
                  lambda m: ours(sorted_input(w4a, m), m, *pick(m, w4a))),
                 ("ours 4-bit g128 act-order, x gathered by the linear", lambda m: ours(w4a, m, *pick(m, w4a))),

@@ -236,6 +236,8 @@ def test_other_kernels_refuse_the_mma_layout():
     x = torch.randn(1, 128).half().to(DEVICE)
     with pytest.raises(ValueError, match="does not read the mma layout"):
         qmatmul(x, w, kernel="gemv")
+    with pytest.raises(ValueError, match="does not read the mma layout"):  # also where the GEMV alone would run
+        qmatmul(torch.randn(1, 256, device=DEVICE), w, kernel="gemv", swiglu_input=torch.float16)
     with pytest.raises(ValueError, match="mma_matmul needs"):
         qmatmul(x.float(), w, kernel="mma")
     check(qmatmul(x.float(), w), reference(x.float(), w))  # float32 x: the dequantize path

@@ -20,8 +20,10 @@ from lowbit.quant import pack
 from tests.kernels.common import DEVICE
 
 
-def make_weight(k: int, n: int, bits: int, group_size: int, act_order: bool, sym: bool, fmt: str, seed: int = 0):
-    """Random GPTQ layer -> (QWeight on DEVICE, on-disk tensors)."""
+def make_weight(k: int, n: int, bits: int, group_size: int, act_order: bool, sym: bool, fmt: str, seed: int = 0,
+                layout: str = "slots"):
+    """Random GPTQ layer -> (QWeight on DEVICE in `layout`, on-disk tensors). The slots layout by default: this
+    file tests its kernels (the mma layout's are in test_mma.py), and on CUDA "auto" would take mma."""
     g = torch.Generator().manual_seed(seed)
     groups = pack.num_groups(k, group_size)
     codes = torch.randint(0, 1 << bits, (k, n), generator=g).to(torch.uint8)
@@ -36,7 +38,7 @@ def make_weight(k: int, n: int, bits: int, group_size: int, act_order: bool, sym
         g_idx = g_idx[torch.randperm(k, generator=g)]
     disk = pack.pack(codes, zeros, scales, g_idx, bits, fmt)
     c, z, s, gi = pack.unpack(disk, bits, fmt)
-    return repack(c.to(DEVICE), z.to(DEVICE), s.to(DEVICE), gi.to(DEVICE), bits), disk
+    return repack(c.to(DEVICE), z.to(DEVICE), s.to(DEVICE), gi.to(DEVICE), bits, layout=layout), disk
 
 
 def check(y: torch.Tensor, ref: torch.Tensor) -> None:

@@ -66,25 +66,30 @@ def test_triton_backend_matches_reference(tmp_path, bits, group_size, desc_act, 
     assert linears[0].kernel_weight is None and linears[0].qweight.device.type == DEVICE
 
 
-@pytest.mark.parametrize("desc_act,mma", [(False, False), (True, False),
-                                          pytest.param(False, True, marks=pytest.mark.gpu),
-                                          pytest.param(True, True, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("desc_act,mma", [(False, False), (True, False), (False, True), (True, True)])
 def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatch, desc_act, mma):
     """One-row decode on the "triton" GEMV (LOWBIT_MMA=0) or the mma layout's kernel (CUDA) keeps the residual
-    stream in float32 and lets every linear add into float32 (`Block.forward_into`); more rows, or
-    deterministic algorithms, keep the float16 residual. The logits match the reference either way."""
+    stream in float32 and lets every linear add into float32 (`Block.forward_into`); so do a few rows on the mma
+    kernel (the 6-row prefill here). More rows on the GEMV's layout, or deterministic algorithms, keep the
+    float16 residual. The logits match the reference either way."""
     from lowbit.model import llama
 
     monkeypatch.setenv("LOWBIT_MMA", "1" if mma else "0")
+    if mma and DEVICE != "cuda":  # "auto" picks the mma layout on CUDA only; the interpreter emulates its kernels
+        from lowbit.kernels import qmatmul
+
+        repack = qmatmul.repack
+        monkeypatch.setattr(qmatmul, "repack", lambda *args: repack(*args[:5], "mma"))
     cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     write_gptq_checkpoint(tmp_path, cfg, 4, 64 if mma else 32, desc_act, False, "gptq", distinct_perms=False)
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    dtype = torch.float16 if DEVICE == "cuda" or mma else torch.float32  # (the mma kernels multiply float16)
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=dtype, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
     block = fast.layers[0]
     layouts = {m.kernel_weight.layout for m in fast.modules() if isinstance(m, QuantLinear)}
     assert layouts == {"mma" if mma else "slots"}
-    assert block.adds_in_place(1) and not block.adds_in_place(2)
+    assert block.adds_in_place(1) and block.adds_in_place(2) == mma
+    assert block.adds_in_place(64) == (mma and DEVICE != "cuda")  # on CUDA 64 rows take the tile kernel
     assert not ref.layers[0].adds_in_place(1), "the reference backend has no free add"
     streamed = []
     into = llama.Block.forward_into
@@ -106,7 +111,8 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
 
     want = step(ref, "cpu", torch.float32)
     got = step(fast, DEVICE, dtype)
-    assert streamed == [torch.float32] * cfg["num_hidden_layers"], "the prefill (6 rows) kept the float16 path"
+    steps = 2 if mma else 1  # the prefill (6 rows) adds into float32 on the mma kernel, not on the GEMV's layout
+    assert streamed == [torch.float32] * (steps * cfg["num_hidden_layers"])
     assert len(norms) == 2 * cfg["num_hidden_layers"] + 1, "two a layer and the final norm before lm_head"
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     streamed.clear()

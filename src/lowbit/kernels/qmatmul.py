@@ -42,9 +42,13 @@ MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     # a launch (H100, 2026-12-07, benchmarks/results/gemv_sweep_mma.md); the whole 7B model decodes at 508 tok/s
     # with this row against the slots GEMV's 447 (H100, 2026-12-07, benchmarks/results/gpu.md)
     (1, "mma", {"CT": 4, "waves": 8, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2, "lanes": True}),
-    # a 7B block, H100, 2026-12-07: M=16 86.4 us (91.8 through the shared-memory pipeline), M=64 263.3 (293.5)
+    # a 7B block, H100, 2026-12-07: M=16 86.4 us (91.8 through the shared-memory pipeline), M=32 134.3; adding into
+    # float32 (as the model runs them, `adds_itself`) M=16 78.2 against 87.6
     (16, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 2}),
-    (64, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 3}),
+    (32, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 3}),
+    # the tile kernel (`mma_dot`): M=64 206.4 us against the mma kernel's 263.4 (the slots layout's tile kernel:
+    # 166.7); whole 7B model at batch 64 5704 tok/s (slots 6607) (H100, 2026-12-07, benchmarks/results/gpu.md)
+    (64, "dot", {"BM": 64, "CT": 8, "num_warps": 4, "num_stages": 3, "waves": 2, "by_row": True}),
     (1 << 62, "dequant", {}),
 ]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel
@@ -65,11 +69,9 @@ def pick_kernel(m: int, device: torch.device, layout: str = "slots") -> tuple[st
 def adds_itself(m: int, w: QWeight) -> bool:
     """Whether `qmatmul(accumulate=True)` of M rows adds into its float32 out inside the kernel (atomics, no
     split-K finish, no result tensor), so that the model runs on a float32 residual (`Block.forward_into`): the
-    GEMV, and the mma kernel at M=1 (for an input in the weight's order). The mma kernel adds more rows itself
-    too, but whether batched decode gains from that is not yet measured, so there the model keeps its float16
-    residual."""
-    kernel = pick_kernel(m, w.qweight.device, w.layout)[0]
-    return kernel == "gemv" or (kernel == "mma" and m == 1)
+    GEMV (one row) and the mma kernel (any rows it takes, for an input in the weight's order). A 7B block of
+    linears at 16 rows on an H100: 78.2 us adding, 87.6 with the split-K finish (2026-12-07)."""
+    return pick_kernel(m, w.qweight.device, w.layout)[0] in ("gemv", "mma")
 
 
 def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bool:
@@ -104,6 +106,10 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     `kernel` (one of KERNELS) and `config` (that launcher's tile keywords) override the dispatch by M;
     tests and benchmarks use them."""
     k, n = w.in_features, w.out_features
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    if kernel is not None and kernel not in LAYOUT_KERNELS[w.layout]:
+        raise ValueError(f"the {kernel} kernel does not read the {w.layout} layout")
     if swiglu_input is not None:
         return _swiglu_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, swiglu_input)
     if x.shape[-1] != k:
@@ -120,10 +126,6 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
         if kernel in ("mma", "dot") and w.layout == "mma" and x.dtype != torch.float16:  # fp16 codes/PTX
             kernel, picked = "dequant", {}
         config = {**picked, **(config or {})}
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
-    if kernel not in LAYOUT_KERNELS[w.layout]:
-        raise ValueError(f"the {kernel} kernel does not read the {w.layout} layout")
     if kernel == "gemv" and m > 1:
         raise ValueError("the gemv kernel takes one row")
     if accumulate:

@@ -277,13 +277,16 @@ class Transformer(nn.Module):
 
     def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
-        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish, or on the float
-        GEMV (`FloatLinear`); one memset zeroes every layer's q/k/v and gate/up sums."""
+        one-row decode on the "triton" GEMV, where that saves every launch's split-K finish, a few rows on the mma
+        layout's kernel, or one row on the float GEMV (`FloatLinear`); one memset zeroes every layer's q/k/v and
+        gate/up sums."""
         h = x.float()
+        lead, n = h.shape[:-1], h[..., 0].numel()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
-        sums = h.new_zeros(len(self.layers), *h.shape[:-1], sum(widths))
-        for layer, layer_sums in zip(self.layers, sums):
-            h = layer.forward_into(h, x.dtype, layer_sums.split(widths, dim=-1), rope, mask, cache, rows, input_pos)
+        sums = h.new_zeros(len(self.layers), n * sum(widths))  # each layer's buffers contiguous, as adding needs
+        for layer, flat in zip(self.layers, sums):
+            layer_sums = tuple(part.view(*lead, w) for part, w in zip(flat.split([n * w for w in widths]), widths))
+            h = layer.forward_into(h, x.dtype, layer_sums, rope, mask, cache, rows, input_pos)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h, dtype=x.dtype))
