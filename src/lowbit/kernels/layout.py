@@ -1,7 +1,8 @@
 """The weight layouts the GPTQ kernels read (`QWeight`) and their construction from a checkpoint (`repack`).
 
 Torch only: the kernels that read these layouts live in `lowbit.kernels.gemv`, `lowbit.kernels.dot` and
-`lowbit.kernels.dequant` (the "slots" layout, every bit width) and `lowbit.kernels.mma` (the "mma" layout, 4-bit);
+`lowbit.kernels.dequant` (the "slots" layout, every bit width), `lowbit.kernels.mma` and `lowbit.kernels.mma_dot`
+(the "mma" layout, 4-bit);
 `lowbit.kernels.reference` unpacks both.
 
 Both layouts first sort the input rows by group (stable; act-order's `perm`), each group padded to a multiple of
