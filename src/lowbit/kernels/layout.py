@@ -2,8 +2,7 @@
 
 Torch only: the kernels that read these layouts live in `lowbit.kernels.gemv`, `lowbit.kernels.dot` and
 `lowbit.kernels.dequant` (the "slots" layout, every bit width), `lowbit.kernels.mma` and `lowbit.kernels.mma_dot`
-(the "mma" layout, 4-bit);
-`lowbit.kernels.reference` unpacks both.
+(the "mma" layout, 4-bit); `lowbit.kernels.reference` unpacks both.
 
 Both layouts first sort the input rows by group (stable; act-order's `perm`), each group padded to a multiple of
 16 rows, the total to whole blocks, and store scales and zeros once per run of rows that share a group, so
