@@ -12,7 +12,7 @@ import triton.language as tl
 
 from lowbit.kernels.layout import SLOT, fields_per_word
 from lowbit.kernels.slots import field_int, launch_args
-from lowbit.kernels.splitk import finish_tile, sm_count, split_k
+from lowbit.kernels.splitk import finish_tile, grouped_tile, sm_count, split_k
 from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
 
 
@@ -53,12 +53,7 @@ def _dot_kernel(x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, ws_ptr, lo
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     RG: tl.constexpr = 16 * GROUP_SLOTS
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_m
-    pid_n = (pid % width) // rows_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.layout import QWeight
-from lowbit.kernels.splitk import finish_tile, sm_count, split_k
+from lowbit.kernels.splitk import finish_tile, grouped_tile, sm_count, split_k
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
 
 
@@ -87,12 +87,7 @@ def _mma_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
     split over grid axis 1 (then M <= BM)."""
     R: tl.constexpr = 8 * CT
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    grid_m, grid_n = tl.cdiv(M, BM), N // (16 * CT)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_m
-    pid_n = (pid % width) // rows_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), N // (16 * CT), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_ok = offs_m < M
     r = tl.arange(0, R)

@@ -3,7 +3,8 @@
 Shared by every GEMM-like kernel (`lowbit.kernels.gemv`, `lowbit.kernels.dot`, `lowbit.kernels.mma`): partial
 sums go to a float32 workspace, a per-tile counter says which program arrives last, and that one sums the
 partials in split order (so results do not depend on timing) and writes y, optionally as SwiGLU's
-silu(gate) * up. Also how many programs fill the GPU (`sm_count`, `split_k`).
+silu(gate) * up. Also how many programs fill the GPU (`sm_count`, `split_k`) and which tile a program takes
+(`grouped_tile`).
 """
 
 import functools
@@ -70,6 +71,16 @@ def finish_tile(out, offs_m, offs_n, n_ok, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr,
                 total += tl.load(ws_ptr + s * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
             _store(y_ptr, mn, mask, total, SWIGLU, pos_ptr, HAS_POS)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
+
+
+@triton.jit
+def grouped_tile(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` over a grid_m x grid_n tile grid, GROUP_M row tiles at a time, so that
+    programs running together share weight columns in L2."""
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows_m, (pid % width) // rows_m
 
 
 @functools.lru_cache(maxsize=None)
