@@ -75,12 +75,11 @@ DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: sp
 ]
 MMA_DOT_POINTERS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16",
                     "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp16"}
-MMA_DOT_DEFAULTS = dict(SPR=2, GROUP_M=8, HAS_BIAS=False, SP=1, FENCE=True, BY_ROW=False, PDL=True)
+MMA_DOT_DEFAULTS = dict(SPR=2, GROUP_M=8, HAS_BIAS=False, SP=1, FENCE=True, PDL=True)
 MMA_DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4: split-K
-    (f"BM {bm}, CT {ct}, {nw} warps, {st} stages{', split-K' if sp > 1 else ''}{', by row' if br else ''}",
-     {"BM": bm, "CT": ct, "SP": sp, "BY_ROW": br}, nw, st)
-    for bm, ct, nw, st, sp in ((16, 8, 4, 3, 4), (32, 8, 4, 3, 4), (64, 8, 4, 3, 4), (64, 8, 8, 3, 4),
-                               (64, 4, 4, 3, 4), (128, 8, 8, 3, 1), (128, 16, 8, 3, 1)) for br in (False, True)
+    (f"BM {bm}, CT {ct}, {nw} warps, {st} stages{', split-K' if sp > 1 else ''}", {"BM": bm, "CT": ct, "SP": sp}, nw,
+     st) for bm, ct, nw, st, sp in ((16, 8, 4, 3, 4), (32, 8, 4, 3, 4), (64, 8, 4, 3, 4), (64, 8, 8, 3, 4),
+                                    (64, 4, 4, 3, 4), (128, 8, 8, 3, 1), (128, 16, 8, 3, 1))
 ]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 

@@ -224,12 +224,12 @@ def _sweep_configs():
     swap64 = [("slots", "dot", {"BM": 64, "BN": bn, "num_warps": nw, "waves": 2, "num_stages": 3, "swap": True})
               for bn, nw in ((64, 4), (128, 4), (128, 8))]
     # the mma layout's tile kernel (`mma_dot`, "dot" on that layout): x^T through shared memory, the unpacked
-    # weight wgmma's register operand; offline sm_90 compiles (`gemv_sass.py --mma-dot`): by_row keeps the
-    # unpacked tile out of shared memory (9-25 shared stores against 89-145)
+    # weight wgmma's register operand (H100, 2026-12-07: M=32 131.2 us against the mma kernel's 134.3, M=64 206.4
+    # against 263.4; M=16 and 2048 lost)
     tiles = {16: [(4, 3, 2), (4, 3, 4)], 32: [(4, 3, 2), (4, 3, 4)],  # (num_warps, num_stages, waves)
              64: [(4, 3, 2), (4, 4, 2), (8, 3, 2), (8, 4, 2)], 128: [(8, 3, 2), (8, 4, 2)]}
-    mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv, "by_row": br})
-                 for nw, st, wv in tiles[bm] for br in (False, True)] for bm in tiles}
+    mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv})
+                 for nw, st, wv in tiles[bm]] for bm in tiles}
     # L2-sized float slices (8/16/32 MB workspaces, so cuBLAS might read them back from the L2) lost to the
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]

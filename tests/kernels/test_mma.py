@@ -77,14 +77,14 @@ def test_mma_matmul_many_rows_and_configs():
 @pytest.mark.parametrize("k,n,group_size,act_order,sym,fmt", CASES)
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_mma_dot(k, n, group_size, act_order, sym, fmt, m):
-    """The mma layout's tile kernel ("dot" on that layout): one K=64 dot a slab or four K=16 ones (by_row), tiles
-    narrower than the weight, split K, rows past the tile masked, act-order x gathered first."""
+    """The mma layout's tile kernel ("dot" on that layout): tiles narrower than the weight, split K, rows past the
+    tile masked, act-order x gathered first."""
     w, _ = mma_weight(k, n, group_size, act_order, sym, fmt, seed=m + 1)
     g = torch.Generator().manual_seed(m + 1)
     bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
     x = torch.randn(m, k, generator=g).half().to(DEVICE)
     ref = reference(x, w, bias)
-    for config in ({}, {"BM": 16, "CT": 2, "by_row": True}, {"split": 2} if m <= 16 else {"BM": 32, "waves": 1}):
+    for config in ({}, {"BM": 16, "CT": 2}, {"split": 2} if m <= 16 else {"BM": 32, "waves": 1}):
         check(run(x, w, bias, kernel="dot", config=config), ref)
 
 
@@ -268,8 +268,7 @@ def test_mma_gpu_model_shapes(k, n, act_order):
         y = run(x, w)
         check(y, x.double() @ W)
         if m >= 16:  # the tile kernel, whether or not the dispatch picks it at this M
-            for by_row in (False, True):
-                check(run(x, w, kernel="dot", config={"by_row": by_row}), x.double() @ W)
+            check(run(x, w, kernel="dot", config={"BM": 64 if m > 32 else 16}), x.double() @ W)
     if n == 22016:
         x = torch.randn(1, k, device=DEVICE).half()
         y = qmatmul(x, w, swiglu=True)

@@ -7,9 +7,9 @@ against 167 for the "slots" layout's tile kernel). Here x^T comes in through sha
 weight is the dot's first operand, which wgmma reads from registers (the "swap" of `lowbit.kernels.dot`).
 
 Unpacking needs no permutation: a program loads [8 * CT, 16] words (row 8 ct + g: the lane group g of column
-tile ct; element 4t + p), and each half ab of a word pair gives the [8 * CT, 64] tile of columns 16 ct + 8 ab + g
-over one 64-row slab, row 4(4t + p) + h of the slab in nibble `layout.mma_nibble(h, ab)`. Each half is one dot;
-the halves are interleaved back into column order at the end. Codes become exact float16 subnormals
+tile ct; element c = 4t + p), and nibble `layout.mma_nibble(h, ab)` of each word holds row 4c + h of the slab
+for column 16 ct + 8 ab + g. So each (h, ab) is a [8 * CT, 16] tile of one half's columns, dotted with the rows
+4c + h of x^T; the halves are interleaved back into column order at the end. Codes become exact float16 subnormals
 (q - z) * 2^-24, the run's dots are summed in float32 and scaled once a run (as `dot`'s SUB path).
 """
 
@@ -23,18 +23,6 @@ from torch import Tensor
 from lowbit.kernels.layout import QWeight
 from lowbit.kernels.splitk import finish_tile, grouped_tile, sm_count, split_k
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
-
-
-@triton.jit
-def _half_tile(words, zs, AB: tl.constexpr):
-    """[8 * CT, 16] words -> the [8 * CT, 64] float16 tile (q - z) * 2^-24 of their half AB (0: columns
-    16 ct + g, 1: 16 ct + 8 + g); zs: those columns' zero points as float16 subnormals [8 * CT]."""
-    R: tl.constexpr = words.shape[0]
-    h = tl.arange(0, 4)[None, None, :]
-    shift = 4 * (AB + 2 * (h // 2) + 4 * (h % 2))  # layout.mma_nibble
-    q = (words[:, :, None] >> shift) & 15
-    sub = tl.reshape(q, (R, 64)).to(tl.int16).to(tl.float16, bitcast=True)
-    return sub - zs[:, None]
 
 
 @triton.jit
@@ -55,25 +43,20 @@ def _nibble_tile(words, zs, h: tl.constexpr, AB: tl.constexpr):
 
 
 @triton.jit
-def _slab_dots(words, xt, za, zb, part_a, part_b, FIRST: tl.constexpr, BY_ROW: tl.constexpr):
-    """The slab's dots added to part_a/part_b (FIRST: started). BY_ROW: four K=16 dots a half (rows 4c + h of the
-    word tile as it is loaded; x^T split into the matching rows), else one K=64 dot a half (the tile reshaped)."""
-    if BY_ROW:
-        xs = _quarters(tl.trans(xt))
-        for h in tl.static_range(4):
-            x_h = tl.trans(xs[h])
-            if FIRST and h == 0:
-                part_a = tl.dot(_nibble_tile(words, za, h, 0), x_h)
-                part_b = tl.dot(_nibble_tile(words, zb, h, 1), x_h)
-            else:
-                part_a = tl.dot(_nibble_tile(words, za, h, 0), x_h, part_a)
-                part_b = tl.dot(_nibble_tile(words, zb, h, 1), x_h, part_b)
-    elif FIRST:
-        part_a = tl.dot(_half_tile(words, za, 0), xt)
-        part_b = tl.dot(_half_tile(words, zb, 1), xt)
-    else:
-        part_a = tl.dot(_half_tile(words, za, 0), xt, part_a)
-        part_b = tl.dot(_half_tile(words, zb, 1), xt, part_b)
+def _slab_dots(words, xt, za, zb, part_a, part_b, FIRST: tl.constexpr):
+    """The slab's dots added to part_a/part_b (FIRST: started afresh): four K=16 dots a half, on rows 4c + h of
+    the word tile as it is loaded, x^T split into the matching rows. (One K=64 dot a half on the tile reshaped
+    sent the unpacked tile through shared memory and lost at every M: 166 against 118 us a 7B block at 16 rows,
+    237 against 206 at 64; benchmarks/results/gpu.md.)"""
+    xs = _quarters(tl.trans(xt))
+    for h in tl.static_range(4):
+        x_h = tl.trans(xs[h])
+        if FIRST and h == 0:
+            part_a = tl.dot(_nibble_tile(words, za, h, 0), x_h)
+            part_b = tl.dot(_nibble_tile(words, zb, h, 1), x_h)
+        else:
+            part_a = tl.dot(_nibble_tile(words, za, h, 0), x_h, part_a)
+            part_b = tl.dot(_nibble_tile(words, zb, h, 1), x_h, part_b)
     return part_a, part_b
 
 
@@ -81,8 +64,7 @@ def _slab_dots(words, xt, za, zb, part_a, part_b, FIRST: tl.constexpr, BY_ROW: t
 def _mma_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                     M, N, stride_xm, slabs, steps_per_split,
                     CT: tl.constexpr, SPR: tl.constexpr, BM: tl.constexpr, GROUP_M: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, BY_ROW: tl.constexpr,
-                    PDL: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr):
     """y = x W for [BM rows, 16 * CT columns] tiles, the K loop (runs of SPR slabs sharing scales) optionally
     split over grid axis 1 (then M <= BM)."""
     R: tl.constexpr = 8 * CT
@@ -112,7 +94,7 @@ def _mma_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
             slab = step * SPR + i
             words = tl.load(qw_ptr + w_off + slab * 128)
             xt = tl.trans(tl.load(x_rows + slab * 64, mask=m_ok[:, None], other=0.0))
-            part_a, part_b = _slab_dots(words, xt, za, zb, part_a, part_b, i == 0, BY_ROW)
+            part_a, part_b = _slab_dots(words, xt, za, zb, part_a, part_b, i == 0)
         ss = tl.load(s_ptr + step * (N // 2) + pair)  # both float16 scales of a pair
         sa = (ss & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16777216.0
         sb = ((ss >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16777216.0
@@ -133,12 +115,10 @@ def supports(x2: Tensor, w: QWeight) -> bool:
 
 
 def mma_dot(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, BM: int | None = None, CT: int = 8,
-            split: int | None = None, waves: int = 2, num_warps: int = 4, num_stages: int = 3,
-            by_row: bool = False) -> None:
+            split: int | None = None, waves: int = 2, num_warps: int = 4, num_stages: int = 3) -> None:
     """y [M, N] = x2 [M, K] @ W + bias: tiles of BM rows (default 16/32/64/128 by M) and 16 * CT columns (CT
     halved until it divides the weight's 16-column tiles; 8: each half a 64-row wgmma operand), K split while
-    the output tiles alone would leave SMs short of `waves` programs each (one M tile only). by_row: four K=16
-    dots a half and slab on the word tile as loaded, in place of one K=64 dot on it reshaped (`_slab_dots`)."""
+    the output tiles alone would leave SMs short of `waves` programs each (one M tile only)."""
     if not supports(x2, w) or x2.shape[1] != w.in_features or y.shape != (x2.shape[0], w.out_features):
         raise ValueError("mma_dot needs an mma-layout weight without perm, contiguous float16 x [M, K] and y [M, N]")
     m, n = x2.shape[0], w.out_features
@@ -159,5 +139,5 @@ def mma_dot(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, BM: int | No
         x2, w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), x2 if bias is None else bias, ws,
         w.locks, y, m, n, x2.stride(0), w.in_features // 64, per,
         CT=CT, SPR=spr, BM=BM, GROUP_M=8, HAS_BIAS=bias is not None, SP=triton.next_power_of_2(splits),
-        FENCE=x2.is_cuda and not interpreting(), BY_ROW=by_row, num_warps=num_warps, num_stages=num_stages,
+        FENCE=x2.is_cuda and not interpreting(), num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(x2))

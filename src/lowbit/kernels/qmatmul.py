@@ -48,7 +48,7 @@ MMA_CUDA_CONFIGS: list[tuple[int, str, dict]] = [
     (32, "mma", {"CT": 4, "waves": 4, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": 3}),
     # the tile kernel (`mma_dot`): M=64 206.4 us against the mma kernel's 263.4 (the slots layout's tile kernel:
     # 166.7); whole 7B model at batch 64 5704 tok/s (slots 6607) (H100, 2026-12-07, benchmarks/results/gpu.md)
-    (64, "dot", {"BM": 64, "CT": 8, "num_warps": 4, "num_stages": 3, "waves": 2, "by_row": True}),
+    (64, "dot", {"BM": 64, "CT": 8, "num_warps": 4, "num_stages": 3, "waves": 2}),
     (1 << 62, "dequant", {}),
 ]
 HOST_GATHER_MIN_M = 2  # act-order: from this M on, permute x's columns once (torch) instead of in-kernel

@@ -148,8 +148,8 @@ class QuantLinear(nn.Module):
         True for the "triton" GEMV (one row) and the mma layout's kernel (the rows it takes, up to 32 by
         default): their K splits add their partial sums into h with atomics, which also drops the split-K finish
         they otherwise end with (~2.7 us a launch on an H100, BENCHMARKS.md), so decode lets every linear add into
-        float32 (`Block.forward_into`). The atomics' order, and so h's last bits, vary between runs: under `torch.use_deterministic_algorithms(True)`
-        this is False and the model keeps its float16 residual."""
+        float32 (`Block.forward_into`). The atomics' order, and so h's last bits, vary between runs: under
+        `torch.use_deterministic_algorithms(True)` this is False and the model keeps its float16 residual."""
         w = self.kernel_weight
         if w is None or torch.are_deterministic_algorithms_enabled():
             return False
