@@ -221,6 +221,12 @@ def test_mma_layout_refuses_what_it_cannot_hold(monkeypatch):
         repack(codes[:96], torch.full((1, 32), 8), scales[:1], torch.zeros(96, dtype=torch.int64), 4, layout="mma")
     with pytest.raises(ValueError, match="unknown layout"):
         repack(codes, torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64), 4, layout="tiles")
+    for zero in (-1, 64):  # the kernels read zero points as bytes, and 1024 + 16 * zero must stay exact in fp16
+        zeros = torch.full((1, 32), 8)
+        zeros[0, 5] = zero
+        with pytest.raises(ValueError, match=f"a zero point of {zero}"):
+            repack(codes, zeros, scales[:1], torch.zeros(128, dtype=torch.int64), 4, layout="mma")
+        assert repack(codes, zeros, scales[:1], torch.zeros(128, dtype=torch.int64), 4).layout == "slots"
     w = repack(codes, torch.full((4, 32), 8), scales, torch.arange(128) // 32, 4)  # auto: falls back
     assert w.layout == "slots"
     one_group = (torch.full((1, 32), 8), scales[:1], torch.zeros(128, dtype=torch.int64))

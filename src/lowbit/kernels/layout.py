@@ -171,11 +171,11 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     dest = pstart[g_sorted] + torch.arange(k, device=dev) - start[g_sorted]
     total = int(padded.sum())
     zero_dtype = torch.uint8 if bool(((zeros >= 0) & (zeros <= 255)).all()) else torch.float16  # half the bytes
-    max_zero = int(zeros.max()) if zeros.numel() else 0
+    zero_range = (int(zeros.min()), int(zeros.max())) if zeros.numel() else (0, 0)
     # "mma" pads nothing (whole 64-row slabs); "slots" pads to whole blocks of 16 * F rows
     kp = k if total == k and k % 64 == 0 and k else max(SLOT * fields, -(-total // (SLOT * fields)) * (SLOT * fields))
     src, slot_group, group_slots = _sorted_rows(order, dest, padded, groups, kp, fields)
-    why_not = mma_unsupported(bits, k, kp, n, group_slots, max_zero)
+    why_not = mma_unsupported(bits, k, kp, n, group_slots, zero_range)
     if layout == "mma" and why_not:
         raise ValueError(f"the mma layout does not take this weight: {why_not}")
     if layout == "auto":
@@ -224,10 +224,12 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     )
 
 
-def mma_unsupported(bits: int, k: int, kp: int, n: int, group_slots: int, max_zero: int) -> str | None:
+def mma_unsupported(bits: int, k: int, kp: int, n: int, group_slots: int,
+                    zero_range: tuple[int, int]) -> str | None:
     """Why the "mma" layout cannot hold a weight (None: it can). Its slabs are 64 rows, its column tiles 16, a
-    slab sits in one group, rows are never padded (the kernel reads x without a mask), and 1024 + 16 * zero must
-    stay an exact fp16 (the kernel subtracts it from 1024 + 16 * code)."""
+    slab sits in one group, rows are never padded (the kernel reads x without a mask), and the zero points
+    (min, max) must lie in 0..63: the kernel reads them as bytes, and 1024 + 16 * zero must stay an exact fp16
+    (it subtracts that from 1024 + 16 * code)."""
     if bits != 4:
         return f"{bits}-bit (the mma layout is 4-bit)"
     if kp != k or k % 64:
@@ -236,8 +238,9 @@ def mma_unsupported(bits: int, k: int, kp: int, n: int, group_slots: int, max_ze
         return f"{n} output columns are not a multiple of 16"
     if group_slots < 4:
         return "groups shorter than 64 rows"
-    if max_zero > 63:
-        return f"a zero point of {max_zero} (at most 63)"
+    low, high = zero_range
+    if low < 0 or high > 63:
+        return f"a zero point of {low if low < 0 else high} (the mma layout takes 0 to 63)"
     return None
 
 
