@@ -265,6 +265,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             ahead2 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 2, s_end - 1) * (SPR * 128))
         if AHEAD >= 4:
             ahead3 = tl.load(qw_ptr + w_off + tl.minimum(s_begin + 3, s_end - 1) * (SPR * 128))
+    sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)  # the first step's scales/zeros: weights too
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
@@ -279,7 +280,6 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
-    sc, zz = _meta(s_ptr, z_ptr, m_off + s_begin * (N // 2), EMULATE)
     for step in tl.range(s_begin, s_end, num_stages=STAGES):
         nxt = tl.minimum(step + 1, s_end - 1)  # the last step reloads its own: harmless
         if AHEAD == 0:
