@@ -48,22 +48,31 @@ def _dequant_kernel(qw_ptr, qh_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, n0, n1,
 
 
 @triton.jit
-def _mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, slabs, n0, n1, SPR: tl.constexpr,
-                        HAS_PERM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """W[:, n0:n1] in input-channel order from the "mma" layout (each word is read by the 8 values it holds)."""
-    k = tl.program_id(0) * BK + tl.arange(0, BK)[:, None]
-    n = n0 + tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
-    ok = (k < K) & (n < n1)
-    slab, within = k // 64, k % 64
-    t, p, h = within // 16, (within % 16) // 4, within % 4
-    ct, ab, g = n // 16, (n % 16) // 8, n % 8
-    word = tl.load(qw_ptr + (ct * slabs + slab).to(tl.int64) * 128 + g * 16 + t * 4 + p, mask=ok, other=0)
-    q = (word >> (4 * (ab + 2 * (h // 2) + 4 * (h % 2)))) & 15
-    meta = (slab // SPR) * N + ct * 16 + 2 * g + ab
-    s = tl.load(s_ptr + meta, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + meta, mask=ok, other=0).to(tl.float32)
-    dst = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-    tl.store(w_ptr + dst * (n1 - n0) + (n - n0), ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+def _mma_dequant_kernel(qw_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, slabs, n0, n1, SPR: tl.constexpr,
+                        HAS_PERM: tl.constexpr, CTB: tl.constexpr):
+    """W[:, n0:n1] in input-channel order from the "mma" layout (n0, n1 multiples of 16). Program (slab, block)
+    reads the words of CTB column tiles of one 64-row slab as they are stored (coalesced, each once), unpacks
+    their 8 codes in registers (word [g, 4t + p] holds rows 16t + 4p + h, columns 8ab + g at nibble
+    ab + 2(h // 2) + 4(h % 2)), and writes a [64, 16 CTB] tile of W whose rows are contiguous."""
+    slab = tl.program_id(0)
+    ct = n0 // 16 + tl.program_id(1) * CTB + tl.arange(0, CTB)[:, None, None]
+    g = tl.arange(0, 8)[None, :, None]
+    tp = tl.arange(0, 16)[None, None, :]
+    ok = ct < n1 // 16
+    words = tl.load(qw_ptr + (ct * slabs + slab).to(tl.int64) * 128 + g * 16 + tp, mask=ok, other=0)
+    h = tl.arange(0, 4)[None, None, None, :, None]
+    ab = tl.arange(0, 2)[None, None, None, None, :]
+    q = (words[:, :, :, None, None] >> (4 * (ab + 2 * (h // 2) + 4 * (h % 2)))) & 15  # [CTB, 8, 16, 4, 2]
+    meta = (slab // SPR) * N + ct[:, :, :, None, None] * 16 + 2 * g[:, :, :, None, None] + ab
+    ok5 = ok[:, :, :, None, None]
+    s = tl.load(s_ptr + meta, mask=ok5, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + meta, mask=ok5, other=0).to(tl.float32)
+    v = ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty)
+    v = tl.reshape(tl.permute(v, (2, 3, 0, 4, 1)), (64, CTB * 16))  # [16t + 4p + h, 16 ct + 8 ab + g]
+    k = slab * 64 + tl.arange(0, 64)[:, None]
+    n = n0 + tl.program_id(1) * (CTB * 16) + tl.arange(0, CTB * 16)[None, :]
+    dst = tl.load(perm_ptr + k) if HAS_PERM else k
+    tl.store(w_ptr + dst * (n1 - n0) + (n - n0), v, mask=n < n1)
 
 
 def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, cols: tuple[int, int] | None = None,
@@ -72,11 +81,11 @@ def dequantize(w: QWeight, dtype: torch.dtype = torch.float16, cols: tuple[int, 
     n, k = w.out_features, w.in_features
     n0, n1 = cols or (0, n)
     out = torch.empty(k, n1 - n0, dtype=dtype, device=w.qweight.device)
-    if w.layout == "mma":
-        BN = BN or 64
-        grid = (triton.cdiv(k, BK), triton.cdiv(n1 - n0, BN))
+    if w.layout == "mma":  # a 64-row slab by BN columns a program
+        BN = BN or 128
+        grid = (k // 64, triton.cdiv(n1 - n0, BN))
         _mma_dequant_kernel[grid](w.qweight, w.scales, w.zeros, w.perm if w.perm is not None else w.locks, out, n,
-                                  k, k // 64, n0, n1, SPR=w.slabs_per_run, HAS_PERM=w.perm is not None, BK=BK, BN=BN,
+                                  k // 64, n0, n1, SPR=w.slabs_per_run, HAS_PERM=w.perm is not None, CTB=BN // 16,
                                   num_warps=4)
         return out
     BN = BN or 128
