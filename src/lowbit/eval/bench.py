@@ -6,7 +6,8 @@ greedy requests that ignore EOS, through the engine as users get it: CUDA graphs
 `decode_steps` tokens per host sync, the next burst running while the host handles one, unless told
 otherwise) and the table. The "graph-only" column replays the batch-1 graph the engine decodes with (a burst
 of decode_steps tokens) with no host work between replays, at the timed run's middle position: what the GPU
-alone sustains, the ceiling of the engine's b=1 column. What is measured comes in as a model: a loaded
+alone sustains, the ceiling of the engine's b=1 column. Prefill speed and TTFT are medians of `TIMINGS` runs.
+What is measured comes in as a model: a loaded
 checkpoint or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is
 used.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +97,9 @@ def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(1, vocab, (n, length), generator=g).tolist()
 
 
+TIMINGS = 3  # prefill and TTFT: the median of this many runs (one run's host time varied 31-77 ms on an H100)
+
+
 def _timed_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first tokens, seconds of the decode steps after it, tokens those steps made)."""
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
@@ -173,8 +178,10 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
             _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 1), config.decode_steps + 2)
             first, decode_s, tokens = _timed_run(eng, _prompts(vocab, batch, config.prompt_len, 2), config.new_tokens)
             row.decode[batch] = tokens / decode_s
-            if batch == 1:
-                row.ttft_ms = first * 1e3
+            if batch == 1:  # one prefill's host time is noisy: the median of this and TIMINGS - 1 more
+                firsts = [first] + [_timed_run(eng, _prompts(vocab, 1, config.prompt_len, 10 + i), 1)[0]
+                                    for i in range(TIMINGS - 1)]
+                row.ttft_ms = statistics.median(firsts) * 1e3
                 steps = config.decode_steps if eng.bursts is not None else 1
                 middle = min(config.prompt_len + config.new_tokens // 2, context - steps)
                 row.graph_tps = _graph_tps(eng, steps, middle)
@@ -188,8 +195,8 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
     try:
         eng = engine(1, max(context, config.prefill_len + 1))
         _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 3), 1)
-        first, _, _ = _timed_run(eng, _prompts(vocab, 1, config.prefill_len, 4), 1)
-        row.prefill_tps = config.prefill_len / first
+        firsts = [_timed_run(eng, _prompts(vocab, 1, config.prefill_len, 4 + i), 1)[0] for i in range(TIMINGS)]
+        row.prefill_tps = config.prefill_len / statistics.median(firsts)
     except torch.cuda.OutOfMemoryError:
         row.note = "prefill: oom"
     finally:
