@@ -7,9 +7,8 @@ greedy requests that ignore EOS, through the engine as users get it: CUDA graphs
 otherwise) and the table. The "graph-only" column replays the batch-1 graph the engine decodes with (a burst
 of decode_steps tokens) with no host work between replays, at the timed run's middle position: what the GPU
 alone sustains, the ceiling of the engine's b=1 column. Prefill speed and TTFT are medians of `TIMINGS` runs.
-What is measured comes in as a model: a loaded
-checkpoint or a random model of a named shape (`lowbit.eval.random_model`). Only the Engine's public API is
-used.
+What is measured comes in as a model: a loaded checkpoint or a random model of a named shape
+(`lowbit.eval.random_model`). Only the Engine's public API is used.
 """
 
 from __future__ import annotations
