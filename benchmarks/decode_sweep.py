@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 
 import torch
 
@@ -31,6 +30,7 @@ from lowbit.engine.cuda_graphs import DecodeGraphs
 from lowbit.engine.kv_cache import KVCache
 from lowbit.eval.random_model import SHAPES, VARIANTS, random_model
 from lowbit.kernels import mma, ops, qmatmul
+from profile_decode import step_wall_us  # benchmarks/profile_decode.py, beside this script
 
 POSITION, CONTEXT, REPLAYS = 200, 384, 200
 LINES: list[str] = []
@@ -49,15 +49,7 @@ def step_us(model, cache) -> float:
     graph = graphs.graphs[1, 1].graph
     for _ in range(20):
         graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return statistics.median(times)
+    return step_wall_us(graph, REPLAYS)
 
 
 @contextlib.contextmanager

@@ -153,8 +153,8 @@ def repack(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
 
     layout "auto" takes "mma" on CUDA where the weight allows it (`mma_unsupported`), else "slots";
     LOWBIT_MMA=0 asks for "slots". Whole 7B 4-bit model on an H100 (2026-12-07, benchmarks/results/gpu.md):
-    decode at batch 1 499 against 443 tok/s, batch 4 1327 against 988, batch 16 3618 against 3161; but at batch 64
-    5704 against 6607 (a 7B block of linears at 64 rows: 206 us against the slots layout's 167), so serving many
+    decode at batch 1 519 against 460 tok/s, batch 4 1489 against 999, batch 16 4093 against 3170; but at batch 64
+    5680 against 6430 (a 7B block of linears at 64 rows: 206 us against the slots layout's 167), so serving many
     rows at once may prefer LOWBIT_MMA=0."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
