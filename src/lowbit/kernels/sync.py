@@ -10,7 +10,10 @@ Two mechanisms:
   and each kernel's ramp-up and tail are a large share of it; PDL overlaps them. It works inside CUDA graphs.
 
 Every kernel launched with PDL must call `wait_previous` in every program before its first load of data an
-earlier kernel wrote, and before its first store: the kernel before it may still be reading or writing.
+earlier kernel of the PDL chain may write, and before its first store: the kernel before it may still be
+reading or writing. A plain launch (a torch op) starts only after everything before it has finished, so data
+written before the chain's last plain launch and not by the chain since may be read early (decode attention
+reads positions and cached keys that way).
 `pdl_launch` says whether to use it for a tensor's device (and gives the launch keyword); `LOWBIT_PDL=0`
 turns it off.
 """
