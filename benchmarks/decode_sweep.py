@@ -11,8 +11,9 @@ Run on a CUDA machine from the repository root:
         [--configs JSON] [--shapes JSON] [--skip]
 --configs: a JSON list of the mma kernel's M=1 keywords to try (each replaces the M=1 row of
 `qmatmul.MMA_CUDA_CONFIGS` for the whole step); --shapes: a JSON list of objects {"KxN": keywords}, each a row
-of per-weight-shape overrides on top of the M=1 row (e.g. [{"4096x4096": {"CT": 2}}]); --skip: also the ablations (norms,
-attention, each linear shape, all linears left out; the output is garbage, the time is what is left).
+of per-weight-shape overrides on top of the M=1 row (e.g. [{"4096x4096": {"CT": 2}}]); --skip: also the
+ablations (norms, attention, each linear shape, all linears left out; the output is garbage, the time is what
+is left).
 Rows: µs a step (median of the replays) and the tok/s that is; the baseline is re-measured between rows, so
 a drift shows. Markdown to stdout and to $OUT/decode_sweep.md.
 """
