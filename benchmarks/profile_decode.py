@@ -6,7 +6,8 @@ Run on a CUDA machine from the repository root:
 For each variant: a random model of the shape, one decode step at position 200 captured as a CUDA graph (as
 the engine runs it), replayed under torch.profiler. Prints, per kernel name: launches per step, GPU µs per
 step and share; then the step's wall time from CUDA events next to the summed kernel time (the difference is
-what launch gaps, ramp-up and tails cost). PDL on and off (LOWBIT_PDL) side by side. Markdown to stdout and
+what launch gaps, ramp-up and tails cost), and for each launch of a layer what it adds to the chain and how
+early it started (`chain_table`). PDL on and off (LOWBIT_PDL) side by side. Markdown to stdout and
 to $OUT/profile_decode.md.
 """
 
@@ -71,15 +72,40 @@ def per_kernel(kernels: list, runs: int = 1) -> dict[str, tuple[float, float]]:
     return {k: (n / runs, us / runs) for k, (n, us) in per.items()}
 
 
+LAYER = ("RMSNorm (attention)", "wqkv", "attention", "wo", "RMSNorm (MLP)", "w13", "w2")  # a decode layer's launches
+
+
+def chain_table(kernels: list) -> dict[str, tuple[float, float, float]]:
+    """{launch of a layer: median µs of (its end - the previous kernel's end, how long it had started before the
+    previous kernel ended, its own start-to-end span)} over every layer found in launch order (a norm, a linear,
+    the decode attention, a linear, a norm, two linears). With PDL the first is what the launch adds to the
+    chain; the second is how much of it overlapped the kernel before (its loads issued before its wait)."""
+    names = [short(e.name) for e in kernels]
+    start = [e.time_range.start for e in kernels]
+    end = [e.time_range.end for e in kernels]
+    rows = collections.defaultdict(list)
+    for i, name in enumerate(names):
+        if name != "_decode_kernel" or i < 3 or i + 4 >= len(kernels):
+            continue
+        if "norm" not in names[i - 2] or "norm" not in names[i + 2]:
+            continue  # not the plain layer pattern (e.g. the step's first layer after other ops)
+        for j, label in enumerate(LAYER):
+            k = i - 2 + j
+            rows[label].append((end[k] - end[k - 1], end[k - 1] - start[k], end[k] - start[k]))
+    return {label: tuple(statistics.median(r[c] for r in rows[label]) for c in range(3))
+            for label in LAYER if rows[label]}
+
+
 def kernel_table(graph: torch.cuda.CUDAGraph):
-    """{kernel: (launches per step, µs per step)}, the summed kernel µs per step, and the step's first kernels."""
+    """{kernel: (launches per step, µs per step)}, the summed kernel µs per step, the step's first kernels and the
+    layer's launches in the chain (`chain_table`)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
             graph.replay()
         torch.cuda.synchronize()
     kernels = gpu_kernels(prof)
     table = {k: (round(n), us) for k, (n, us) in per_kernel(kernels, REPLAYS).items()}
-    return table, sum(us for _, us in table.values()), kernels[:14]  # the step's first kernels, in order
+    return table, sum(us for _, us in table.values()), kernels[:14], chain_table(kernels)
 
 
 def profile_prefill(model, tokens: int) -> None:
@@ -134,16 +160,24 @@ def profile_variant(shape: str, variant: str, prefill: int = 0, batch: int = 1) 
         graphs.run([1] * batch, [200] * batch, list(range(batch)))  # captures; stages the inputs replays reuse
         graph = graphs.graphs[batch, 1].graph
         wall = step_wall_us(graph)
-        table, busy, first = kernel_table(graph)
-        results[pdl] = (wall, table, busy, first)
+        table, busy, first, chain = kernel_table(graph)
+        results[pdl] = (wall, table, busy, first, chain)
         del graphs
     os.environ.pop("LOWBIT_PDL")
     say(f"## {shape} {variant}: one decode step, batch {batch}, position 200\n")
-    for pdl, (wall, _, busy, _) in results.items():
+    for pdl, (wall, _, busy, _, _) in results.items():
         say(f"- PDL {'on' if pdl == '1' else 'off'}: step {wall:.0f} µs wall (graph replay), kernels {busy:.0f} µs "
             f"summed ({busy / wall:.0%} of wall: with PDL kernels overlap, so this can pass 100%)")
     say("")
-    wall, table, busy, first = results["0"]  # with PDL a kernel's span includes its wait for the one before
+    say("| a layer's launch, in the chain (PDL on / off) | adds to the step, µs | started before the one before it "
+        "ended, µs | its span, µs |")
+    say("|---|---|---|---|")
+    for label in LAYER:
+        cells = [" / ".join(f"{results[p][4][label][c]:.1f}" if label in results[p][4] else "-" for p in ("1", "0"))
+                 for c in range(3)]
+        say(f"| {label} | {' | '.join(cells)} |")
+    say("")
+    wall, table, busy, first, _ = results["0"]  # with PDL a kernel's span includes its wait for the one before
     say("| kernel (PDL off: each kernel's own time) | launches/step | µs/step | µs/launch | share of kernel time |")
     say("|---|---|---|---|---|")
     for name, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1]):
