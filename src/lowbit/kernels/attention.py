@@ -196,9 +196,9 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
     of its row (`layout.place_channels`), the order an act-order wo reads. row_splits: the splits a row spreads
     over at least (its length may need more: one per CHUNK positions); default `row_fill`.
-    With PDL the kernel reads rows, pos, rope and the cache's positions before pos before it waits for the
-    kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them (the
-    model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
+    With PDL the kernel reads rows, pos, the rope tables and the cache's earlier positions before it waits for
+    the kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them
+    (the model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
     """
     B, H, D = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]
