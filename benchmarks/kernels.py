@@ -207,7 +207,8 @@ def _sweep_configs():
     m16 = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": st})
            for ct in (4, 8) for wv in (2, 4) for st in (3, 4)]
     # words through registers a few steps ahead beat the shared-memory pipeline by 15-35 % a launch at M=1
-    # (H100, 2026-12-07, results/gemv_sweep_mma.md); not yet timed at 16 and 64 rows
+    # (H100, 2026-12-07, results/gemv_sweep_mma.md), and at 16 rows (CT 4); CT 8 halves the x rows each program
+    # re-reads (at 16 rows and CT 4 they are as many bytes as the weight), untimed at 16 rows until now
     ahead = [("mma", "mma", {"CT": ct, "waves": wv, "num_warps": 4, "stages": 1, "prefetch": 0, "ahead": ah})
              for ct in (4, 8) for wv in (4, 8) for ah in (2, 3)]
     # the slots dot kernel's tiles with fewer registers a thread: offline sm_90 compiles (triton 3.9, N, K and
@@ -234,7 +235,7 @@ def _sweep_configs():
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
     mma = [("mma", None, None)]
-    return {1: slots + gemv, 16: slots + mma + swap16[2:] + ahead[:4] + mdot[16],
+    return {1: slots + gemv, 16: slots + mma + swap16[2:] + ahead[:4] + ahead[4::2] + mdot[16],
             32: slots + mma + mdot[32], 64: slots + mma + swap64 + ahead[:4] + mdot[64],
             256: slots + mma + mdot[128], 2048: big + mdot[128]}
 
