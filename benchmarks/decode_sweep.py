@@ -9,11 +9,13 @@ is what it gives the model, and an ablation's row says what that kind of launch 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/decode_sweep.py [--shape llama-7b] [--variant gptq-4bit-g128]
         [--configs JSON] [--shapes JSON] [--skip]
+        [--attention JSON] [--position 200] [--context 384]
 --configs: a JSON list of the mma kernel's M=1 keywords to try (each replaces the M=1 row of
 `qmatmul.MMA_CUDA_CONFIGS` for the whole step); --shapes: a JSON list of objects {"KxN": keywords}, each a row
 of per-weight-shape overrides on top of the M=1 row (e.g. [{"4096x4096": {"CT": 2}}]); --skip: also the
 ablations (norms, attention, each linear shape, all linears left out; the output is garbage, the time is what
-is left).
+is left); --attention: a JSON list of objects {NAME: value}, each a row with those module-level settings of
+`lowbit.kernels.attention` (BLOCK, CHUNK, WAVES, MAX_SPLITS, NUM_WARPS).
 Rows: µs a step (median of the replays) and the tok/s that is; the baseline is re-measured between rows, so
 a drift shows. Markdown to stdout and to $OUT/decode_sweep.md.
 """
@@ -30,10 +32,11 @@ import torch
 from lowbit.engine.cuda_graphs import DecodeGraphs
 from lowbit.engine.kv_cache import KVCache
 from lowbit.eval.random_model import SHAPES, VARIANTS, random_model
-from lowbit.kernels import mma, ops, qmatmul
+from lowbit.kernels import attention, mma, ops, qmatmul
 from profile_decode import step_wall_us  # benchmarks/profile_decode.py, beside this script
 
-POSITION, CONTEXT, REPLAYS = 200, 384, 200
+REPLAYS = 200
+POSITION, CONTEXT = 200, 384  # (--position, --context)
 LINES: list[str] = []
 
 
@@ -86,6 +89,19 @@ def per_shape(overrides: dict[str, dict], skip: set[str] = frozenset()):
 
 
 @contextlib.contextmanager
+def settings(module, values: dict):
+    """Module-level settings (e.g. attention's BLOCK) replaced for a row."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def without(part: str):
     """A kind of launch left out of the step: "norms" (every RMSNorm) or "attention" (decode attention)."""
     if part == "norms":
@@ -104,16 +120,23 @@ def without(part: str):
 
 
 def main() -> None:
+    global POSITION
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     ap.add_argument("--variant", default="gptq-4bit-g128", choices=sorted(VARIANTS))
     ap.add_argument("--configs", default="[]", help="JSON list of M=1 mma keyword dicts to try in the step")
     ap.add_argument("--shapes", default="[]", help='JSON list of {"KxN": keywords}: per-shape overrides, a row each')
+    ap.add_argument("--attention", default="[]",
+                    help='JSON list of {NAME: value} settings of lowbit.kernels.attention (e.g. {"BLOCK": 32}): '
+                         'a row each')
     ap.add_argument("--skip", action="store_true", help="also time the step without norms, attention, linears")
+    ap.add_argument("--position", type=int, default=POSITION, help="the position the step decodes")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="the cache's length (fixes attention's splits)")
     args = ap.parse_args()
+    POSITION = args.position
     device = torch.device("cuda")
     model = random_model(SHAPES[args.shape], VARIANTS[args.variant], device)
-    cache = KVCache(model.config, 1, CONTEXT, torch.float16, device)
+    cache = KVCache(model.config, 1, max(args.context, args.position + 1), torch.float16, device)
     c = model.config
     shapes = [f"{c.hidden_size}x{(c.num_heads + 2 * c.num_kv_heads) * c.head_dim}",
               f"{c.num_heads * c.head_dim}x{c.hidden_size}", f"{c.hidden_size}x{2 * c.intermediate_size}",
@@ -131,6 +154,7 @@ def main() -> None:
 
     rows = [(f"M=1 {json.dumps(cfg)}", m1_row(cfg)) for cfg in json.loads(args.configs)]
     rows += [(f"per shape {json.dumps(o)}", per_shape(o)) for o in json.loads(args.shapes)]
+    rows += [(f"attention {json.dumps(o)}", settings(attention, o)) for o in json.loads(args.attention)]
     if args.skip:
         rows += [("without norms", without("norms")), ("without attention", without("attention"))]
         rows += [(f"without the {s} linears", per_shape({}, {s})) for s in shapes]

@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from lowbit.kernels import attention
 from lowbit.kernels.attention import decode_attention, num_splits, row_fill
 from lowbit.kernels.reference import sdpa_reference
 from tests.kernels.common import DEVICE, skip_bf16_interpreted
@@ -49,6 +50,20 @@ def test_a_row_takes_the_splits_its_length_needs(row_splits):
     least two; 16: all three of the grid's, the shortest row's positions leaving some empty. All match the
     reference and leave the counters at zero."""
     test_decode_attention(9, 3, 64, 600, torch.float32, row_splits)
+
+
+@pytest.mark.parametrize("settings", [
+    {"BLOCK": 16, "CHUNK": 64},  # many blocks a split, many splits
+    {"BLOCK": 128, "CHUNK": 1024, "WAVES": 0},  # one split a row, two blocks at the longest
+    {"BLOCK": 32, "WAVES": 8, "MAX_SPLITS": 32, "NUM_WARPS": 2},
+])
+def test_block_and_split_settings_give_the_same_attention(monkeypatch, settings):
+    """The module settings `benchmarks/decode_sweep.py` tries (MHA and GQA, float32 and float16)."""
+    for name, value in settings.items():
+        monkeypatch.setattr(attention, name, value)
+    test_decode_attention(4, 4, 64, 300, torch.float32)
+    test_decode_attention(8, 8, 32, 300, torch.float16)
+    test_decode_attention(9, 3, 64, 300, torch.float32)
 
 
 def test_row_splits_below_one_are_refused():

@@ -23,9 +23,13 @@ from torch import Tensor
 from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
 
+# Tried in a whole 7B batch-1 decode step (`benchmarks/decode_sweep.py --attention`, H100, 2026-12-07): blocks of
+# 16/32 with more splits, 128/256 positions (8 warps), one split a row: -2 % to +20 % at position 200, +2 % to
+# +45 % at 1500 (blocks of 32: -1.9 % at 200, +2.5 % at 1500), so these stay.
 BLOCK = 64  # cached positions per loop step
 CHUNK = 256  # at least one split per this many cache positions
 MAX_SPLITS = 16
+NUM_WARPS = 4
 WAVES = 2  # and enough splits for about this many programs per SM (batch 1 of LLaMA-7B: 32 heads x 9 splits)
 
 
@@ -233,6 +237,7 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             row_splits if row_splits is not None else row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
-            IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None, num_warps=4,
+            IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None,
+            num_warps=NUM_WARPS,
             **pdl_launch(q))
     return out
