@@ -77,3 +77,26 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
     tokens = torch.randint(0, 49152, (1, 64))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rope", [{}, {"kind": "linear", "factor": 2.0},
+                                  {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}])
+def test_rope_table_gives_the_computed_cos_sin(dtype, rope):
+    """A cache's decode reads cos/sin from a table of the cache's positions: the same bits as computing them."""
+    from dataclasses import replace
+
+    from lowbit.config import ModelConfig, RopeConfig
+    from lowbit.model.llama import Rotary
+
+    config = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=512, rope=replace(RopeConfig(), **rope))
+    rotary = Rotary(config)
+    pos = torch.tensor([[0, 5, 511], [300, 2, 77]])
+    table_cos, table_sin = rotary(pos, dtype, limit=512)
+    cos, sin = rotary(pos, dtype)
+    assert table_cos.shape == cos.shape == (2, 3, 16) and table_cos.dtype == dtype
+    assert torch.equal(table_cos, cos) and torch.equal(table_sin, sin)
+    assert table_cos.stride() == table_sin.stride() and table_cos.stride(-1) == 1  # what the rope kernels take
+    assert len(rotary._tables) == 1  # built once, kept

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lowbit.engine.kv_cache import KVCache
+from lowbit.kernels import ops
 from lowbit.model.llama import Transformer
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def decode_steps(model: Transformer, cache: KVCache, inputs: Tensor, steps: int)
     out = []
     for s in range(steps):
         logits = model(tokens[:, None], (positions + s)[:, None], cache, slots)[:, -1]
-        greedy = logits.argmax(-1)
+        greedy = ops.argmax(logits)
         out.append(greedy)
         if s + 1 < steps:
             tokens = greedy[lead]

@@ -2,7 +2,7 @@
 
 The model calls these (like `F.scaled_dot_product_attention`, which also picks a kernel by device); the
 Triton modules are imported only when a CUDA tensor arrives, so a CPU-only install never needs Triton.
-References: `lowbit.kernels.reference`; kernels: `lowbit.kernels.norm_rope`.
+References: `lowbit.kernels.reference`; kernels: `lowbit.kernels.norm_rope`, `lowbit.kernels.argmax`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ def _fused(x: Tensor):
 
 def _sources(order: ChannelOrder | None) -> Tensor | None:
     return None if order is None else order.sources
+
+
+def argmax(x: Tensor) -> Tensor:
+    """x.argmax(-1) (greedy decoding's pick): ties to the smallest index; on CUDA a NaN counts as +inf."""
+    if x.is_cuda and HAS_TRITON:
+        from lowbit.kernels.argmax import argmax as fused_argmax
+
+        return fused_argmax(x)
+    return x.argmax(-1)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, order: ChannelOrder | None = None,

@@ -115,15 +115,35 @@ class Rotary(nn.Module):
         inv_freq = rope_inv_freq(config.rope, config.head_dim, 0, config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        self._tables: dict[tuple, Tensor] = {}
+
+    def forward(self, input_pos: Tensor, dtype: torch.dtype, limit: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, T, D] for input_pos [B, T]. limit (a cache's length; every position is below it): they
+        come from a table of `limit` positions kept between calls, one gather instead of the ~7 launches that
+        compute them (a decode step's worth of plain launches, which PDL cannot overlap)."""
         inv_freq = self.inv_freq
         if self.config.rope.kind == "dynamic":  # NTK: frequencies depend on the longest position (host sync)
             seq_len = int(input_pos.max()) + 1
             c = self.config
             inv_freq = rope_inv_freq(c.rope, c.head_dim, seq_len, c.max_position_embeddings).to(inv_freq.device)
-        freqs = input_pos.float()[..., None] * inv_freq  # [B, T, D/2]
+        elif limit is not None:
+            return self._table(limit, dtype)[input_pos].unbind(-2)
+        return self._cos_sin(input_pos.float(), inv_freq, dtype)
+
+    @staticmethod
+    def _cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None] * inv_freq  # [..., D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _table(self, limit: int, dtype: torch.dtype) -> Tensor:
+        """[limit, 2, D]: cos and sin of positions 0..limit-1, computed as `forward` computes them (so the same
+        values). Kept per length: a captured CUDA graph may read a table after a longer one is built."""
+        key = (limit, dtype, self.inv_freq.device)
+        if key not in self._tables:
+            positions = torch.arange(limit, device=self.inv_freq.device, dtype=torch.float32)
+            self._tables[key] = torch.stack(self._cos_sin(positions, self.inv_freq, dtype), dim=1)
+        return self._tables[key]
 
 
 class Attention(nn.Module):
@@ -259,7 +279,7 @@ class Transformer(nn.Module):
         if fresh:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.tok_embeddings(tokens)
-        rope = self.rotary(input_pos, x.dtype)
+        rope = self.rotary(input_pos, x.dtype, None if cache is None or fresh else cache.max_seq_len)
         mask = None
         if cache is not None and not fresh:
             kv_len = cache.max_seq_len
