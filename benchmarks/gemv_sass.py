@@ -49,12 +49,14 @@ MMA_POINTERS = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i
                 "ws_ptr": "*fp32", "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32",
                 "xh_ptr": "*fp16"}
 MMA_DEFAULTS = dict(CT=4, SPR=2, NT=1, HAS_BIAS=False, SP=8, FENCE=True, SWIGLU=False, HAS_POS=False, STAGES=1,
-                    PREFETCH=0, EMULATE=False, ADD=1, AHEAD=2, XSW=0, PDL=True)
+                    PREFETCH=0, EMULATE=False, ADD=1, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
+                    XMG_STRIDE=0, XMG_N=0, PDL=True)
 MMA_DIVISIBLE = ("N", "stride_xm", "slabs")
 MMA_VARIANTS = [  # (name, constexpr overrides, num_warps); NT: x row tiles of 8 (M = 8 * NT at most)
     *[(f"M=1, CT {ct}, ahead {ah}{', lanes' if add == 2 else ''}", {"CT": ct, "AHEAD": ah, "ADD": add}, 4)
       for ct in (4, 8) for ah in (2, 3) for add in (1, 2)],
     ("M=1, CT 4, ahead 2, lanes, SwiGLU input (down_proj)", {"ADD": 2, "XSW": 1}, 4),
+    ("M=1, CT 4, ahead 2, lanes, attention merged on load (o_proj)", {"ADD": 2, "XMG": 9, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 288}, 4),
     *[(f"M={8 * nt}, CT {ct}, {'ahead ' + str(ah) if ah else 'smem pipeline, 3 stages'}",
        {"NT": nt, "CT": ct, "AHEAD": ah, "STAGES": 1 if ah else 3, "PREFETCH": 0 if ah else 2, "ADD": 0,
         "y_ptr": "*fp16"}, 4)

@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RANK = {
     "errors": 0, "config": 1,
     # kernels: tensors in, tensors out (a launcher may import the kernel file it launches)
-    "kernels.sync": 1.5, "kernels.layout": 1.5, "kernels.swiglu_load": 1.5, "kernels.splitk": 1.6, "kernels.slots": 1.6,
+    "kernels.sync": 1.5, "kernels.partials": 1.5, "kernels.layout": 1.5, "kernels.swiglu_load": 1.5,
+    "kernels.splitk": 1.6, "kernels.slots": 1.6,
     "kernels.gemv": 1.8, "kernels.dot": 1.8, "kernels.dequant": 1.8, "kernels.mma": 1.8, "kernels.mma_dot": 1.8,
     "kernels.norm_rope": 1.9, "kernels.argmax": 1.9,
     "kernels.qmatmul": 2, "kernels.gptq_block_kernel": 2, "kernels.embedding": 2,

@@ -10,6 +10,8 @@ pytest.importorskip("triton")
 
 from lowbit.kernels import attention
 from lowbit.kernels.attention import decode_attention, num_splits, row_fill
+from lowbit.kernels.partials import AttentionPartials
+from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.reference import sdpa_reference
 from tests.kernels.common import DEVICE, skip_bf16_interpreted
 
@@ -64,6 +66,36 @@ def test_block_and_split_settings_give_the_same_attention(monkeypatch, settings)
     test_decode_attention(4, 4, 64, 300, torch.float32)
     test_decode_attention(8, 8, 32, 300, torch.float16)
     test_decode_attention(9, 3, 64, 300, torch.float32)
+
+
+@pytest.mark.parametrize("H,KV,D,S,row_splits", [(4, 4, 64, 300, None), (9, 3, 64, 600, 16), (8, 2, 32, 40, None)])
+def test_unmerged_partials_merge_to_the_attention(H, KV, D, S, row_splits):
+    """merge=False: the splits' partials (empty splits, one-split rows and GQA included) merge to what the kernel's
+    own merge gives, and the cache gets the new key/value all the same."""
+    B, slots = 3, 5
+    kc, vc = torch.randn(slots, KV, S, D, device=DEVICE), torch.randn(slots, KV, S, D, device=DEVICE)
+    rows = torch.tensor([3, 0, 4], device=DEVICE)
+    pos = torch.tensor([S - 1, 0, 257 % S], device=DEVICE)
+    q, k, v = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE).split((H, KV, KV), dim=2)
+    locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    merged = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc.clone(), vc.clone(), rows, pos, locks,
+                              row_splits=row_splits)
+    partials = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, row_splits=row_splits,
+                                merge=False)
+    assert isinstance(partials, AttentionPartials) and (partials.rows, partials.heads) == (B, H)
+    sms = sm_count(torch.device(DEVICE)) if DEVICE == "cuda" else 0
+    assert partials.splits == num_splits(S, B * KV, sms) and not locks.any()
+    torch.testing.assert_close(partials.merge(torch.float32), merged.reshape(B, H * D), rtol=1e-5, atol=1e-5)
+    assert torch.equal(kc[rows, :, pos], k[:, 0]) and torch.equal(vc[rows, :, pos], v[:, 0])
+
+
+def test_unmerged_partials_refuse_placed_channels():
+    q = torch.zeros(1, 2, 16, device=DEVICE)
+    cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
+    idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="positions need merge=True"):
+        decode_attention(q, q, q, cache, cache.clone(), idx, idx, torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                         positions=torch.arange(32, dtype=torch.int32, device=DEVICE), merge=False)
 
 
 def test_row_splits_below_one_are_refused():

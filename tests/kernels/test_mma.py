@@ -279,3 +279,55 @@ def test_mma_gpu_model_shapes(k, n, act_order):
         x = torch.randn(1, k, device=DEVICE).half()
         y = qmatmul(x, w, swiglu=True)
         check(y, silu_mul_reference((x.double() @ W).half()).double())
+
+
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
+def test_mma_merges_attention_partials_as_it_loads(config):
+    """x_merge (one row): the kernel merges decode attention's split partials (head dim 64: a step's rows span
+    two heads) into x for its own rows, then adds x @ W + bias into out; add_partials falls back to merging
+    first in torch where the kernel does not take them."""
+    from lowbit.kernels import qmatmul as qmatmul_module
+    from lowbit.kernels.attention import decode_attention
+
+    heads, dim, cached = 6, 64, 600
+    q, k, v = torch.randn(1, 3 * heads, dim, device=DEVICE).split(heads, dim=1)
+    kc, vc = torch.randn(1, heads, cached, dim, device=DEVICE), torch.randn(1, heads, cached, dim, device=DEVICE)
+    idx = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    pos = torch.full((1,), 550, device=DEVICE)
+    locks = torch.zeros(heads, dtype=torch.int32, device=DEVICE)
+    partials = decode_attention(q, k, v, kc, vc, idx, pos, locks, row_splits=3, merge=False)
+    assert partials.splits > 1
+    x = partials.merge(torch.float16)
+    w, _ = mma_weight(heads * dim, 64, 64, False, False, "gptq", seed=5)
+    bias = torch.randn(64).half().to(DEVICE)
+    start = torch.randn(1, 64, device=DEVICE)
+    out = start.clone()
+    mma.mma_matmul(None, w, bias, out, 4, add=True, x_merge=partials, **config)
+    check(out - start, reference(x, w, bias))
+    out2 = start.clone()
+    assert qmatmul_module.add_partials(partials, w, bias, out2, config) is out2
+    check(out2 - start, reference(x, w, bias))
+    with pytest.raises(ValueError, match="x_merge"):
+        mma.mma_matmul(x, w, None, out, 4, add=True, x_merge=partials)
+
+
+def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
+    from lowbit.kernels import qmatmul as qmatmul_module
+    from lowbit.kernels.partials import AttentionPartials
+
+    w, _ = mma_weight(128, 64, 64, False, False, "gptq", seed=6)
+    ws = torch.randn(1 * 2 * 1 * (64 + 2), device=DEVICE)
+    ws[1] = 0.5  # the second head's m
+    partials = AttentionPartials(ws, rows=1, heads=2, head_dim=64, stride=64, splits=1)
+    monkeypatch.setattr(qmatmul_module, "merges_partials", lambda w: False)
+    launch = mma.mma_matmul
+
+    def plain_x_only(*args, x_merge=None, **kwargs):
+        assert x_merge is None, "merged in torch first, not by the kernel"
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(mma, "mma_matmul", plain_x_only)
+    out = torch.zeros(1, 64, device=DEVICE)
+    ws[2:4] = ws[2:4].abs() + 1  # l > 0
+    qmatmul_module.add_partials(partials, w, None, out, {"CT": 2})
+    check(out, reference(partials.merge(torch.float16), w))

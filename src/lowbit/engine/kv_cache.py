@@ -21,6 +21,7 @@ from lowbit.kernels.layout import place_channels
 from lowbit.kernels.reference import sdpa_reference
 
 if TYPE_CHECKING:
+    from lowbit.kernels.partials import AttentionPartials
     from lowbit.kernels.qmatmul import ChannelOrder
 
 
@@ -51,23 +52,26 @@ class KVCache:
         return k_all[rows], v_all[rows]
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None) -> Tensor:
+               mask: Tensor | None, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None,
+               merged: bool = True) -> Tensor | AttentionPartials:
         """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H * D].
 
         q and k are rotated by rope = (cos, sin) [B, T, D] (on CUDA q/k may be rotated in place), then k/v are
         stored at input_pos of slots `rows`. mask [B, 1, T, S] says which cached positions each token sees;
         None means the rows are fresh sequences at positions 0..T-1, attending among themselves. order: the
         output's channels (head c // D, dim c % D for channel c) come in this order (for an act-order wo).
+        merged=False: one-token decode on CUDA returns its kernel's unmerged per-split partials instead (for a wo
+        that merges them as it loads them: `qmatmul.add_partials`); other calls ignore it.
         """
         B, T, H, D = q.shape
-        if q.is_cuda and T == 1 and mask is not None:  # decode: rotate, append, attend in one launch
+        if self.decodes_in_kernel(q, mask):  # decode: rotate, append, attend in one launch
             from lowbit.kernels.attention import decode_attention
 
             slots = rows if rows is not None else torch.arange(B, device=q.device)
             out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
                                    input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]),
-                                   positions=None if order is None else order.positions)
-            return out.view(B, 1, H * D)
+                                   positions=None if order is None else order.positions, merge=merged)
+            return out.view(B, 1, H * D) if merged else out
         dtype = self.k.dtype  # q/k/v may come as float32 sums (`Block.forward_into`)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         q, k = ops.rope(q, *rope, H), ops.rope(k, *rope, k.shape[2])
@@ -76,6 +80,11 @@ class KVCache:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
         y = sdpa_reference(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2).reshape(B, T, H * D)
         return place_channels(y, order)
+
+    def decodes_in_kernel(self, q: Tensor, mask: Tensor | None) -> bool:
+        """Whether `attend` runs one-token decode in `decode_attention`'s kernel (CUDA; the CPU computes it in
+        torch)."""
+        return q.is_cuda and q.shape[1] == 1 and mask is not None
 
     def allocate(self) -> int | None:
         """A free slot number, or None when every slot is taken."""

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
 
@@ -82,7 +83,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
                    n_kv, D, qk_scale,
                    fill, G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
                    SPLITS: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                   ROPE: tl.constexpr, PLACE: tl.constexpr, PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PLACE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, d = tl.arange(0, GP), tl.arange(0, BD)
     gm, dm = g < G, d < D
@@ -132,7 +133,14 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
         m_i, l_i, acc = _attend_block(q, k, v, t0, end, p, k_new, v_new, m_i, l_i, acc, qk_scale, BLOCK, IEEE)
 
     out_offs = b64 * stride_ob + channel
-    if live == 1:  # one split holds the whole row (always so for SPLITS 1): no merge
+    if not MERGE:  # every split's partial, empty ones too (m -inf, l 0, acc 0), for the kernel after to merge
+        row = (b64 * n_kv + kvh) * G + g
+        n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
+        ml = row * SPLITS + split
+        tl.store(ws_ptr + ml, m_i, mask=gm)
+        tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
+        tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+    elif live == 1:  # one split holds the whole row (always so for SPLITS 1): no merge
         if split == 0:
             tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     elif split < live:
@@ -189,7 +197,7 @@ def row_fill(programs: int, sms: int) -> int:
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
                      rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None,
-                     row_splits: int | None = None) -> Tensor:
+                     row_splits: int | None = None, merge: bool = True) -> Tensor | AttentionPartials:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride; float32 ones are rounded
@@ -200,6 +208,8 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
     of its row (`layout.place_channels`), the order an act-order wo reads. row_splits: the splits a row spreads
     over at least (its length may need more: one per CHUNK positions); default `row_fill`.
+    merge=False: the splits' partial softmaxes come back unmerged (`AttentionPartials`; not with positions), for
+    the kernel after to merge as it loads them (`lowbit.kernels.partials`); out is not written.
     With PDL the kernel reads rows, pos, the rope tables and the cache's earlier positions before it waits for
     the kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them
     (the model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
@@ -215,6 +225,8 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         raise ValueError(f"positions must be int32 [{H * D}], got {positions.dtype} {tuple(positions.shape)}")
     if out is not None and positions is not None and (out.stride(1) != D or out.stride(2) != 1):
         raise ValueError("positions need each output row's heads contiguous")
+    if not merge and positions is not None:
+        raise ValueError("unmerged partials are in channel order: positions need merge=True")
     if row_splits is not None and row_splits < 1:
         raise ValueError(f"row_splits must be at least 1, got {row_splits}")
     if locks.numel() < B * n_kv:
@@ -222,8 +234,9 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     G = H // n_kv
     splits = num_splits(S, B * n_kv, sm_count(q.device) if q.is_cuda else 0)
     bd = max(16, triton.next_power_of_2(D))
-    out = torch.empty(B, H, D, dtype=k_cache.dtype, device=q.device) if out is None else out
-    ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    if out is None:  # (unmerged: nothing is written there)
+        out = torch.empty(B, H, D, dtype=k_cache.dtype, device=q.device) if merge else q
+    ws = torch.empty(B * H * splits * (bd + 2) if splits > 1 or not merge else 1, dtype=torch.float32, device=q.device)
     scale = D ** -0.5 if scale is None else scale
     cos, sin = rope if rope is not None else (q, q)
     if rope is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride() or D % 2):
@@ -238,6 +251,5 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None,
-            num_warps=NUM_WARPS,
-            **pdl_launch(q))
-    return out
+            MERGE=merge, num_warps=NUM_WARPS, **pdl_launch(q))
+    return out if merge else AttentionPartials(ws, B, H, D, bd, splits)

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.layout import QWeight
+from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
@@ -212,12 +213,37 @@ def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr):
+    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code)."""
+    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
+
+
+@triton.jit
+def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
+                 SPLITS: tl.constexpr):
+    """Rows k (channel k: head k // head_dim) of one-row attention's output, merged from its SPLITS partials
+    (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split order."""
+    first = (k // head_dim) * SPLITS
+    m_max = tl.load(ws_ptr + first)
+    for s in tl.static_range(1, SPLITS):
+        m_max = tl.maximum(m_max, tl.load(ws_ptr + first + s))
+    total = tl.zeros(k.shape, tl.float32)
+    o = tl.zeros(k.shape, tl.float32)
+    for s in tl.static_range(SPLITS):
+        w = tl.exp2(tl.load(ws_ptr + first + s) - m_max)
+        total += w * tl.load(ws_ptr + n + first + s)
+        o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim)
+    tl.store(xh_ptr + k, (o / total).to(tl.float16))
+
+
+@triton.jit
 def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
                 M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
-                ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, PDL: tl.constexpr):
+                ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
+                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -231,7 +257,9 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline. XSW (M = 1; a
     `swiglu_load.ROUNDING` code): xf holds a fused w13's float32 gate/up sums and the input is their SwiGLU; each
     program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
-    that as its x."""
+    that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
+    its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
+    entries; constants of a model and cache, so no arguments the other modes would carry)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -269,12 +297,13 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
-    if XSW:
-        K = slabs * 64
+    if XSW or XMG:
         rows = tl.arange(0, SPR * 64)
         for step in range(s_begin, s_end):
-            k = step * (SPR * 64) + rows
-            tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
+            if XSW:
+                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW)
+            else:
+                _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
         tl.debug_barrier()
         xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
     acc0 = tl.zeros((R * 8, 16), tl.float32)
@@ -367,10 +396,11 @@ def _column_tiles(tiles: int, want: int) -> int:
     return ct
 
 
-def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
+def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int = 4, waves: int = 4,
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
-               lanes: bool = False, x_swiglu: torch.dtype | None = None) -> None:
+               lanes: bool = False, x_swiglu: torch.dtype | None = None,
+               x_merge: AttentionPartials | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -380,10 +410,17 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
     the slots GEMV places them). ahead (1-4): words through registers, loaded that many steps early
     (`_mma_kernel`'s AHEAD), in place of the shared-memory pipeline. lanes (with add, one row): each lane adds
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
-    gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW)."""
+    gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
+    x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
+    unmerged partials as the kernel loads x (XMG)."""
     n, k = w.out_features, w.in_features
-    m = x2.shape[0]
     xf = None
+    if x_merge is not None:
+        p = x_merge
+        if x2 is not None or x_swiglu is not None or p.rows != 1 or p.heads * p.head_dim != k:
+            raise ValueError(f"x_merge (in place of x2): one row of attention partials, {k} channels")
+        xf, x2 = p.ws, torch.empty(1, k, dtype=torch.float16, device=p.ws.device)  # x2: the scratch the kernel fills
+    m = x2.shape[0]
     if x_swiglu is not None:
         if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
             raise ValueError(f"x_swiglu: one row of float32 gate/up sums [1, {2 * k}], the input in float16")
@@ -425,4 +462,6 @@ def mma_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
+            XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
+            XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
             num_warps=num_warps, **pdl_launch(x2))

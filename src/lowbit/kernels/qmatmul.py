@@ -19,6 +19,7 @@ from lowbit.kernels.dequant import dequant_matmul, dequantize  # noqa: F401  (de
 from lowbit.kernels.dot import dot
 from lowbit.kernels.gemv import gemv
 from lowbit.kernels.layout import ChannelOrder, QWeight, place_halves, repack  # noqa: F401
+from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.swiglu_load import ROUNDING
 
@@ -72,6 +73,30 @@ def adds_itself(m: int, w: QWeight) -> bool:
     GEMV (one row) and the mma kernel (any rows it takes, for an input in the weight's order). A 7B block of
     linears at 16 rows on an H100: 78.2 us adding, 87.6 with the split-K finish (2026-12-07)."""
     return pick_kernel(m, w.qweight.device, w.layout)[0] in ("gemv", "mma")
+
+
+def merges_partials(w: QWeight) -> bool:
+    """Whether `add_partials` merges one row's attention partials inside the kernel, as it loads x: the mma
+    layout's kernel at one row, adding into float32 (not under deterministic algorithms), for a weight read in
+    channel order. Decode attention then leaves its merge to it (`lowbit.kernels.partials`)."""
+    return (w.layout == "mma" and w.perm is None and pick_kernel(1, w.qweight.device, w.layout)[0] == "mma"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def add_partials(p: AttentionPartials, w: QWeight, bias: Tensor | None, out: Tensor,
+                 config: dict | None = None) -> Tensor:
+    """out (float32 [1, N]) += attention @ W + bias, the attention (float16) merged from one row's unmerged
+    partials: by the mma kernel as it loads x where `merges_partials`, else first, in torch. config: the mma
+    kernel's keywords (default: its one-row row)."""
+    if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
+        raise ValueError(f"add_partials adds into a contiguous float32 out of {w.out_features} values")
+    if not merges_partials(w):
+        x = p.merge(torch.float16).view(out.shape[:-1] + (-1,))
+        return qmatmul(x, w, bias, out=out, accumulate=True)
+    config = {k: v for k, v in {**pick_kernel(1, w.qweight.device, w.layout)[1], **(config or {})}.items()
+              if k != "host_gather"}
+    mma.mma_matmul(None, w, bias, out.view(1, -1), sm_count(out.device), **config, add=True, x_merge=p)
+    return out
 
 
 def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bool:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lowbit.config import ModelConfig, RopeConfig
 from lowbit.kernels import ops
+from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.reference import sdpa_reference
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -55,11 +56,13 @@ class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor], order=None) -> Tensor:
+               mask: Tensor | None, rope: tuple[Tensor, Tensor], order=None, merged: bool = True) -> Tensor:
         """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
         into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H * D] of q
         over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal), its channels
-        (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given."""
+        (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given. merged=False
+        (asked only by a wo that `merges_attention`): the cache may return its decode kernel's unmerged
+        `AttentionPartials` instead, for wo to merge."""
 
 
 class RMSNorm(nn.Module):
@@ -177,7 +180,13 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
         order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
-        y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
+        merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
+        if add_to is not None and order is None and T == 1 and merges is not None and merges(B):
+            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, merged=False)
+            if isinstance(y, AttentionPartials):
+                return self.wo.add_attention(y, add_to)
+        else:
+            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
         return _linear(self.wo, y, order is not None, add_to)
 
 
