@@ -89,22 +89,18 @@ def test_unmerged_partials_merge_to_the_attention(H, KV, D, S, row_splits):
     assert torch.equal(kc[rows, :, pos], k[:, 0]) and torch.equal(vc[rows, :, pos], v[:, 0])
 
 
-def test_unmerged_partials_refuse_placed_channels():
+@pytest.mark.parametrize("bad,message", [({"row_splits": 0}, "row_splits must be at least 1"),
+                                         ({"merge": False, "placed": True}, "positions need merge=True")])
+def test_bad_arguments_are_refused(bad, message):
+    bad = dict(bad)
     q = torch.zeros(1, 2, 16, device=DEVICE)
     cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
     idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="positions need merge=True"):
+    if bad.pop("placed", False):
+        bad["positions"] = torch.arange(32, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
         decode_attention(q, q, q, cache, cache.clone(), idx, idx, torch.zeros(2, dtype=torch.int32, device=DEVICE),
-                         positions=torch.arange(32, dtype=torch.int32, device=DEVICE), merge=False)
-
-
-def test_row_splits_below_one_are_refused():
-    q = torch.zeros(1, 2, 16, device=DEVICE)
-    cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
-    idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="row_splits must be at least 1"):
-        decode_attention(q, q, q, cache, cache.clone(), idx, idx, torch.zeros(2, dtype=torch.int32, device=DEVICE),
-                         row_splits=0)
+                         **bad)
 
 
 def test_splits_grow_with_the_cache_and_fill_the_sms():

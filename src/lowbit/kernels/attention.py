@@ -77,6 +77,20 @@ def _attend_block(q, k, v, t0, end, p, k_new, v_new, m_i, l_i, acc, qk_scale, BL
 
 
 @triton.jit
+def _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G: tl.constexpr, SPLITS: tl.constexpr,
+                   BD: tl.constexpr):
+    """A split's partial softmax of its query heads' rows (`partials.AttentionPartials`' layout: m at ws[e], l at
+    ws[n + e], acc at ws[2n + e * BD], e = row * SPLITS + split) -> (rows, n)."""
+    row = (b64 * n_kv + kvh) * G + g
+    n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
+    ml = row * SPLITS + split
+    tl.store(ws_ptr + ml, m_i, mask=gm)
+    tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
+    tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+    return row, n_ml
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
                    cos_ptr, sin_ptr, place_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
@@ -134,23 +148,12 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
 
     out_offs = b64 * stride_ob + channel
     if not MERGE:  # every split's partial, empty ones too (m -inf, l 0, acc 0), for the kernel after to merge
-        row = (b64 * n_kv + kvh) * G + g
-        n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
-        ml = row * SPLITS + split
-        tl.store(ws_ptr + ml, m_i, mask=gm)
-        tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
-        tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+        _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G, SPLITS, BD)
     elif live == 1:  # one split holds the whole row (always so for SPLITS 1): no merge
         if split == 0:
             tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     elif split < live:
-        # partials: m, l at ws[(row * SPLITS + split)], acc at ws[n_ml + (row * SPLITS + split) * BD]
-        row = (b64 * n_kv + kvh) * G + g
-        n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
-        ml = row * SPLITS + split
-        tl.store(ws_ptr + ml, m_i, mask=gm)
-        tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
-        tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+        row, n_ml = _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G, SPLITS, BD)
         if FENCE:
             fence_gpu(g)
         tl.debug_barrier()
