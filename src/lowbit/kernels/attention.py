@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
-from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, wait_previous
+from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, trace, wait_previous
 
 # Tried in a whole 7B batch-1 decode step (`benchmarks/decode_sweep.py --attention`, H100, 2026-12-07): blocks of
 # 16/32 with more splits, 128/256 positions (8 warps), one split a row: -2 % to +20 % at position 200, +2 % to
@@ -176,6 +176,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
                 o += tl.exp2(m_s - m_max)[:, None] * a_s
             tl.store(out_ptr + out_offs, (o / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock, 0)
+    trace(2)
 
 
 def num_splits(max_seq_len: int, programs: int = 1, sms: int = 0) -> int:

@@ -30,7 +30,7 @@ from lowbit.kernels.layout import QWeight
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
-from lowbit.kernels.sync import interpreting, pdl_launch, release_next, wait_previous
+from lowbit.kernels.sync import interpreting, pdl_launch, release_next, trace, wait_previous
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
 MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
@@ -341,6 +341,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             first = mine & (ss + pid_k == 0)
             acc0 += tl.load(b_ptr + col, mask=first, other=0.0).to(tl.float32)
         tl.atomic_add(y_ptr + _placed(col, pos_ptr, mine, N, HAS_POS), acc0, mask=mine, sem="relaxed")
+        trace(2)
         return
     out = _to_rows(acc0, CT, SPR)
     if NT > 1:
@@ -365,6 +366,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             if HAS_BIAS:
                 row0 += tl.where(pid_k == 0, tl.load(b_ptr + offs_n, mask=ok, other=0.0).to(tl.float32), 0.0)
             tl.atomic_add(y_ptr + _placed(offs_n, pos_ptr, ok, N, HAS_POS), row0, mask=ok, sem="relaxed")
+        trace(2)
         return
     if SWIGLU:
         offs_n = pid_n * (8 * CT) + tl.where(cols < 8 * CT, cols, cols - 8 * CT + N // 2)
@@ -375,6 +377,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         offs_m = tl.arange(0, 8 * NT)
     finish_tile(out, offs_m, offs_n, offs_n < N, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
                 tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
+    trace(2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
-from lowbit.kernels.sync import pdl_launch, release_next, wait_previous
+from lowbit.kernels.sync import pdl_launch, release_next, trace, wait_previous
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, src_ptr, D, eps,
     else:
         n = (xs.to(tl.float32) * inv).to(xs.dtype).to(tl.float32)
     tl.store(y_ptr + row * D + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mine)
+    trace(2)
 
 
 NORM_PROGRAMS = 256  # split rows into slices while there are fewer programs than this (about 2 per SM)

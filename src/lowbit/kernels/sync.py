@@ -54,17 +54,61 @@ def pdl_launch(t: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+# The address of a device buffer that `trace` appends to, set by `benchmarks/trace_step.py` before any kernel
+# compiles (with a fresh Triton cache); 0, the default, compiles every trace point to nothing.
+TRACE = tl.constexpr(0)
+TRACE_HEADER, TRACE_RECORD = 64, 32  # bytes: the record counter (int32 at 0), then the records
+_TRACE_ASM = tl.constexpr("""{
+.reg .pred p;
+.reg .b32 t, i, lo, hi, sm, x, y, z, nx, ny, nz;
+.reg .b64 g, r;
+mov.u32 t, %tid.x;
+setp.eq.u32 p, t, 0;
+mov.u64 g, %globaltimer;
+mov.b64 {lo, hi}, g;
+mov.u32 sm, %smid;
+mov.u32 x, %ctaid.x;
+mov.u32 y, %ctaid.y;
+mov.u32 z, %ctaid.z;
+mov.u32 nx, %nctaid.x;
+mov.u32 ny, %nctaid.y;
+mov.u32 nz, %nctaid.z;
+shl.b32 t, $2, 16;
+or.b32 sm, sm, t;
+shl.b32 ny, ny, 16;
+or.b32 ny, ny, nz;
+@p atom.global.add.u32 i, [$1], 1;
+@p mul.wide.u32 r, i, 32;
+@p add.u64 r, r, $1;
+@p st.global.v4.b32 [r+64], {lo, hi, sm, x};
+@p st.global.v4.b32 [r+80], {y, z, nx, ny};
+mov.b32 $0, 0;
+}""")
+
+
+@triton.jit
+def trace(event: tl.constexpr):
+    """With TRACE set: thread 0 of the program appends one record (`TRACE_RECORD` bytes: %globaltimer as two
+    words, %smid | event << 16, block index x, y, z, grid size x, y << 16 | z) to the TRACE buffer. Events: 0 the
+    program started (`release_next`), 1 its wait ended (`wait_previous`), 2 it ended (the kernels' last lines)."""
+    if TRACE:
+        tl.inline_asm_elementwise(_TRACE_ASM, "=r,l,r", [tl.full([], TRACE, tl.int64), tl.full([], event, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def wait_previous(PDL: tl.constexpr):
     """Block until the kernels before this one have finished and their writes are visible (no-op without PDL)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        trace(1)
 
 
 @triton.jit
 def release_next(PDL: tl.constexpr):
     """Let the next kernel launch once every program of this one has called this (no-op without PDL)."""
     if PDL:
+        trace(0)
         tl.extra.cuda.gdc_launch_dependents()
 
 
