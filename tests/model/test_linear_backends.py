@@ -128,7 +128,7 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
 
 
 def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
-    """One-row decode with the mma layout: Attention asks the cache for unmerged split partials and wo merges them
+    """One-row decode with the mma layout (GQA): Attention asks the cache for unmerged split partials and wo merges them
     as its kernel loads x (`mma`'s XMG), adding into the float32 residual; the logits match the reference. (On
     the CPU the cache computes attention in torch; here a cache that runs the decode kernel anyway.)"""
     from lowbit.kernels import attention, qmatmul
@@ -138,7 +138,7 @@ def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
         monkeypatch.setattr(qmatmul, "repack", lambda *args: repack(*args[:5], "mma"))
     monkeypatch.setattr(attention, "CHUNK", 16)  # three live splits of four at position 39
     monkeypatch.setattr(attention, "BLOCK", 16)
-    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
     write_gptq_checkpoint(tmp_path, cfg, 4, 64, False, False, "gptq", distinct_perms=False)
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=torch.float16, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
