@@ -8,8 +8,9 @@ ends and when they end (`lowbit.kernels.sync.trace`, compiled in only when a buf
 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/trace_step.py [--shape llama-7b] [--variant gptq-4bit-g128] [--layer 16]
-One step at position 200 is replayed from a CUDA graph; the table has the launches of one layer (and the
-first launch of the next), times in µs from the end of the launch before (its last program's end). Markdown
+One step at position 200 is replayed from a CUDA graph. Two tables: each launch of a layer, medians over the
+layers (what it adds, how soon its wait returns, how many programs start late, its tail); then one layer's
+launches (and the next layer's first), times in µs from the end of the launch before (its last program's end). Markdown
 to stdout and to $OUT/trace_step.md.
 """
 
@@ -88,6 +89,28 @@ def layer_table(runs: list[dict], first: int, count: int) -> None:
             f"| {us(r['waited'])} | {us(r['end'])} | {adds:.1f} |")
 
 
+def layer_summary(runs: list[dict], lead: int, per_layer: int, layers: int) -> None:
+    """Medians over the layers, for each launch of a layer: what it adds (its last end minus the previous
+    launch's), how long after that previous end its first wait returned, how many of its programs started only
+    after it (a second wave), and its tail (last end minus median end)."""
+    say("| launch of a layer | grid | adds, µs | first wait returns, µs after the previous end "
+        "| programs started after it | tail, µs |")
+    say("|---|---|---|---|---|---|")
+    for p in range(per_layer):
+        rows = []
+        for layer in range(layers):
+            i = lead + layer * per_layer + p
+            if i < 1 or not runs[i]["end"] or not runs[i]["waited"]:
+                continue
+            r, ref = runs[i], max(runs[i - 1]["end"] or runs[i - 1]["start"])
+            rows.append(((max(r["end"]) - ref) / 1000, (min(r["waited"]) - ref) / 1000,
+                         sum(t > ref for t in r["start"]), (max(r["end"]) - statistics.median(r["end"])) / 1000))
+        if rows:
+            med = [statistics.median(col) for col in zip(*rows)]
+            grid = "x".join(map(str, runs[lead + p]["grid"]))
+            say(f"| {p} | {grid} | {med[0]:.1f} | {med[1]:+.1f} | {med[2]:.0f} | {med[3]:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama-7b")
@@ -129,6 +152,8 @@ def main() -> None:
         f"({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
     say(f"{n} records, {len(runs)} traced launches ({per_layer} a layer, {lead} before the first), {step:.1f} µs "
         f"from the first record to the last; the timer ticks in steps of {tick} ns at least.\n")
+    layer_summary(runs, lead, per_layer, layers)
+    say(f"\nLayer {args.layer}, each program's times from the previous launch's last end, µs:\n")
     layer_table(runs, lead + args.layer * per_layer, per_layer + 1)
     out = os.environ.get("OUT")
     if out:
