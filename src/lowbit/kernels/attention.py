@@ -4,7 +4,8 @@ One launch per layer and step: program (b, kv head, split) rotates the row's que
 cached positions of its split up to row b's position, and the split that holds that position also writes the
 new key/value into the cache (and uses them from registers). The query heads that share a kv head (GQA) are
 one tensor-core tile. Splits (flash-decoding) keep the SMs busy at batch 1; the last split to finish merges the
-partial softmaxes in a fixed order (deterministic) and resets its counter, so nothing else is launched. A row
+partial softmaxes in a fixed order (deterministic) and resets its counter, so nothing else is launched (or,
+with merge=False, every split leaves its partial for the next kernel to merge: `lowbit.kernels.partials`). A row
 spreads over the splits its length needs, or more while the batch leaves SMs idle (`row_fill`); the splits
 left over have nothing to do, and a row that one split holds is written with no merge. Reads stop at each
 row's length, not at the cache's. With PDL, each program reads its row's slot and position, the rope tables
