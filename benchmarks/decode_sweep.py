@@ -34,17 +34,10 @@ from lowbit.engine.kv_cache import KVCache
 from lowbit.eval.random_model import SHAPES, VARIANTS, random_model
 from lowbit.kernels import attention, mma, ops, qmatmul
 from profile_decode import step_wall_us  # benchmarks/profile_decode.py, beside this script
+from report import save, say  # benchmarks/report.py
 
 REPLAYS = 200
 POSITION, CONTEXT = 200, 384  # (--position, --context)
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    LINES.append(line)
-    print(line, flush=True)
-
-
 def step_us(model, cache) -> float:
     """Median µs of one replay of a freshly captured batch-1 decode step at POSITION (configs are read at
     capture)."""
@@ -167,10 +160,7 @@ def main() -> None:
             say(f"| baseline again | {base:.1f} | {1e6 / base:.0f} | |")
     os.environ["LOWBIT_PDL"] = "0"
     row("PDL off", step_us(model, cache))
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "decode_sweep.md"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    save("decode_sweep.md")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ MMA_VARIANTS = [  # (name, constexpr overrides, num_warps); NT: x row tiles of 8
     *[(f"M=1, CT {ct}, ahead {ah}{', lanes' if add == 2 else ''}", {"CT": ct, "AHEAD": ah, "ADD": add}, 4)
       for ct in (4, 8) for ah in (2, 3) for add in (1, 2)],
     ("M=1, CT 4, ahead 2, lanes, SwiGLU input (down_proj)", {"ADD": 2, "XSW": 1}, 4),
-    ("M=1, CT 4, ahead 2, lanes, attention merged on load (o_proj)", {"ADD": 2, "XMG": 9, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 288}, 4),
+    ("M=1, CT 4, ahead 2, lanes, attention merged on load (o_proj)",  # 7B at batch 1: 32 heads of 128, 9 splits
+     {"ADD": 2, "XMG": 9, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 288}, 4),
     *[(f"M={8 * nt}, CT {ct}, {'ahead ' + str(ah) if ah else 'smem pipeline, 3 stages'}",
        {"NT": nt, "CT": ct, "AHEAD": ah, "STAGES": 1 if ah else 3, "PREFETCH": 0 if ah else 2, "ADD": 0,
         "y_ptr": "*fp16"}, 4)

@@ -23,21 +23,13 @@ import torch
 from lowbit.kernels import qmatmul as qm
 from lowbit.kernels.reference import dequant_reference
 from lowbit.quant import pack
+from report import save, say  # benchmarks/report.py, beside this script
 
 SHAPES = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # (K, N) of q, k, v, o, gate, up, down
 FUSED = [(4096, 3 * 4096), (4096, 4096), (4096, 2 * 11008), (11008, 4096)]  # wqkv, wo, w13, w2
 MS = (1, 16, 64, 2048)
 DEADLINE = time.time() + float(os.environ.get("BENCH_SECONDS", "330"))  # the tables stop here
 SWEEP_DEADLINE = time.time() + float(os.environ.get("SWEEP_SECONDS", "150"))
-LOG = []
-
-
-def say(*a):
-    line = " ".join(str(x) for x in a)
-    LOG.append(line)
-    print(line, flush=True)
-
-
 def random_weight(k, n, bits, group_size=128, act_order=False, seed=0, layout="slots"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     groups = pack.num_groups(k, group_size)
@@ -382,10 +374,7 @@ def main():
         _, text = table(best, shapes, title)
         say(text + "\n")
         torch.cuda.empty_cache()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "kernels.md"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+    save("kernels.md")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 from lowbit.engine.cuda_graphs import DecodeGraphs
 from lowbit.engine.kv_cache import KVCache
 from lowbit.eval.random_model import SHAPES, VARIANTS, random_model
+from report import save, say  # benchmarks/report.py, beside this script
 
 REPLAYS = 20
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    LINES.append(line)
-    print(line, flush=True)
-
-
 def short(name: str) -> str:
     """A kernel's name without template arguments and launch suffixes (cuBLAS names are long)."""
     name = name.split("(")[0].split("<")[0]
@@ -202,10 +195,7 @@ def main() -> None:
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}\n")
     for v in args.variants.split(","):
         profile_variant(args.shape, v, args.prefill, args.batch)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "profile_decode.md"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    save("profile_decode.md")
 
 
 if __name__ == "__main__":

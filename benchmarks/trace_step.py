@@ -27,17 +27,10 @@ import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lowbit.kernels import sync  # noqa: E402
+from report import save, say  # noqa: E402  (benchmarks/report.py, beside this script)
 
 CAPACITY = 2 << 20  # records (64 MiB): a 7B step writes about 430 thousand
 POSITION, CONTEXT, WARM = 200, 384, 5
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    LINES.append(line)
-    print(line, flush=True)
-
-
 def parse(words: torch.Tensor) -> list[tuple[int, int, int, tuple, tuple]]:
     """int32 records [n, 8] -> (time ns, event, sm, block index, grid) each."""
     out = []
@@ -155,10 +148,7 @@ def main() -> None:
     layer_summary(runs, lead, per_layer, layers)
     say(f"\nLayer {args.layer}, each program's times from the previous launch's last end, µs:\n")
     layer_table(runs, lead + args.layer * per_layer, per_layer + 1)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "trace_step.md"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    save("trace_step.md")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ class Rotary(nn.Module):
         self.config = config
         inv_freq = rope_inv_freq(config.rope, config.head_dim, 0, config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-
         self._tables: dict[tuple, Tensor] = {}
 
     def forward(self, input_pos: Tensor, dtype: torch.dtype, limit: int | None = None) -> tuple[Tensor, Tensor]:
@@ -181,12 +180,11 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
         order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
         merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
-        if add_to is not None and order is None and T == 1 and merges is not None and merges(B):
-            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, merged=False)
-            if isinstance(y, AttentionPartials):
-                return self.wo.add_attention(y, add_to)
-        else:
-            y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order)
+        unmerged = add_to is not None and order is None and T == 1 and merges is not None and merges(B)
+        y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order,
+                         **({"merged": False} if unmerged else {}))  # (only such a wo asks: other caches may not know)
+        if isinstance(y, AttentionPartials):
+            return self.wo.add_attention(y, add_to)
         return _linear(self.wo, y, order is not None, add_to)
 
 
