@@ -331,3 +331,6 @@ def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
     ws[2:4] = ws[2:4].abs() + 1  # l > 0
     qmatmul_module.add_partials(partials, w, None, out, {"CT": 2})
     check(out, reference(partials.merge(torch.float16), w))
+    for bad in (torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), torch.zeros(1, 32, device=DEVICE)):
+        with pytest.raises(ValueError, match="contiguous float32 out of 64 values"):
+            qmatmul_module.add_partials(partials, w, None, bad)
