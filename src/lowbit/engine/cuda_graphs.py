@@ -48,13 +48,14 @@ def decode_steps(model: Transformer, cache: KVCache, inputs: Tensor, steps: int)
     Step s writes keys/values at positions + s, so row b needs positions[b] + steps - 1 < max_seq_len."""
     tokens, positions, slots, lead = inputs
     out = []
-    for s in range(steps):
-        logits = model(tokens[:, None], (positions + s)[:, None], cache, slots)[:, -1]
+    for s in range(steps):  # (no `positions + 0` or stack of one: each plain launch is a barrier in the graph)
+        at = positions + s if s else positions
+        logits = model(tokens[:, None], at[:, None], cache, slots)[:, -1]
         greedy = ops.argmax(logits)
         out.append(greedy)
         if s + 1 < steps:
             tokens = greedy[lead]
-    return torch.stack(out), logits
+    return (torch.stack(out) if steps > 1 else out[0][None]), logits
 
 
 class HostCopy:
