@@ -180,3 +180,57 @@ def test_decode_attention_places_channels():
     assert torch.equal(placed.view(B, H * D), place_channels(plain.view(B, H * D), order))
     with pytest.raises(ValueError, match="positions must be int32"):
         decode_attention(q, k, v, kc, vc, rows, pos, locks, positions=positions[:-1])
+
+
+@pytest.mark.parametrize("kv_prefetch", [0, 1, 2])
+def test_l2_prefetches_leave_the_attention_unchanged(monkeypatch, kv_prefetch):
+    """warm= (o_proj's weight pulled into L2 by the programs) and the cached keys/values asked of L2 (KV_PREFETCH),
+    which run on an sm_90 GPU, change no result, odd sizes too."""
+    monkeypatch.setattr(attention, "WARM", True)
+    monkeypatch.setattr(attention, "KV_PREFETCH", kv_prefetch)
+    H, KV, D, S = 8, 2, 64, 300
+    kc, vc = torch.randn(2, 2, KV, S, D, device=DEVICE).half().unbind(0)
+    q, k, v = torch.randn(1, 1, H + 2 * KV, D, device=DEVICE).half().split((H, KV, KV), dim=2)
+    rows, pos = torch.tensor([1], device=DEVICE), torch.tensor([200], device=DEVICE)
+    locks = torch.zeros(KV, dtype=torch.int32, device=DEVICE)
+    plain = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc.clone(), vc.clone(), rows, pos, locks)
+    for words in (1000, 7, 123457):
+        warm = torch.zeros(words, dtype=torch.int32, device=DEVICE)
+        got = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc.clone(), vc.clone(), rows, pos, locks, warm=warm)
+        torch.testing.assert_close(got, plain, rtol=0, atol=0)
+
+
+WARM_PTX = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit.kernels import attention
+kernel = attention._decode_kernel
+params = list(inspect.signature(kernel.fn).parameters)
+const = dict(G=1, GP=16, BD=128, BLOCK=64, SPLITS=9, CHUNK=256, SP=16, FENCE=True, IEEE=False, ROPE=True,
+             PLACE=False, MERGE=False, WARM=sys.argv[1] == "1", KV_PREFETCH=int(sys.argv[2]), PDL=True)
+types = {"ws_ptr": "*fp32", "lock_ptr": "*i32", "rows_ptr": "*i64", "pos_ptr": "*i64", "place_ptr": "*i32",
+         "warm_ptr": "*i32", "q_ptr": "*fp32", "kn_ptr": "*fp32", "vn_ptr": "*fp32"}
+signature = {p: "constexpr" if p in const else types.get(p, "*fp16" if p.endswith("_ptr") else
+             "fp32" if p == "qk_scale" else "i32") for p in params}
+source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
+print(compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global"), len(compiled.asm["cubin"]) > 0)
+"""
+
+
+@pytest.mark.parametrize("warm,kv_prefetch,prefetches", [(False, 0, 0), (True, 0, 1), (False, 1, 2), (True, 2, 3)])
+def test_l2_prefetches_compile_for_sm90(tmp_path, warm, kv_prefetch, prefetches):
+    """The bulk L2 prefetches' inline PTX (which no CPU run executes) builds for sm_90 through ptxas, and only where
+    asked: one for the next weight (WARM), one each for the keys and values (KV_PREFETCH 1 or 2)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", WARM_PTX, str(int(warm)), str(kv_prefetch)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(prefetches), "True"]
