@@ -148,8 +148,8 @@ def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
     monkeypatch.setattr(qmatmul, "add_partials", lambda p, *a: merged.append(p.splits) or add_partials(p, *a))
 
     class KernelCache(KVCache):
-        def decodes_in_kernel(self, q, mask):
-            return q.shape[1] == 1 and mask is not None
+        def decodes_in_kernel(self, q, fresh):
+            return q.shape[1] == 1 and not fresh
 
     tokens = torch.randint(0, cfg["vocab_size"], (1, 40))
 

@@ -52,20 +52,20 @@ class KVCache:
         return k_all[rows], v_all[rows]
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None,
+               fresh: bool, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None,
                merged: bool = True, warm: Tensor | None = None) -> Tensor | AttentionPartials:
         """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H * D].
 
         q and k are rotated by rope = (cos, sin) [B, T, D] (on CUDA q/k may be rotated in place), then k/v are
-        stored at input_pos of slots `rows`. mask [B, 1, T, S] says which cached positions each token sees;
-        None means the rows are fresh sequences at positions 0..T-1, attending among themselves. order: the
+        stored at input_pos of slots `rows`. Each token sees the cached positions up to its own; fresh: the
+        rows are new sequences at positions 0..T-1, attending among themselves. order: the
         output's channels (head c // D, dim c % D for channel c) come in this order (for an act-order wo).
         merged=False: one-token decode on CUDA returns its kernel's unmerged per-split partials instead (for a wo
         that merges them as it loads them: `qmatmul.add_partials`); other calls ignore it. warm: a tensor the
         kernel after reads (wo's weight), which the decode kernel pulls into L2 while it runs.
         """
         B, T, H, D = q.shape
-        if self.decodes_in_kernel(q, mask):  # decode: rotate, append, attend in one launch
+        if self.decodes_in_kernel(q, fresh):  # decode: rotate, append, attend in one launch
             from lowbit.kernels.attention import decode_attention
 
             slots = rows if rows is not None else torch.arange(B, device=q.device)
@@ -77,15 +77,18 @@ class KVCache:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         q, k = ops.rope(q, *rope, H), ops.rope(k, *rope, k.shape[2])
         k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))
-        if mask is None:
+        mask = None
+        if fresh:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        else:  # [B, 1, T, S]: what each token sees (built here: the kernel above reads positions instead)
+            mask = (torch.arange(self.max_seq_len, device=q.device) <= input_pos[..., None])[:, None]
         y = sdpa_reference(q.transpose(1, 2), k_all, v_all, mask).transpose(1, 2).reshape(B, T, H * D)
         return place_channels(y, order)
 
-    def decodes_in_kernel(self, q: Tensor, mask: Tensor | None) -> bool:
+    def decodes_in_kernel(self, q: Tensor, fresh: bool) -> bool:
         """Whether `attend` runs one-token decode in `decode_attention`'s kernel (CUDA; the CPU computes it in
         torch)."""
-        return q.is_cuda and q.shape[1] == 1 and mask is not None
+        return q.is_cuda and q.shape[1] == 1 and not fresh
 
     def allocate(self) -> int | None:
         """A free slot number, or None when every slot is taken."""

@@ -5,7 +5,7 @@ A forward over T tokens holds activations in proportion to T (gate/up's output a
 intermediate]: 113 MB for a 2047-token LLaMA-13B prompt in float16), so chunking bounds a long prompt's
 memory at the cost of more, smaller forwards. The first chunk takes the model's fresh path (positions 0..T-1,
 causal among themselves: flash attention on CUDA); each later chunk writes its keys at its positions and
-attends to the cached prefix through the cache path (`input_pos` and a mask), as a decode step does with
+attends to the cached prefix through the cache path (`input_pos`, not fresh), as a decode step does with
 one token. With dynamic (NTK) RoPE a chunk's frequencies follow its own last position, as they would if the
 prompt had arrived in pieces.
 """

@@ -2,7 +2,7 @@
 
 Covers LLaMA 1/2/3, Vicuna, Llama-2-70B-style GQA, SmolLM2 (tied embeddings) and optional biases. The
 linear layers are injected through `make_linear`, so the same module runs float and GPTQ weights; the
-KV cache is injected per call (any object with `attend(layer, rows, input_pos, q, k, v, mask)`), so the
+KV cache is injected per call (any object with `attend(layer, rows, input_pos, q, k, v, fresh, rope)`), so the
 engine owns memory, scheduling and the attention kernel. The small ops (RMSNorm, RoPE, SiLU*up) go through
 `lowbit.kernels.ops`: fused Triton kernels on CUDA, their torch references elsewhere. Checkpoint names and
 fusing live in `lowbit.model.weights`.
@@ -56,11 +56,12 @@ class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               mask: Tensor | None, rope: tuple[Tensor, Tensor], order=None, merged: bool = True,
+               fresh: bool, rope: tuple[Tensor, Tensor], order=None, merged: bool = True,
                warm: Tensor | None = None) -> Tensor:
         """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
         into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H * D] of q
-        over the cached positions mask [B, 1, T, S] allows (None: positions 0..T-1, causal), its channels
+        over the cached positions up to each token's own (fresh: the rows are new sequences at positions
+        0..T-1, attending causally among themselves), its channels
         (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given. merged=False
         (asked only by a wo that `merges_attention`): the cache may return its decode kernel's unmerged
         `AttentionPartials` instead, for wo to merge. warm (asked likewise): a tensor wo reads, which the cache's
@@ -161,20 +162,20 @@ class Attention(nn.Module):
         self.wqkv = make_linear(f"{prefix}.wqkv", c.hidden_size, q_dim + 2 * kv_dim, c.attention_bias)
         self.wo = make_linear(f"{prefix}.wo", q_dim, c.hidden_size, c.attention_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache | None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], fresh: bool, cache: Cache | None,
                 rows: Tensor | None, input_pos: Tensor, sorted_input: bool = False) -> Tensor:
         """sorted_input: x's channels come in wqkv's `input_order`."""
         B, T, _ = x.shape
         qkv = _linear(self.wqkv, x, sorted_input)
         if cache is not None:
-            return self.attend(qkv, rope, mask, cache, rows, input_pos)
+            return self.attend(qkv, rope, fresh, cache, rows, input_pos)
         qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
         qkv = ops.rope(qkv, *rope, self.n_heads + self.n_kv)  # q and k heads
         q, k, v = qkv.split(self.split, dim=2)  # GQA: sdpa_reference repeats each kv head for its group
         y = sdpa_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
         return self.wo(y.reshape(B, T, -1))
 
-    def attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: Cache, rows: Tensor | None,
+    def attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor], fresh: bool, cache: Cache, rows: Tensor | None,
                input_pos: Tensor, add_to: Tensor | None = None) -> Tensor:
         """wo(attention) for wqkv's output qkv [B, T, (H + 2 KV) * D] through the cache (which applies RoPE, its
         decode kernel on the fly; float32 sums are rounded to its dtype); add_to: wo adds its output into it."""
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         warm = getattr(self.wo, "l2_warm", None)  # wo's weight, for the decode kernel to pull into L2 as it runs
         warm = warm(B) if warm is not None and add_to is not None and T == 1 else None
         asks = {**({"merged": False} if unmerged else {}), **({"warm": warm} if warm is not None else {})}
-        y = cache.attend(self.layer, rows, input_pos, q, k, v, mask, rope, order, **asks)  # (only such a wo asks)
+        y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order, **asks)  # (only such a wo asks)
         if isinstance(y, AttentionPartials):
             return self.wo.add_attention(y, add_to)
         return _linear(self.wo, y, order is not None, add_to)
@@ -216,12 +217,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer, make_linear)
 
-    def forward(self, x: Tensor, rope, mask, cache, rows, input_pos) -> Tensor:
+    def forward(self, x: Tensor, rope, fresh, cache, rows, input_pos) -> Tensor:
         """The block's output hidden state (calibration runs the model block by block through this)."""
-        m, h = self.forward_split(x, None, rope, mask, cache, rows, input_pos)
+        m, h = self.forward_split(x, None, rope, fresh, cache, rows, input_pos)
         return h + m
 
-    def forward_split(self, x: Tensor, residual: Tensor | None, rope, mask, cache, rows,
+    def forward_split(self, x: Tensor, residual: Tensor | None, rope, fresh, cache, rows,
                       input_pos) -> tuple[Tensor, Tensor]:
         """The block on hidden state x + residual (residual None: just x), returned as the pair (MLP output,
         residual stream) whose sum is the output: the model adds them inside the next block's norm (one launch
@@ -231,7 +232,7 @@ class Block(nn.Module):
             n, h = self.attention_norm(x, order), x
         else:
             n, h = self.attention_norm.add_forward(x, residual, order)
-        a = self.attention(n, rope, mask, cache, rows, input_pos, sorted_input=order is not None)
+        a = self.attention(n, rope, fresh, cache, rows, input_pos, sorted_input=order is not None)
         order = input_order(self.mlp.w13, x)
         n, h = self.ffn_norm.add_forward(a, h, order)  # h = h + a
         return self.mlp(n, sorted_input=order is not None), h
@@ -241,7 +242,7 @@ class Block(nn.Module):
         linears = (self.attention.wqkv, self.attention.wo, self.mlp.w13, self.mlp.w2)
         return all(adds_in_place(linear, rows) for linear in linears)
 
-    def forward_into(self, h: Tensor, dtype: torch.dtype, sums: tuple[Tensor, Tensor], rope, mask, cache, rows,
+    def forward_into(self, h: Tensor, dtype: torch.dtype, sums: tuple[Tensor, Tensor], rope, fresh, cache, rows,
                      input_pos) -> Tensor:
         """The block on a float32 residual stream h, updated in place and returned (a cache is required).
 
@@ -255,7 +256,7 @@ class Block(nn.Module):
         qkv, gate_up = sums
         order = input_order(attn.wqkv, h)
         attn.wqkv(self.attention_norm(h, order, dtype), sorted_input=order is not None, add_to=qkv)
-        attn.attend(qkv, rope, mask, cache, rows, input_pos, add_to=h)
+        attn.attend(qkv, rope, fresh, cache, rows, input_pos, add_to=h)
         w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
         order = input_order(mlp.w13, h)
         mlp.w13(self.ffn_norm(h, order, dtype), sorted_input=order is not None, add_to=gate_up, order=w2_order)
@@ -291,22 +292,17 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.tok_embeddings(tokens)
         rope = self.rotary(input_pos, x.dtype, None if cache is None or fresh else cache.max_seq_len)
-        mask = None
-        if cache is not None and not fresh:
-            kv_len = cache.max_seq_len
-            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[..., None]  # [B, T, S]
-            mask = mask[:, None]
         if cache is not None and all(layer.adds_in_place(B * T) for layer in self.layers):
-            return self._forward_float32_residual(x, rope, mask, cache, rows, input_pos, last_only)
+            return self._forward_float32_residual(x, rope, fresh, cache, rows, input_pos, last_only)
         residual = None
         for layer in self.layers:
-            x, residual = layer.forward_split(x, residual, rope, mask, cache, rows, input_pos)
+            x, residual = layer.forward_split(x, residual, rope, fresh, cache, rows, input_pos)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:] if residual is not None else None
         x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
         return self.output(x)
 
-    def _forward_float32_residual(self, x: Tensor, rope, mask, cache, rows, input_pos, last_only: bool) -> Tensor:
+    def _forward_float32_residual(self, x: Tensor, rope, fresh, cache, rows, input_pos, last_only: bool) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
         one-row decode on the "triton" GEMV, where that saves every launch's split-K finish, a few rows on the mma
         layout's kernel, or one row on the float GEMV (`FloatLinear`); one memset zeroes every layer's q/k/v and
@@ -317,7 +313,7 @@ class Transformer(nn.Module):
         sums = h.new_zeros(len(self.layers), n * sum(widths))  # each layer's buffers contiguous, as adding needs
         for layer, flat in zip(self.layers, sums):
             layer_sums = tuple(part.view(*lead, w) for part, w in zip(flat.split([n * w for w in widths]), widths))
-            h = layer.forward_into(h, x.dtype, layer_sums, rope, mask, cache, rows, input_pos)
+            h = layer.forward_into(h, x.dtype, layer_sums, rope, fresh, cache, rows, input_pos)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h, dtype=x.dtype))
