@@ -57,13 +57,33 @@ def launches(records: list) -> list[dict]:
         nth.setdefault((grid, block), []).append(out[-1])
     for event, name in ((1, "waited"), (2, "end")):
         seen: dict[tuple, int] = {}
-        for t, _, _, block, grid in sorted(r for r in records if r[1] == event):
+        for t, _, sm, block, grid in sorted(r for r in records if r[1] == event):
             k = seen.get((grid, block), 0)
             seen[(grid, block)] = k + 1
             runs = nth.get((grid, block), [])
             if k < len(runs):
                 runs[k][name].append(t)
+                if event == 2:
+                    runs[k].setdefault("sm_ends", []).append((sm, t))
     return out
+
+
+def sm_table(runs: list[dict], first: int, count: int) -> None:
+    """Whether a launch's late ends sit on the SMs that ran more of its programs: for each count of programs an
+    SM ran, how many SMs ran that many and the median (and latest) of their last ends, µs from the previous
+    launch's last end."""
+    say("| launch | programs an SM ran: SMs, median / latest last end |")
+    say("|---|---|")
+    for i in range(max(1, first), min(len(runs), first + count)):
+        r, ref = runs[i], max(runs[i - 1]["end"] or runs[i - 1]["start"])
+        per_sm: dict[int, list] = {}
+        for sm, t in r.get("sm_ends", []):
+            per_sm.setdefault(sm, []).append(t)
+        by_count: dict[int, list] = {}
+        for ends in per_sm.values():
+            by_count.setdefault(len(ends), []).append((max(ends) - ref) / 1000)
+        cells = [f"{n}: {len(v)} SMs, {statistics.median(v):+.1f} / {max(v):+.1f}" for n, v in sorted(by_count.items())]
+        say(f"| {i} | {'; '.join(cells)} |")
 
 
 def layer_table(runs: list[dict], first: int, count: int) -> None:
@@ -121,9 +141,10 @@ def main() -> None:
     model = random_model(SHAPES[args.shape], VARIANTS[args.variant], device)
     cache = KVCache(model.config, 1, CONTEXT, torch.float16, device)
     graphs = DecodeGraphs(model, cache, 1)
-    graphs.run([1], [POSITION], [0])  # compiles and captures
+    graphs.run([1], [POSITION], [0])  # compiles and captures (three steps' records: two eager, one replay)
     graph = graphs.graphs[1, 1].graph
-    for _ in range(WARM):
+    for _ in range(WARM):  # (the record counter restarts before each replay: the buffer holds one step)
+        buf[:sync.TRACE_HEADER].zero_()
         graph.replay()
     torch.cuda.synchronize()
     buf[:sync.TRACE_HEADER].zero_()
@@ -148,6 +169,8 @@ def main() -> None:
     layer_summary(runs, lead, per_layer, layers)
     say(f"\nLayer {args.layer}, each program's times from the previous launch's last end, µs:\n")
     layer_table(runs, lead + args.layer * per_layer, per_layer + 1)
+    say(f"\nLayer {args.layer}, its launches' last ends by how many of their programs an SM ran:\n")
+    sm_table(runs, lead + args.layer * per_layer, per_layer + 1)
     save("trace_step.md")
 
 
