@@ -23,8 +23,7 @@ from torch import Tensor
 
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
-from lowbit.kernels.sync import (can_warm, fence_gpu, interpreting, pdl_launch, release_next, trace, wait_previous,
-                                 warm_l2)
+from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, trace, wait_previous
 
 # Tried in a whole 7B batch-1 decode step (`benchmarks/decode_sweep.py --attention`, H100, 2026-12-07): blocks of
 # 16/32 with more splits, 128/256 positions (8 warps), one split a row: -2 % to +20 % at position 200, +2 % to
@@ -34,11 +33,6 @@ CHUNK = 256  # at least one split per this many cache positions
 MAX_SPLITS = 16
 NUM_WARPS = 4
 WAVES = 2  # and enough splits for about this many programs per SM (batch 1 of LLaMA-7B: 32 heads x 9 splits)
-WARM = False  # pull `decode_attention(warm=...)` (the next linear's weight) into L2 while attention runs (not yet
-# timed on a GPU, so off: `benchmarks/decode_sweep.py --attention '[{"WARM": true}]'` measures it)
-KV_PREFETCH = 0  # before the wait: 0 the split's first block of cached keys/values into registers; 1 that, and its
-# later blocks asked of L2; 2 all its blocks asked of L2 and none held in registers (fewer registers, so the next
-# kernel's programs fit beside these). Not yet timed on a GPU: 0, the measured default, stays.
 
 
 @triton.jit
@@ -99,13 +93,12 @@ def _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G: tl
 
 @triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
-                   cos_ptr, sin_ptr, place_ptr, warm_ptr, warm_bytes,
+                   cos_ptr, sin_ptr, place_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
                    n_kv, D, qk_scale,
                    fill, G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
                    SPLITS: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                   ROPE: tl.constexpr, PLACE: tl.constexpr, MERGE: tl.constexpr, WARM: tl.constexpr,
-                   KV_PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PLACE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, d = tl.arange(0, GP), tl.arange(0, BD)
     gm, dm = g < G, d < D
@@ -129,20 +122,8 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
     live = tl.cdiv(p + 1, chunk)
     start = split * chunk
     end = tl.minimum(start + chunk, p + 1)
-    if KV_PREFETCH < 2:
-        k_first, v_first = _cached_block(kc_ptr, vc_ptr, cache, start, end, p, d, dm, stride_ct, BLOCK)
-    if KV_PREFETCH:  # the split's (later) rows of keys and values, contiguous in the cache, asked of L2
-        skip = BLOCK if KV_PREFETCH == 1 else 0
-        row_bytes: tl.constexpr = BD * (kc_ptr.dtype.element_ty.primitive_bitwidth // 8)  # (stride_ct == D == BD)
-        first = cache + (start + skip).to(tl.int64) * stride_ct
-        n_bytes = tl.maximum(end - start - skip, 0).to(tl.int64) * row_bytes
-        warm_l2(kc_ptr + first, n_bytes, 0, 1)
-        warm_l2(vc_ptr + first, n_bytes, 0, 1)
+    k_first, v_first = _cached_block(kc_ptr, vc_ptr, cache, start, end, p, d, dm, stride_ct, BLOCK)
     wait_previous(PDL)
-    if KV_PREFETCH == 2:
-        k_first, v_first = _cached_block(kc_ptr, vc_ptr, cache, start, end, p, d, dm, stride_ct, BLOCK)
-    if WARM:  # DRAM is idle from here to the end but for the cached keys: stream the next linear's weight in
-        warm_l2(warm_ptr, warm_bytes, (b * n_kv + kvh) * SPLITS + split, tl.num_programs(0) * n_kv * SPLITS)
     q_row = q_ptr + b64 * stride_qb + heads[:, None] * D
     DT: tl.constexpr = kc_ptr.dtype.element_ty  # q/k/v may come in float32 (sums a linear added up)
     q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0).to(DT)
@@ -221,8 +202,7 @@ def row_fill(programs: int, sms: int) -> int:
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
                      rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None,
-                     row_splits: int | None = None, merge: bool = True,
-                     warm: Tensor | None = None) -> Tensor | AttentionPartials:
+                     row_splits: int | None = None, merge: bool = True) -> Tensor | AttentionPartials:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride; float32 ones are rounded
@@ -235,8 +215,6 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     over at least (its length may need more: one per CHUNK positions); default `row_fill`.
     merge=False: the splits' partial softmaxes come back unmerged (`AttentionPartials`; not with positions), for
     the kernel after to merge as it loads them (`lowbit.kernels.partials`); out is not written.
-    warm: a tensor the kernel after reads (o_proj's packed weight): the programs ask L2 for it in shares once
-    their wait returns, so it streams in while attention leaves DRAM idle (CUDA, sm_90; `WARM` turns it off).
     With PDL the kernel reads rows, pos, the rope tables and the cache's earlier positions before it waits for
     the kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them
     (the model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
@@ -268,21 +246,15 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     cos, sin = rope if rope is not None else (q, q)
     if rope is not None and (cos.stride(-1) != 1 or sin.stride() != cos.stride() or D % 2):
         raise ValueError("rope: cos/sin need one layout with the head dim contiguous, and an even head dim")
-    warms = WARM and warm is not None and can_warm(q) and warm.data_ptr() % 16 == 0 and warm.is_contiguous()
-    kv_warms = (can_warm(q) and bd == D and k_cache.stride(2) == D and (D * k_cache.element_size()) % 16 == 0
-                and all(t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
-                        for t in (k_cache, v_cache)))
     if B:
         _decode_kernel[(B, n_kv, splits)](
             q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks, cos, sin,
-            positions if positions is not None else rows, warm if warms else q,
-            warm.numel() * warm.element_size() // 16 * 16 if warms else 0,
+            positions if positions is not None else rows,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
             row_splits if row_splits is not None else row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None,
-            MERGE=merge, WARM=warms, KV_PREFETCH=KV_PREFETCH if kv_warms else 0, num_warps=NUM_WARPS,
-            **pdl_launch(q))
+            MERGE=merge, num_warps=NUM_WARPS, **pdl_launch(q))
     return out if merge else AttentionPartials(ws, B, H, D, bd, splits)

@@ -48,11 +48,6 @@ def pdl_enabled(t: torch.Tensor) -> bool:
             and _pdl_device(t.device))
 
 
-def can_warm(t: torch.Tensor) -> bool:
-    """Whether a kernel on t's device may `warm_l2` (its bulk prefetch needs sm_90; not the interpreter)."""
-    return t.is_cuda and not interpreting() and _pdl_device(t.device)
-
-
 def pdl_launch(t: torch.Tensor) -> dict:
     """The launch keywords for a PDL kernel on t's device: {"PDL": flag} plus `launch_pdl` where enabled."""
     on = pdl_enabled(t)
@@ -115,30 +110,6 @@ def release_next(PDL: tl.constexpr):
     if PDL:
         trace(0)
         tl.extra.cuda.gdc_launch_dependents()
-
-
-_WARM_ASM = tl.constexpr("""{
-.reg .pred p;
-.reg .b32 t;
-mov.u32 t, %tid.x;
-setp.eq.u32 p, t, 0;
-setp.gt.and.s32 p, $2, 0, p;
-@p cp.async.bulk.prefetch.L2.global [$1], $2;
-mov.b32 $0, 0;
-}""")
-
-
-@triton.jit
-def warm_l2(ptr, nbytes, part, parts):
-    """Ask L2 for share `part` (of `parts`, 16-byte aligned) of the nbytes at ptr (16-byte aligned), without
-    waiting: one bulk prefetch (sm_90) by the program's thread 0. For a kernel that leaves DRAM idle (decode
-    attention) to pull in the weights of the kernel after it, which then reads them from L2."""
-    total = nbytes + tl.zeros([], tl.int64)
-    share = tl.cdiv(tl.cdiv(total, parts), 16) * 16
-    start = share * part
-    size = tl.maximum(tl.minimum(total - start, share), 0).to(tl.int32)
-    tl.inline_asm_elementwise(_WARM_ASM, "=r,l,r", [ptr.to(tl.int64) + start, size], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit

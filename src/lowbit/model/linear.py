@@ -168,12 +168,6 @@ class QuantLinear(nn.Module):
 
         return merges_partials(w)
 
-    def l2_warm(self, rows: int) -> Tensor | None:
-        """The tensor a `rows`-row launch of this layer's kernel reads most of (its packed weight), for a kernel
-        before it that leaves DRAM idle (decode attention) to pull into L2; None where there is no such launch."""
-        w = self.kernel_weight
-        return w.qweight if w is not None and self.adds_in_place(rows) else None
-
     def add_attention(self, partials, add_to: Tensor) -> Tensor:
         """add_to (float32 [1, 1, out_features]) += attention @ W.T + b, the attention given as unmerged
         `partials.AttentionPartials` (see `merges_attention`); returns add_to."""

@@ -56,16 +56,14 @@ class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               fresh: bool, rope: tuple[Tensor, Tensor], order=None, merged: bool = True,
-               warm: Tensor | None = None) -> Tensor:
+               fresh: bool, rope: tuple[Tensor, Tensor], order=None, merged: bool = True) -> Tensor:
         """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
         into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H * D] of q
         over the cached positions up to each token's own (fresh: the rows are new sequences at positions
         0..T-1, attending causally among themselves), its channels
         (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given. merged=False
         (asked only by a wo that `merges_attention`): the cache may return its decode kernel's unmerged
-        `AttentionPartials` instead, for wo to merge. warm (asked likewise): a tensor wo reads, which the cache's
-        decode kernel may pull into L2 as it runs."""
+        `AttentionPartials` instead, for wo to merge."""
 
 
 class RMSNorm(nn.Module):
@@ -184,10 +182,8 @@ class Attention(nn.Module):
         order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
         merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
         unmerged = add_to is not None and order is None and T == 1 and merges is not None and merges(B)
-        warm = getattr(self.wo, "l2_warm", None)  # wo's weight, for the decode kernel to pull into L2 as it runs
-        warm = warm(B) if warm is not None and add_to is not None and T == 1 else None
-        asks = {**({"merged": False} if unmerged else {}), **({"warm": warm} if warm is not None else {})}
-        y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order, **asks)  # (only such a wo asks)
+        y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order,
+                         **({"merged": False} if unmerged else {}))  # (only such a wo asks: other caches may not know)
         if isinstance(y, AttentionPartials):
             return self.wo.add_attention(y, add_to)
         return _linear(self.wo, y, order is not None, add_to)
