@@ -83,18 +83,26 @@ def merges_partials(w: QWeight) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
+# o_proj merging decode attention's partials runs in fewer, longer programs than the M=1 row's 8 waves: its
+# programs launch while attention's still hold the SMs, and at 8 waves some found no room and started late, then
+# ended late (benchmarks/trace_step.py). 6 waves (a 7B layer: 704 programs of 3 steps, against 1024 of 2): the
+# whole 7B decode step -2.7 %, 1814.9 against 1864.4-1866.7 us (H100, 2026-12-07, decode_sweep.py; 4 waves -0.3 %,
+# 3 waves +0.7 %).
+MERGE_WAVES = 6
+
+
 def add_partials(p: AttentionPartials, w: QWeight, bias: Tensor | None, out: Tensor,
                  config: dict | None = None) -> Tensor:
     """out (float32 [1, N]) += attention @ W + bias, the attention (float16) merged from one row's unmerged
     partials: by the mma kernel as it loads x where `merges_partials`, else first, in torch. config: the mma
-    kernel's keywords (default: its one-row row)."""
+    kernel's keywords (default: its one-row row, with `MERGE_WAVES`)."""
     if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
         raise ValueError(f"add_partials adds into a contiguous float32 out of {w.out_features} values")
     if not merges_partials(w):
         x = p.merge(torch.float16).view(out.shape[:-1] + (-1,))
         return qmatmul(x, w, bias, out=out, accumulate=True)
-    config = {k: v for k, v in {**pick_kernel(1, w.qweight.device, w.layout)[1], **(config or {})}.items()
-              if k != "host_gather"}
+    row = {**pick_kernel(1, w.qweight.device, w.layout)[1], "waves": MERGE_WAVES, **(config or {})}
+    config = {k: v for k, v in row.items() if k != "host_gather"}
     mma.mma_matmul(None, w, bias, out.view(1, -1), sm_count(out.device), **config, add=True, x_merge=p)
     return out
 
