@@ -141,6 +141,35 @@ def test_mma_adds_one_row_into_float32(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
 
 
+@pytest.mark.parametrize("k,n,group_size", [(384, 64, 64), (320, 96, 128), (128, 32, -1)])
+@pytest.mark.parametrize("config", [{"CT": 2, "queue": 2, "programs": 2}, {"CT": 4, "queue": 4, "programs": 3},
+                                    {"CT": 1, "queue": 1, "programs": 1}, {"CT": 2, "queue": 3, "programs": 1000}])
+def test_mma_queue_adds_one_row_into_float32(k, n, group_size, config):
+    """The queue mode (tiles of `queue` steps handed out through a counter to fewer programs, or one each) adds
+    what the fixed splits add, the bias once, gate/up in an order; the counters end at zero, so a second launch
+    (as in the next decode step) adds the same again. A tile of one step is skipped over by the words loaded two
+    steps ahead (K of 5 steps in tiles of 2 or 3)."""
+    from lowbit.kernels.layout import place_channels
+    from lowbit.kernels.splitk import sm_count
+
+    w, _ = mma_weight(k, n, group_size, False, False, "gptq_v2", seed=7)
+    x = torch.randn(1, k).half().to(DEVICE)
+    bias = torch.randn(n).half().to(DEVICE)
+    config = dict(config)  # (the parameter is shared between cases)
+    programs = config.pop("programs")
+    config = {**config, "waves": (programs + 0.5) / sm_count(x.device), "ahead": 2, "lanes": True}
+    for _ in range(2):
+        out = torch.zeros(1, n, device=DEVICE)
+        assert qmatmul(x, w, bias, kernel="mma", config=config, accumulate=True, out=out) is out
+        check(out, reference(x, w, bias))
+        assert not w.locks.any()
+    perm = torch.randperm(n // 2).to(torch.int32).to(DEVICE)
+    order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
+    out = torch.zeros(1, n, device=DEVICE)
+    qmatmul(x, w, kernel="mma", config=config, accumulate=True, out=out, order=order)
+    check(out, torch.cat([place_channels(half, order) for half in reference(x, w).chunk(2, dim=-1)], dim=-1))
+
+
 @pytest.mark.parametrize("m", [2, 9, 33])
 @pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2}, {"CT": 1, "split": 1}])
 def test_mma_adds_many_rows_into_float32(m, config):

@@ -380,6 +380,92 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     trace(2)
 
 
+@triton.jit
+def _queue_at(t, t2, t3, s, o, n, n2, tiles):
+    """(tile, its step, whether it exists) of the step o after step s of tile t (n steps) in a program's run of
+    tiles t, t2 (n2 steps), t3 (o <= 2: a tile of one step may be skipped over)."""
+    p = s + o
+    tile = tl.where(p < n, t, tl.where(p - n < n2, t2, t3))
+    step = tl.where(p < n, p, tl.where(p - n < n2, p - n, p - n - n2))
+    limit = tl.where(p < n, n, tl.where(p - n < n2, n2, 1))  # (t3: its first step at most)
+    return tile, step, (tile < tiles) & (step < limit)
+
+
+@triton.jit
+def _queue_words(qw_ptr, w_base, zero, tile, step, ok, groups, chunk, slabs, CT: tl.constexpr, SPR: tl.constexpr):
+    """The word tile of step `step` of queue tile `tile` (column group tile % groups, K steps from
+    (tile // groups) * chunk); not loaded where ok is False."""
+    group_words = (tile % groups).to(tl.int64) * (CT * 128) * slabs
+    return tl.load(qw_ptr + w_base + group_words + ((tile // groups) * chunk + step) * (SPR * 128),
+                   mask=zero + ok.to(tl.int32) > 0)
+
+
+@triton.jit
+def _queue_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, pos_ptr, queue_ptr, N, slabs, chunk, groups, tiles,
+                  CT: tl.constexpr, SPR: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
+    """y += x W for one row of x (float32 y, atomics): `_mma_kernel`'s one-row ADD 2 mode (words 2 steps ahead
+    through registers, scales and x one step ahead), its work handed out through a queue instead of fixed to the
+    program. A tile is `chunk` steps of one column group (CT tiles of 16 columns), tile t being group t % groups;
+    the grid's programs take tiles 0 .. programs-1, then each asks the queue counter (queue[0]) for its next
+    tile a tile ahead, so its loads run on across tiles. A program that shares its SM with more others, or
+    starts late, takes fewer tiles: the launch ends when the work does, not when its most loaded SM does
+    (`benchmarks/trace_step.py`: with the K split fixed to the program, SMs running 8 programs ended 2-4 us after
+    those running 5-7). The last program to finish zeroes the queue and the done counter (queue[1])."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    R: tl.constexpr = CT * SPR
+    q = tl.arange(0, R * 8)[:, None]
+    j = tl.arange(0, 16)[None, :]
+    r, g = q // 8, q % 8
+    ct, ss = r // SPR, r % SPR
+    steps = slabs // SPR
+    w_base = (ct * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + the group's words + the step's
+    m_base = ct * 8 + g + 0 * j  # + group * CT * 8 + step * N / 2: the lane's scale/zero pair
+    x_base = ss * 32 + (j // 4) * 8 + (j % 4) * 2  # + step * SPR * 32
+    col_base = ct * 16 + g + 8 * ((j % 4) // 2)  # + group * CT * 16
+    mine = (j // 4 == 0) & (j % 2 == 0)
+    zero = q * 0 + j * 0  # (widens scalar masks to the word tile: the interpreter takes no scalar mask there)
+    t = pid
+    t2 = programs + tl.atomic_add(queue_ptr, 1, sem="relaxed")  # (past `tiles`: none)
+    n = tl.minimum(chunk, steps - (t // groups) * chunk)
+    n2 = tl.minimum(chunk, steps - (t2 // groups) * chunk)
+    k0 = (t // groups) * chunk  # tile t's first step
+    ahead0 = _queue_words(qw_ptr, w_base, zero, t, 0, t < tiles, groups, chunk, slabs, CT, SPR)
+    a_t, a_s, a_ok = _queue_at(t, t2, tiles, 0, 1, n, n2, tiles)
+    ahead1 = _queue_words(qw_ptr, w_base, zero, a_t, a_s, a_ok, groups, chunk, slabs, CT, SPR)
+    sc, zz = _meta(s_ptr, z_ptr, m_base + (t % groups) * (CT * 8) + k0 * (N // 2), EMULATE)
+    release_next(PDL)
+    wait_previous(PDL)
+    x_at = x_base + _zero_after_wait(EMULATE)  # keeps the x loads after the wait
+    x0 = _x_frags(x_ptr, x_at + k0 * (SPR * 32), EMULATE)
+    acc = tl.zeros((R * 8, 16), tl.float32)
+    while t < tiles:
+        t3 = programs + tl.atomic_add(queue_ptr, 1, sem="relaxed")
+        n3 = tl.minimum(chunk, steps - (t3 // groups) * chunk)
+        for s in range(0, n):
+            words = ahead0
+            a_t, a_s, a_ok = _queue_at(t, t2, t3, s, 2, n, n2, tiles)
+            ahead0, ahead1 = ahead1, _queue_words(qw_ptr, w_base, zero, a_t, a_s, a_ok, groups, chunk, slabs, CT, SPR)
+            b_t, b_s, _ = _queue_at(t, t2, t3, s, 1, n, n2, tiles)
+            b_k = tl.minimum((b_t // groups) * chunk + b_s, steps - 1)  # the next step's K step (kept in range)
+            y0 = _x_frags(x_ptr, x_at + b_k * (SPR * 32), EMULATE)
+            sc2, zz2 = _meta(s_ptr, z_ptr, m_base + (b_t % groups) * (CT * 8) + b_k * (N // 2), EMULATE)
+            acc = _step(words, acc, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
+            x0, sc, zz = y0, sc2, zz2
+        col = (t % groups) * (CT * 16) + col_base
+        put = mine & (col < N)
+        if HAS_BIAS:  # once a column: by the tile holding its first steps
+            acc += tl.load(b_ptr + col, mask=put & (ss == 0) & (zero + t < groups), other=0.0).to(tl.float32)
+        tl.atomic_add(y_ptr + _placed(col, pos_ptr, put, N, HAS_POS), acc, mask=put, sem="relaxed")
+        acc = tl.zeros((R * 8, 16), tl.float32)
+        t, t2, n, n2 = t2, t3, n2, n3
+    if tl.atomic_add(queue_ptr + 1, 1, sem="relaxed") == programs - 1:  # all programs have taken their last ticket
+        tl.atomic_xchg(queue_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(queue_ptr + 1, 0, sem="relaxed")
+    trace(2)
+
+
 @functools.lru_cache(maxsize=None)
 def _asm(tiles: int) -> tuple[str, str]:
     return mma_asm(tiles)
@@ -403,7 +489,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
-               x_merge: AttentionPartials | None = None) -> None:
+               x_merge: AttentionPartials | None = None, queue: int = 0) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -415,7 +501,11 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
-    unmerged partials as the kernel loads x (XMG)."""
+    unmerged partials as the kernel loads x (XMG). queue (steps a tile; with add, lanes, one row of x as it is):
+    the work goes out as tiles of that many steps through a queue (`_queue_kernel`) to about waves * sms programs,
+    instead of a fixed K split each. Not yet timed on a GPU (96 registers a thread offline for sm_90 against the
+    fixed split's 56, so at most 5 programs an SM): no config row asks for it yet; `benchmarks/decode_sweep.py
+    --shapes '[{"4096x22016": {"queue": 2, "waves": 5}}]'` measures it in the step."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -437,6 +527,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     if add and (swiglu or y.dtype != torch.float32 or not y.is_contiguous() or y.shape != (m, n)):
         raise ValueError(f"add takes a contiguous float32 y [{m}, {n}], without swiglu")
     emulate = interpreting() or not x2.is_cuda
+    if queue and add and lanes and m == 1 and not swiglu and xf is None and split is None:
+        return _queue_matmul(x2, w, bias, y, sms, CT, waves, num_warps, queue, positions, emulate)
     tiles = n // 16
     if swiglu:
         CT = 2 * _column_tiles(tiles // 2, max(1, CT // 2))
@@ -468,3 +560,22 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
             num_warps=num_warps, **pdl_launch(x2))
+
+
+def _queue_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int, waves: int,
+                  num_warps: int, chunk: int, positions: Tensor | None, emulate: bool) -> None:
+    """mma_matmul's queue mode: y [1, N] += x2 [1, K] @ W + bias through `_queue_kernel` (its counters: the
+    weight's `locks`, which the adding modes leave unused)."""
+    n, spr = w.out_features, w.slabs_per_run
+    slabs = w.in_features // 64
+    CT = _column_tiles(n // 16, CT)
+    groups = n // 16 // CT
+    tiles = groups * -(-(slabs // spr) // chunk)
+    programs = max(1, min(tiles, int(waves * sms)))
+    asm, constraints = _asm(1)
+    b = bias if bias is not None else w.scales
+    _queue_kernel[(programs,)](
+        x2.view(torch.int32), w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, y,
+        positions if positions is not None else w.locks, w.locks, n, slabs, chunk, groups, tiles,
+        CT=CT, SPR=spr, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None, HAS_POS=positions is not None,
+        EMULATE=emulate, num_warps=min(num_warps, CT * spr), **pdl_launch(x2))
