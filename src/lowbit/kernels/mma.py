@@ -381,22 +381,31 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
 
 
 @triton.jit
-def _queue_at(t, t2, t3, s, o, n, n2, tiles):
-    """(tile, its step, whether it exists) of the step o after step s of tile t (n steps) in a program's run of
-    tiles t, t2 (n2 steps), t3 (o <= 2: a tile of one step may be skipped over)."""
-    p = s + o
-    tile = tl.where(p < n, t, tl.where(p - n < n2, t2, t3))
-    step = tl.where(p < n, p, tl.where(p - n < n2, p - n, p - n - n2))
-    limit = tl.where(p < n, n, tl.where(p - n < n2, n2, 1))  # (t3: its first step at most)
-    return tile, step, (tile < tiles) & (step < limit)
+def _tile_of(t, tiles, groups, chunk, steps):
+    """Queue tile t's (column group, first K step, steps); (0, 0, 0) past the last tile."""
+    live = t < tiles
+    first = (t // groups) * chunk
+    return tl.where(live, t % groups, 0), tl.where(live, first, 0), tl.where(live, tl.minimum(chunk, steps - first), 0)
 
 
 @triton.jit
-def _queue_words(qw_ptr, w_base, zero, tile, step, ok, groups, chunk, slabs, CT: tl.constexpr, SPR: tl.constexpr):
-    """The word tile of step `step` of queue tile `tile` (column group tile % groups, K steps from
-    (tile // groups) * chunk); not loaded where ok is False."""
-    group_words = (tile % groups).to(tl.int64) * (CT * 128) * slabs
-    return tl.load(qw_ptr + w_base + group_words + ((tile // groups) * chunk + step) * (SPR * 128),
+def _queue_at(s, o, g1, f1, n1, g2, f2, n2, g3, f3, n3):
+    """(column group, K step, whether it exists) of the step o (1 or 2) after step s of the current tile (group g1,
+    first step f1, n1 steps) in a program's run of tiles: past its end, in the next (g2, f2, n2) or, across a
+    tile of one step, the one after (g3, f3, n3)."""
+    p = s + o
+    in1 = p < n1
+    in2 = p - n1 < n2
+    group = tl.where(in1, g1, tl.where(in2, g2, g3))
+    step = tl.where(in1, f1 + p, tl.where(in2, f2 + p - n1, f3 + p - n1 - n2))
+    ok = in1 | in2 | (p - n1 - n2 < n3)
+    return group, step, ok
+
+
+@triton.jit
+def _queue_words(qw_ptr, w_base, zero, group, step, ok, slabs, CT: tl.constexpr, SPR: tl.constexpr):
+    """The word tile of K step `step` of column group `group` (not loaded where ok is False)."""
+    return tl.load(qw_ptr + w_base + group.to(tl.int64) * (CT * 128) * slabs + step * (SPR * 128),
                    mask=zero + ok.to(tl.int32) > 0)
 
 
@@ -426,40 +435,36 @@ def _queue_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, pos_ptr, queue_ptr,
     col_base = ct * 16 + g + 8 * ((j % 4) // 2)  # + group * CT * 16
     mine = (j // 4 == 0) & (j % 2 == 0)
     zero = q * 0 + j * 0  # (widens scalar masks to the word tile: the interpreter takes no scalar mask there)
-    t = pid
-    t2 = programs + tl.atomic_add(queue_ptr, 1, sem="relaxed")  # (past `tiles`: none)
-    n = tl.minimum(chunk, steps - (t // groups) * chunk)
-    n2 = tl.minimum(chunk, steps - (t2 // groups) * chunk)
-    k0 = (t // groups) * chunk  # tile t's first step
-    ahead0 = _queue_words(qw_ptr, w_base, zero, t, 0, t < tiles, groups, chunk, slabs, CT, SPR)
-    a_t, a_s, a_ok = _queue_at(t, t2, tiles, 0, 1, n, n2, tiles)
-    ahead1 = _queue_words(qw_ptr, w_base, zero, a_t, a_s, a_ok, groups, chunk, slabs, CT, SPR)
-    sc, zz = _meta(s_ptr, z_ptr, m_base + (t % groups) * (CT * 8) + k0 * (N // 2), EMULATE)
+    g1, f1, n1 = _tile_of(pid, tiles, groups, chunk, steps)
+    g2, f2, n2 = _tile_of(programs + tl.atomic_add(queue_ptr, 1, sem="relaxed"), tiles, groups, chunk, steps)
+    ahead0 = _queue_words(qw_ptr, w_base, zero, g1, f1, n1 > 0, slabs, CT, SPR)
+    a_g, a_k, a_ok = _queue_at(0, 1, g1, f1, n1, g2, f2, n2, 0, 0, 0)
+    ahead1 = _queue_words(qw_ptr, w_base, zero, a_g, a_k, a_ok, slabs, CT, SPR)
+    sc, zz = _meta(s_ptr, z_ptr, m_base + g1 * (CT * 8) + f1 * (N // 2), EMULATE)
     release_next(PDL)
     wait_previous(PDL)
     x_at = x_base + _zero_after_wait(EMULATE)  # keeps the x loads after the wait
-    x0 = _x_frags(x_ptr, x_at + k0 * (SPR * 32), EMULATE)
+    x0 = _x_frags(x_ptr, x_at + f1 * (SPR * 32), EMULATE)
     acc = tl.zeros((R * 8, 16), tl.float32)
-    while t < tiles:
-        t3 = programs + tl.atomic_add(queue_ptr, 1, sem="relaxed")
-        n3 = tl.minimum(chunk, steps - (t3 // groups) * chunk)
-        for s in range(0, n):
+    while n1 > 0:
+        g3, f3, n3 = _tile_of(programs + tl.atomic_add(queue_ptr, 1, sem="relaxed"), tiles, groups, chunk, steps)
+        for s in range(0, n1):
             words = ahead0
-            a_t, a_s, a_ok = _queue_at(t, t2, t3, s, 2, n, n2, tiles)
-            ahead0, ahead1 = ahead1, _queue_words(qw_ptr, w_base, zero, a_t, a_s, a_ok, groups, chunk, slabs, CT, SPR)
-            b_t, b_s, _ = _queue_at(t, t2, t3, s, 1, n, n2, tiles)
-            b_k = tl.minimum((b_t // groups) * chunk + b_s, steps - 1)  # the next step's K step (kept in range)
+            a_g, a_k, a_ok = _queue_at(s, 2, g1, f1, n1, g2, f2, n2, g3, f3, n3)
+            ahead0, ahead1 = ahead1, _queue_words(qw_ptr, w_base, zero, a_g, a_k, a_ok, slabs, CT, SPR)
+            b_g, b_k, _ = _queue_at(s, 1, g1, f1, n1, g2, f2, n2, g3, f3, n3)
+            b_k = tl.minimum(b_k, steps - 1)  # (kept in range past the last tile)
             y0 = _x_frags(x_ptr, x_at + b_k * (SPR * 32), EMULATE)
-            sc2, zz2 = _meta(s_ptr, z_ptr, m_base + (b_t % groups) * (CT * 8) + b_k * (N // 2), EMULATE)
+            sc2, zz2 = _meta(s_ptr, z_ptr, m_base + b_g * (CT * 8) + b_k * (N // 2), EMULATE)
             acc = _step(words, acc, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
             x0, sc, zz = y0, sc2, zz2
-        col = (t % groups) * (CT * 16) + col_base
+        col = g1 * (CT * 16) + col_base
         put = mine & (col < N)
         if HAS_BIAS:  # once a column: by the tile holding its first steps
-            acc += tl.load(b_ptr + col, mask=put & (ss == 0) & (zero + t < groups), other=0.0).to(tl.float32)
+            acc += tl.load(b_ptr + col, mask=put & (ss == 0) & (zero + f1 == 0), other=0.0).to(tl.float32)
         tl.atomic_add(y_ptr + _placed(col, pos_ptr, put, N, HAS_POS), acc, mask=put, sem="relaxed")
         acc = tl.zeros((R * 8, 16), tl.float32)
-        t, t2, n, n2 = t2, t3, n2, n3
+        g1, f1, n1, g2, f2, n2 = g2, f2, n2, g3, f3, n3
     if tl.atomic_add(queue_ptr + 1, 1, sem="relaxed") == programs - 1:  # all programs have taken their last ticket
         tl.atomic_xchg(queue_ptr, 0, sem="relaxed")
         tl.atomic_xchg(queue_ptr + 1, 0, sem="relaxed")
