@@ -509,8 +509,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     unmerged partials as the kernel loads x (XMG). queue (steps a tile; with add, lanes, one row of x as it is):
     the work goes out as tiles of that many steps through a queue (`_queue_kernel`) to about waves * sms programs,
     instead of a fixed K split each. Not yet timed on a GPU (96 registers a thread offline for sm_90 against the
-    fixed split's 56, so at most 5 programs an SM): no config row asks for it yet; `benchmarks/decode_sweep.py
-    --shapes '[{"4096x22016": {"queue": 2, "waves": 5}}]'` measures it in the step."""
+    fixed split's 56, so at most 5 programs an SM): no config row asks for it yet; `bash benchmarks/gpu_run.sh
+    queue` measures it in the step."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -532,8 +532,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     if add and (swiglu or y.dtype != torch.float32 or not y.is_contiguous() or y.shape != (m, n)):
         raise ValueError(f"add takes a contiguous float32 y [{m}, {n}], without swiglu")
     emulate = interpreting() or not x2.is_cuda
-    if queue and add and lanes and m == 1 and not swiglu and xf is None and split is None:
-        return _queue_matmul(x2, w, bias, y, sms, CT, waves, num_warps, queue, positions, emulate)
     tiles = n // 16
     if swiglu:
         CT = 2 * _column_tiles(tiles // 2, max(1, CT // 2))
@@ -546,8 +544,16 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     per = -(-steps // splits)
     splits = -(-steps // per)
     num_warps = min(num_warps, CT * spr)  # at least 8 tile rows a warp, or Triton spreads lanes otherwise
-    xs = x2.view(torch.int32)
     b = bias if bias is not None else w.scales
+    if queue and add and lanes and m == 1 and not swiglu and xf is None and split is None:
+        tiles = groups * -(-steps // queue)
+        _queue_kernel[(max(1, min(tiles, int(waves * sms))),)](
+            x2.view(torch.int32), w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, y,
+            positions if positions is not None else w.locks, w.locks, n, slabs, queue, groups, tiles,
+            CT=CT, SPR=spr, ASM=_asm(1)[0], CONSTRAINTS=_asm(1)[1], HAS_BIAS=bias is not None,
+            HAS_POS=positions is not None, EMULATE=emulate, num_warps=num_warps, **pdl_launch(x2))
+        return  # (its counters: the weight's `locks`, which the adding modes leave unused)
+    xs = x2.view(torch.int32)
     for r0 in range(0, m, ROWS_PER_TILE * MAX_TILES):
         rows = min(m - r0, ROWS_PER_TILE * MAX_TILES)
         nt = 1 if rows <= 8 else 2 if rows <= 16 else 4
@@ -566,21 +572,3 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
             num_warps=num_warps, **pdl_launch(x2))
 
-
-def _queue_matmul(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, sms: int, CT: int, waves: int,
-                  num_warps: int, chunk: int, positions: Tensor | None, emulate: bool) -> None:
-    """mma_matmul's queue mode: y [1, N] += x2 [1, K] @ W + bias through `_queue_kernel` (its counters: the
-    weight's `locks`, which the adding modes leave unused)."""
-    n, spr = w.out_features, w.slabs_per_run
-    slabs = w.in_features // 64
-    CT = _column_tiles(n // 16, CT)
-    groups = n // 16 // CT
-    tiles = groups * -(-(slabs // spr) // chunk)
-    programs = max(1, min(tiles, int(waves * sms)))
-    asm, constraints = _asm(1)
-    b = bias if bias is not None else w.scales
-    _queue_kernel[(programs,)](
-        x2.view(torch.int32), w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, y,
-        positions if positions is not None else w.locks, w.locks, n, slabs, chunk, groups, tiles,
-        CT=CT, SPR=spr, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None, HAS_POS=positions is not None,
-        EMULATE=emulate, num_warps=min(num_warps, CT * spr), **pdl_launch(x2))
