@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|queue|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -61,14 +61,6 @@ for stage in "$@"; do
       timeout "${MEMORY_SECONDS:-120}" python3 benchmarks/gpu_decode.py --shape llama-13b --variants gptq-4bit-g128 --tuned "$OUT/tuned.json" \
         --batches 1 --context 2048 --new-tokens 64 --prefill-len 2047 --embeddings-on-host --prefill-chunk 256 ${MEMORY_ARGS:-} > "$OUT/memory_log.txt" 2>&1
       tail -n 4 "$OUT/memory_log.txt" ;;
-    queue)  # the mma kernel's queue mode (tiles through a counter) for wqkv and w13 in the whole step, against the fixed splits
-      # ($QUEUE_CONFIGS: ';'-separated keyword lists, each a row for both shapes)
-      defaults='"queue": 2, "waves": 5;"queue": 3, "waves": 5;"queue": 4, "waves": 5;"queue": 2, "waves": 4;"queue": 2, "waves": 8'
-      IFS=';' read -ra cfgs <<< "${QUEUE_CONFIGS:-$defaults}"
-      rows=""
-      for cfg in "${cfgs[@]}"; do rows="$rows${rows:+, }{\"4096x12288\": {$cfg}, \"4096x22016\": {$cfg}}"; done
-      timeout "${QUEUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --shapes "[$rows]" > "$OUT/queue_sweep_log.txt" 2>&1
-      grep "^|" "$OUT/queue_sweep_log.txt" ;;
     steps)  # the GPU time of each kernel in one captured decode step, PDL on and off
       timeout "${STEPS_SECONDS:-200}" python3 benchmarks/profile_decode.py ${STEPS_ARGS:-} > "$OUT/profile_decode_log.txt" 2>&1
       tail -n 40 "$OUT/profile_decode_log.txt" ;;

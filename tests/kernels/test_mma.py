@@ -141,35 +141,6 @@ def test_mma_adds_one_row_into_float32(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
 
 
-@pytest.mark.parametrize("k,n,group_size", [(384, 64, 64), (320, 96, 128), (128, 32, -1)])
-@pytest.mark.parametrize("config", [{"CT": 2, "queue": 2, "programs": 2}, {"CT": 4, "queue": 4, "programs": 3},
-                                    {"CT": 1, "queue": 1, "programs": 1}, {"CT": 2, "queue": 3, "programs": 1000}])
-def test_mma_queue_adds_one_row_into_float32(k, n, group_size, config):
-    """The queue mode (tiles of `queue` steps handed out through a counter to fewer programs, or one each) adds
-    what the fixed splits add, the bias once, gate/up in an order; the counters end at zero, so a second launch
-    (as in the next decode step) adds the same again. A tile of one step is skipped over by the words loaded two
-    steps ahead (K of 5 steps in tiles of 2 or 3)."""
-    from lowbit.kernels.layout import place_channels
-    from lowbit.kernels.splitk import sm_count
-
-    w, _ = mma_weight(k, n, group_size, False, False, "gptq_v2", seed=7)
-    x = torch.randn(1, k).half().to(DEVICE)
-    bias = torch.randn(n).half().to(DEVICE)
-    config = dict(config)  # (the parameter is shared between cases)
-    programs = config.pop("programs")
-    config = {**config, "waves": (programs + 0.5) / sm_count(x.device), "ahead": 2, "lanes": True}
-    for _ in range(2):
-        out = torch.zeros(1, n, device=DEVICE)
-        assert qmatmul(x, w, bias, kernel="mma", config=config, accumulate=True, out=out) is out
-        check(out, reference(x, w, bias))
-        assert not w.locks.any()
-    perm = torch.randperm(n // 2).to(torch.int32).to(DEVICE)
-    order = ChannelOrder(torch.argsort(perm).to(torch.int32), perm)
-    out = torch.zeros(1, n, device=DEVICE)
-    qmatmul(x, w, kernel="mma", config=config, accumulate=True, out=out, order=order)
-    check(out, torch.cat([place_channels(half, order) for half in reference(x, w).chunk(2, dim=-1)], dim=-1))
-
-
 @pytest.mark.parametrize("m", [2, 9, 33])
 @pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2}, {"CT": 1, "split": 1}])
 def test_mma_adds_many_rows_into_float32(m, config):
@@ -340,6 +311,61 @@ def test_mma_merges_attention_partials_as_it_loads(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, x_merge=partials)
 
 
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
+def test_mma_reads_its_norm_unscaled(config, monkeypatch):
+    """x_norm (one row): the kernel reads x = RMSNorm's weight * h for its own rows, adds x @ W into out and
+    writes 1/rms(h) to rstd, so that out * rstd is the linear of the norm (K = 1536: the rstd sum takes two
+    steps of 1024); add_normed gets the same from torch where the kernel does not take the norm."""
+    from lowbit.kernels import qmatmul as qmatmul_module
+    from lowbit.kernels.norm_load import NormInput
+    from lowbit.kernels.reference import rms_norm_reference
+
+    k = 1536
+    w, _ = mma_weight(k, 64, 128, False, False, "gptq", seed=6)
+    h = (torch.randn(1, k) * 3).to(DEVICE)
+    gamma = (torch.rand(k) + 0.5).half().to(DEVICE)
+    start = torch.randn(1, 64, device=DEVICE)
+    rstd = torch.full((1,), float("nan"), device=DEVICE)
+    norm = NormInput(h, gamma, 1e-5, rstd)
+    out = start.clone()
+    mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, **config)
+    want_rstd = torch.rsqrt(h.double().pow(2).mean() + 1e-5)
+    torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
+    check(out - start, reference((gamma.float() * h).half(), w))
+    normed = rms_norm_reference(h, gamma.float(), 1e-5, torch.float16)
+    check(((out - start) * rstd).half(), reference(normed, w))  # the linear of the norm, to float16 rounding
+    monkeypatch.setattr(qmatmul_module, "reads_norm", lambda w: False)  # torch computes the norm's x first
+    out2, rstd[:] = start.clone(), float("nan")
+    assert qmatmul_module.add_normed(norm, w, out2) is out2
+    check(out2 - start, reference((gamma.float() * h).half(), w))
+    torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="x_norm takes the place of x2"):
+        mma.mma_matmul(h.half(), w, None, out, 4, add=True, x_norm=norm)
+    with pytest.raises(ValueError, match="one contiguous float32 row of 1536"):
+        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h.half(), gamma, 1e-5, rstd))
+
+
+def test_mma_scales_gate_up_sums_before_their_swiglu(monkeypatch):
+    """swiglu_scale (one row): the gate/up sums are multiplied by it before their SwiGLU, by the kernel as it
+    loads them and by torch on the other paths."""
+    from lowbit.kernels import norm_rope
+    from lowbit.kernels.reference import silu_mul_reference
+
+    w, _ = mma_weight(384, 64, 128, False, False, "gptq", seed=7)
+    x = (torch.randn(1, 768) * 40).to(DEVICE)
+    scale = torch.full((1,), 0.05, device=DEVICE)
+    want = reference(silu_mul_reference((x * scale).half()), w)
+    out = torch.zeros(1, 64, device=DEVICE)
+    qmatmul(x, w, kernel="mma", config={"CT": 2, "split": 3, "ahead": 2, "lanes": True}, swiglu_input=torch.float16,
+            swiglu_scale=scale, accumulate=True, out=out)
+    check(out, want)
+    check(qmatmul(x, w, kernel="mma", swiglu_input=torch.float16, swiglu_scale=scale), want)  # silu_mul first
+    with pytest.raises(ValueError, match="swiglu_scale goes with swiglu_input"):
+        qmatmul(x[:, :384].half(), w, swiglu_scale=scale)
+    with pytest.raises(ValueError, match="x_scale: one float32 value"):
+        mma.mma_matmul(x, w, None, out, 4, add=True, x_scale=scale)
+
+
 def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
     from lowbit.kernels import qmatmul as qmatmul_module
     from lowbit.kernels.partials import AttentionPartials
@@ -365,35 +391,42 @@ def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
             qmatmul_module.add_partials(partials, w, None, bad)
 
 
-QUEUE_SM90 = """
+NORM_SM90 = """
 import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowbit.kernels import mma
-kernel = mma._queue_kernel
+kernel = mma._mma_kernel
 params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
-const = dict(CT=4, SPR=2, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=True, HAS_POS=True, EMULATE=False, PDL=True)
-types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "y_ptr": "*fp32",
-         "pos_ptr": "*i32", "queue_ptr": "*i32"}
-signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
-source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
-print(len(compiled.asm["cubin"]) > 0, compiled.asm["ptx"].count("mma.sync.aligned.m16n8k16"))
+base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
+            HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
+            XMG_STRIDE=0, XMG_N=0, XNM=False, XSC=False, PDL=True)
+types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
+         "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
+         "nw_ptr": "*fp16", "rs_ptr": "*fp32", "eps": "fp32"}
+for mode in ({"XNM": True}, {"XSW": 1, "XSC": True}):
+    const = {**base, **mode}
+    signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
+    source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
+    print(len(compiled.asm["cubin"]) > 0, compiled.asm["ptx"].count("mma.sync.aligned.m16n8k16"))
 """
 
 
-def test_queue_kernel_builds_for_sm90(tmp_path):
-    """The queue mode's compiled path (its inline PTX, which no CPU run executes) builds for sm_90 through
-    ptxas, with its mma in the loop."""
+def test_norm_modes_build_for_sm90(tmp_path):
+    """The modes that read a norm unscaled (XNM) and scale gate/up sums (XSC) build for sm_90 through ptxas, with
+    their mma in the loop: the interpreter runs no compiled path and accepts what the compiler refuses (a global
+    that is not a constexpr, say)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", QUEUE_SM90], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NORM_SM90], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    built, mmas = done.stdout.split()
-    assert built == "True" and int(mmas) >= 4  # one step's four mma a word (the asm may appear more than once)
+    for line in done.stdout.splitlines():
+        built, mmas = line.split()
+        assert built == "True" and int(mmas) >= 4  # one step's four mma a word (the asm may appear more than once)

@@ -27,12 +27,14 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.layout import QWeight
+from lowbit.kernels.norm_load import NormInput
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, trace, wait_previous
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
+RSTD_BLOCK = tl.constexpr(1024)  # h values a step of `_store_rstd`
 MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
 
 
@@ -213,9 +215,29 @@ def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr):
-    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code)."""
-    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
+def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr, scale):
+    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code),
+    scaled by `scale` first."""
+    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW, scale).to(tl.float16))
+
+
+@triton.jit
+def _scaled_rows(h_ptr, w_ptr, xh_ptr, k, K):
+    """Rows k of the linear's input: float16 w[k] * h[k] into the float16 scratch row xh."""
+    ok = k < K
+    x = tl.load(h_ptr + k, mask=ok, other=0.0) * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    tl.store(xh_ptr + k, x.to(tl.float16), mask=ok)
+
+
+@triton.jit
+def _store_rstd(h_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr):
+    """rstd = 1 / sqrt(mean(h^2) + eps) of the row h (float32, K values), as the norm kernel computes it."""
+    total = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        v = tl.load(h_ptr + k, mask=k < K, other=0.0)
+        total += v * v
+    tl.store(rstd_ptr, tl.rsqrt(tl.sum(total, axis=0) / K + eps))
 
 
 @triton.jit
@@ -237,13 +259,14 @@ def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr
 
 
 @triton.jit
-def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
-                M, N, stride_xm, slabs, steps_per_split,
+def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr, nw_ptr,
+                rs_ptr, M, N, stride_xm, slabs, steps_per_split, eps,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
-                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, PDL: tl.constexpr):
+                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XNM: tl.constexpr, XSC: tl.constexpr,
+                PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -259,7 +282,9 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
     that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
-    entries; constants of a model and cache, so no arguments the other modes would carry)."""
+    entries; constants of a model and cache, so no arguments the other modes would carry). XNM (M = 1): x is
+    RMSNorm's weight (at nw) times the float32 row h at xf, without its 1/rms(h), which the first program writes
+    to rs (`lowbit.kernels.norm_load`); XSC (with XSW): the gate/up sums are scaled by the value at rs first."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -297,15 +322,21 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
-    if XSW or XMG:
+    if XSW or XMG or XNM:
         rows = tl.arange(0, SPR * 64)
+        scale = tl.load(rs_ptr) if XSC else 1.0
         for step in range(s_begin, s_end):
             if XSW:
-                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW)
+                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW, scale)
+            elif XNM:
+                _scaled_rows(xf_ptr, nw_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64)
             else:
                 _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
         tl.debug_barrier()
         xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
+        if XNM:
+            if pid_n + pid_k == 0:  # the first program to start: 1/rms(h) for whoever reads y
+                _store_rstd(xf_ptr, rs_ptr, slabs * 64, eps, RSTD_BLOCK)
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
@@ -380,97 +411,6 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     trace(2)
 
 
-@triton.jit
-def _tile_of(t, tiles, groups, chunk, steps):
-    """Queue tile t's (column group, first K step, steps); (0, 0, 0) past the last tile."""
-    live = t < tiles
-    first = (t // groups) * chunk
-    return tl.where(live, t % groups, 0), tl.where(live, first, 0), tl.where(live, tl.minimum(chunk, steps - first), 0)
-
-
-@triton.jit
-def _queue_at(s, o, g1, f1, n1, g2, f2, n2, g3, f3, n3):
-    """(column group, K step, whether it exists) of the step o (1 or 2) after step s of the current tile (group g1,
-    first step f1, n1 steps) in a program's run of tiles: past its end, in the next (g2, f2, n2) or, across a
-    tile of one step, the one after (g3, f3, n3)."""
-    p = s + o
-    in1 = p < n1
-    in2 = p - n1 < n2
-    group = tl.where(in1, g1, tl.where(in2, g2, g3))
-    step = tl.where(in1, f1 + p, tl.where(in2, f2 + p - n1, f3 + p - n1 - n2))
-    ok = in1 | in2 | (p - n1 - n2 < n3)
-    return group, step, ok
-
-
-@triton.jit
-def _queue_words(qw_ptr, w_base, zero, group, step, ok, slabs, CT: tl.constexpr, SPR: tl.constexpr):
-    """The word tile of K step `step` of column group `group` (not loaded where ok is False)."""
-    return tl.load(qw_ptr + w_base + group.to(tl.int64) * (CT * 128) * slabs + step * (SPR * 128),
-                   mask=zero + ok.to(tl.int32) > 0)
-
-
-@triton.jit
-def _queue_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, pos_ptr, queue_ptr, N, slabs, chunk, groups, tiles,
-                  CT: tl.constexpr, SPR: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
-    """y += x W for one row of x (float32 y, atomics): `_mma_kernel`'s one-row ADD 2 mode (words 2 steps ahead
-    through registers, scales and x one step ahead), its work handed out through a queue instead of fixed to the
-    program. A tile is `chunk` steps of one column group (CT tiles of 16 columns), tile t being group t % groups;
-    the grid's programs take tiles 0 .. programs-1, then each asks the queue counter (queue[0]) for its next
-    tile a tile ahead, so its loads run on across tiles. A program that shares its SM with more others, or
-    starts late, takes fewer tiles: the launch ends when the work does, not when its most loaded SM does
-    (`benchmarks/trace_step.py`: with the K split fixed to the program, SMs running 8 programs ended 2-4 us after
-    those running 5-7). The last program to finish zeroes the queue and the done counter (queue[1])."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    R: tl.constexpr = CT * SPR
-    q = tl.arange(0, R * 8)[:, None]
-    j = tl.arange(0, 16)[None, :]
-    r, g = q // 8, q % 8
-    ct, ss = r // SPR, r % SPR
-    steps = slabs // SPR
-    w_base = (ct * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + the group's words + the step's
-    m_base = ct * 8 + g + 0 * j  # + group * CT * 8 + step * N / 2: the lane's scale/zero pair
-    x_base = ss * 32 + (j // 4) * 8 + (j % 4) * 2  # + step * SPR * 32
-    col_base = ct * 16 + g + 8 * ((j % 4) // 2)  # + group * CT * 16
-    mine = (j // 4 == 0) & (j % 2 == 0)
-    zero = q * 0 + j * 0  # (widens scalar masks to the word tile: the interpreter takes no scalar mask there)
-    g1, f1, n1 = _tile_of(pid, tiles, groups, chunk, steps)
-    g2, f2, n2 = _tile_of(programs + tl.atomic_add(queue_ptr, 1, sem="relaxed"), tiles, groups, chunk, steps)
-    ahead0 = _queue_words(qw_ptr, w_base, zero, g1, f1, n1 > 0, slabs, CT, SPR)
-    a_g, a_k, a_ok = _queue_at(0, 1, g1, f1, n1, g2, f2, n2, 0, 0, 0)
-    ahead1 = _queue_words(qw_ptr, w_base, zero, a_g, a_k, a_ok, slabs, CT, SPR)
-    sc, zz = _meta(s_ptr, z_ptr, m_base + g1 * (CT * 8) + f1 * (N // 2), EMULATE)
-    release_next(PDL)
-    wait_previous(PDL)
-    x_at = x_base + _zero_after_wait(EMULATE)  # keeps the x loads after the wait
-    x0 = _x_frags(x_ptr, x_at + f1 * (SPR * 32), EMULATE)
-    acc = tl.zeros((R * 8, 16), tl.float32)
-    while n1 > 0:
-        g3, f3, n3 = _tile_of(programs + tl.atomic_add(queue_ptr, 1, sem="relaxed"), tiles, groups, chunk, steps)
-        for s in range(0, n1):
-            words = ahead0
-            a_g, a_k, a_ok = _queue_at(s, 2, g1, f1, n1, g2, f2, n2, g3, f3, n3)
-            ahead0, ahead1 = ahead1, _queue_words(qw_ptr, w_base, zero, a_g, a_k, a_ok, slabs, CT, SPR)
-            b_g, b_k, _ = _queue_at(s, 1, g1, f1, n1, g2, f2, n2, g3, f3, n3)
-            b_k = tl.minimum(b_k, steps - 1)  # (kept in range past the last tile)
-            y0 = _x_frags(x_ptr, x_at + b_k * (SPR * 32), EMULATE)
-            sc2, zz2 = _meta(s_ptr, z_ptr, m_base + b_g * (CT * 8) + b_k * (N // 2), EMULATE)
-            acc = _step(words, acc, x0[0], x0[1], zz, sc, ASM, CONSTRAINTS, EMULATE)
-            x0, sc, zz = y0, sc2, zz2
-        col = g1 * (CT * 16) + col_base
-        put = mine & (col < N)
-        if HAS_BIAS:  # once a column: by the tile holding its first steps
-            acc += tl.load(b_ptr + col, mask=put & (ss == 0) & (zero + f1 == 0), other=0.0).to(tl.float32)
-        tl.atomic_add(y_ptr + _placed(col, pos_ptr, put, N, HAS_POS), acc, mask=put, sem="relaxed")
-        acc = tl.zeros((R * 8, 16), tl.float32)
-        g1, f1, n1, g2, f2, n2 = g2, f2, n2, g3, f3, n3
-    if tl.atomic_add(queue_ptr + 1, 1, sem="relaxed") == programs - 1:  # all programs have taken their last ticket
-        tl.atomic_xchg(queue_ptr, 0, sem="relaxed")
-        tl.atomic_xchg(queue_ptr + 1, 0, sem="relaxed")
-    trace(2)
-
-
 @functools.lru_cache(maxsize=None)
 def _asm(tiles: int) -> tuple[str, str]:
     return mma_asm(tiles)
@@ -494,7 +434,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
-               x_merge: AttentionPartials | None = None, queue: int = 0) -> None:
+               x_merge: AttentionPartials | None = None, x_norm: NormInput | None = None,
+               x_scale: Tensor | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -506,11 +447,10 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
-    unmerged partials as the kernel loads x (XMG). queue (steps a tile; with add, lanes, one row of x as it is):
-    the work goes out as tiles of that many steps through a queue (`_queue_kernel`) to about waves * sms programs,
-    instead of a fixed K split each. Not yet timed on a GPU (96 registers a thread offline for sm_90 against the
-    fixed split's 56, so at most 5 programs an SM): no config row asks for it yet; `bash benchmarks/gpu_run.sh
-    queue` measures it in the step."""
+    unmerged partials as the kernel loads x (XMG). x_norm (one row; x2 None): the input is RMSNorm's weight
+    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y (XNM;
+    `lowbit.kernels.norm_load`). x_scale (with x_swiglu; float32, one value): the gate/up sums are multiplied by it
+    first (the rstd their linear wrote)."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -518,6 +458,13 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         if x2 is not None or x_swiglu is not None or p.rows != 1 or p.heads * p.head_dim != k:
             raise ValueError(f"x_merge (in place of x2): one row of attention partials, {k} channels")
         xf, x2 = p.ws, torch.empty(1, k, dtype=torch.float16, device=p.ws.device)  # x2: the scratch the kernel fills
+    if x_norm is not None:
+        if x2 is not None or x_swiglu is not None or x_merge is not None:
+            raise ValueError("x_norm takes the place of x2 (and of x_swiglu, x_merge)")
+        x_norm.check(k)
+        xf, x2 = x_norm.h, torch.empty(1, k, dtype=torch.float16, device=x_norm.h.device)
+    if x_scale is not None and (x_swiglu is None or x_scale.dtype != torch.float32 or x_scale.numel() != 1):
+        raise ValueError("x_scale: one float32 value that scales x_swiglu's gate/up sums")
     m = x2.shape[0]
     if x_swiglu is not None:
         if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
@@ -545,14 +492,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     splits = -(-steps // per)
     num_warps = min(num_warps, CT * spr)  # at least 8 tile rows a warp, or Triton spreads lanes otherwise
     b = bias if bias is not None else w.scales
-    if queue and add and lanes and m == 1 and not swiglu and xf is None and split is None:
-        tiles = groups * -(-steps // queue)
-        _queue_kernel[(max(1, min(tiles, int(waves * sms))),)](
-            x2.view(torch.int32), w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, y,
-            positions if positions is not None else w.locks, w.locks, n, slabs, queue, groups, tiles,
-            CT=CT, SPR=spr, ASM=_asm(1)[0], CONSTRAINTS=_asm(1)[1], HAS_BIAS=bias is not None,
-            HAS_POS=positions is not None, EMULATE=emulate, num_warps=num_warps, **pdl_launch(x2))
-        return  # (its counters: the weight's `locks`, which the adding modes leave unused)
     xs = x2.view(torch.int32)
     for r0 in range(0, m, ROWS_PER_TILE * MAX_TILES):
         rows = min(m - r0, ROWS_PER_TILE * MAX_TILES)
@@ -562,13 +501,15 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         out = y[r0:r0 + rows]
         _mma_kernel[(groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
-            positions if positions is not None else w.locks, xf if xf is not None else b, x2, rows, n, x2.stride(0),
-            slabs, per,
+            positions if positions is not None else w.locks, xf if xf is not None else b, x2,
+            x_norm.weight if x_norm is not None else b,
+            x_norm.rstd if x_norm is not None else x_scale if x_scale is not None else b, rows, n, x2.stride(0),
+            slabs, per, x_norm.eps if x_norm is not None else 0.0,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            num_warps=num_warps, **pdl_launch(x2))
+            XNM=x_norm is not None, XSC=x_scale is not None, num_warps=num_warps, **pdl_launch(x2))
 

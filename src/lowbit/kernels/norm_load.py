@@ -1,0 +1,46 @@
+"""RMSNorm applied by the linear that reads it, with its 1/rms factored out to the kernel after.
+
+In one-row decode a norm is its own launch: about 1.5-2.2 us of a 7B layer's 59 (two a layer; H100,
+`benchmarks/trace_step.py`), for 8 KB of work. Since rms(h) is one number a row, W (w * h / rms(h)) =
+(W (w * h)) / rms(h): the linear after the norm (q/k/v, gate/up) reads x = w * h in float16 as it loads its own
+rows of h (`lowbit.kernels.mma`'s XNM; this module holds its contract and torch reference), one of its programs
+writes 1/rms(h) (`rstd`), and whoever reads the linear's float32 sums multiplies them by it (decode attention its
+q/k/v, down_proj's SwiGLU its gate/up) before rounding them. So no program waits for the whole row's sum, and the
+norm's launch goes.
+
+Rounding differs from `reference.rms_norm_reference` (w * h rounded to float16 once, not h / rms(h) and then
+its product with w): both round x once to float16, so the linear's result differs from the separate norm's by
+float16 rounding. w * h must fit float16 (|w * h| < 65504): residual streams of LLaMA-family models stay far
+below that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class NormInput:
+    """One row's RMSNorm for the linear after it: h (float32 [1, K], the residual stream), weight [K], eps, and
+    rstd (float32, one value), where the linear's kernel writes 1/rms(h)."""
+
+    h: Tensor
+    weight: Tensor
+    eps: float
+    rstd: Tensor
+
+    def check(self, k: int) -> None:
+        """Raises unless h is one contiguous float32 row of k channels with a weight of k and one rstd."""
+        h, w, r = self.h, self.weight, self.rstd
+        if h.dtype != torch.float32 or h.numel() != k or not h.is_contiguous():
+            raise ValueError(f"a norm input takes one contiguous float32 row of {k} channels")
+        if w.shape != (k,) or r.dtype != torch.float32 or r.numel() != 1 or not w.device == h.device == r.device:
+            raise ValueError(f"a norm input needs a weight of {k} and one float32 rstd, on h's device")
+
+    def scaled(self) -> Tensor:
+        """The torch reference of what the linear reads: float16 w * h [1, K] (also writes rstd)."""
+        self.rstd.copy_(torch.rsqrt(self.h.pow(2).mean() + self.eps).view(self.rstd.shape))
+        return (self.weight.float() * self.h.view(1, -1)).to(torch.float16)
