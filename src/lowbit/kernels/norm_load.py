@@ -6,7 +6,8 @@ In one-row decode a norm is its own launch: about 1.5-2.2 us of a 7B layer's 59 
 rows of h (`lowbit.kernels.mma`'s XNM; this module holds its contract and torch reference), one of its programs
 writes 1/rms(h) (`rstd`), and whoever reads the linear's float32 sums multiplies them by it (decode attention its
 q/k/v, down_proj's SwiGLU its gate/up) before rounding them. So no program waits for the whole row's sum, and the
-norm's launch goes.
+norm's launch goes. The model takes this path with LOWBIT_NORM_LOAD=1 (`llama.Block.reads_norms`): it is built
+for sm_90 and tested through Triton's interpreter, not yet run on a GPU.
 
 Rounding differs from `reference.rms_norm_reference` (w * h rounded to float16 once, not h / rms(h) and then
 its product with w): both round x once to float16, so the linear's result differs from the separate norm's by
