@@ -34,8 +34,8 @@ from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
 from lowbit.kernels.sync import interpreting, pdl_launch, release_next, trace, wait_previous
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
-RSTD_BLOCK = tl.constexpr(1024)  # h values a step of `_store_rstd`
 MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
+RSTD_BLOCK = tl.constexpr(1024)  # h values a step of `_store_rstd` (a constexpr: the compiler takes no other global)
 
 
 def mma_asm(tiles: int) -> tuple[str, str]:

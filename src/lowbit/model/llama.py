@@ -336,7 +336,8 @@ class Transformer(nn.Module):
         h = x.float()
         lead, n = h.shape[:-1], h[..., 0].numel()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
-        # each layer's buffers contiguous, as adding needs, then 4 values for its norms' 1/rms (`reads_norms`)
+        # each layer's buffers contiguous, as adding needs, then its norms' two 1/rms (`reads_norms`), padded to 4
+        # values so that the next layer's buffers stay 16-byte aligned
         sums = h.new_zeros(len(self.layers), n * sum(widths) + 4)
         for layer, flat in zip(self.layers, sums):
             *parts, rstd = flat.split([n * w for w in widths] + [4])
