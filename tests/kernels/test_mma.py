@@ -311,12 +311,17 @@ def test_mma_merges_attention_partials_as_it_loads(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, x_merge=partials)
 
 
-@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
-def test_mma_reads_its_norm_unscaled(config, monkeypatch):
+@pytest.mark.parametrize("config,act_order", [({"CT": 2, "split": 3}, False),
+                                               ({"CT": 4, "split": 2, "ahead": 2, "lanes": True}, False),
+                                               ({"CT": 2, "split": 2, "lanes": True}, True)])
+def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
     """x_norm (one row): the kernel reads x = RMSNorm's weight * h for its own rows, adds x @ W into out and
     writes 1/rms(h) to rstd, so that out * rstd is the linear of the norm (K = 1536: the rstd sum takes two
-    steps of 1024); add_normed gets the same from torch where the kernel does not take the norm."""
+    steps of 1024); add_normed gets the same from torch where the kernel does not take the norm. act_order: x
+    gathered in an act-order weight's order (norm.sources), and the output halves placed as a fused w13's for
+    an act-order down_proj (add_normed's order)."""
     from lowbit.kernels import qmatmul as qmatmul_module
+    from lowbit.kernels.layout import ChannelOrder, place_halves
     from lowbit.kernels.norm_load import NormInput
     from lowbit.kernels.reference import rms_norm_reference
 
@@ -326,19 +331,38 @@ def test_mma_reads_its_norm_unscaled(config, monkeypatch):
     gamma = (torch.rand(k) + 0.5).half().to(DEVICE)
     start = torch.randn(1, 64, device=DEVICE)
     rstd = torch.full((1,), float("nan"), device=DEVICE)
-    norm = NormInput(h, gamma, 1e-5, rstd)
+    sources = torch.randperm(k, generator=torch.Generator().manual_seed(1)).int().to(DEVICE) if act_order else None
+    order = None
+    if act_order:
+        positions = torch.randperm(32, generator=torch.Generator().manual_seed(2)).int().to(DEVICE)
+        order = ChannelOrder(positions, torch.argsort(positions).int())
+    norm = NormInput(h, gamma, 1e-5, rstd, sources)
+    x = (gamma.float() * h).half()
+    x = x if sources is None else x[:, sources.long()]
+
+    def want(x):
+        return place_halves(reference(x, w), order)
+
     out = start.clone()
-    mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, **config)
+    if act_order:
+        qmatmul_module.add_normed(norm, w, out, config, order=order)
+    else:
+        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, **config)
     want_rstd = torch.rsqrt(h.double().pow(2).mean() + 1e-5)
     torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
-    check(out - start, reference((gamma.float() * h).half(), w))
+    check(out - start, want(x))
     normed = rms_norm_reference(h, gamma.float(), 1e-5, torch.float16)
-    check(((out - start) * rstd).half(), reference(normed, w))  # the linear of the norm, to float16 rounding
+    normed = normed if sources is None else normed[:, sources.long()]
+    check(((out - start) * rstd).half(), want(normed))  # the linear of the norm, to float16 rounding
     monkeypatch.setattr(qmatmul_module, "reads_norm", lambda w: False)  # torch computes the norm's x first
     out2, rstd[:] = start.clone(), float("nan")
-    assert qmatmul_module.add_normed(norm, w, out2) is out2
-    check(out2 - start, reference((gamma.float() * h).half(), w))
+    assert qmatmul_module.add_normed(norm, w, out2, order=order) is out2
+    check(out2 - start, want(x))
     torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="int32 channels"):
+        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h, gamma, 1e-5, rstd, torch.arange(k)))
+    with pytest.raises(ValueError, match="an order places a fused w13's halves: 32"):
+        qmatmul_module.add_normed(norm, w, out, order=ChannelOrder(torch.arange(8).int(), torch.arange(8).int()))
     with pytest.raises(ValueError, match="x_norm takes the place of x2"):
         mma.mma_matmul(h.half(), w, None, out, 4, add=True, x_norm=norm)
     with pytest.raises(ValueError, match="one contiguous float32 row of 1536"):
@@ -402,11 +426,11 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, XNM=False, XSC=False, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, XNM=0, XSC=False, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
          "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
-         "nw_ptr": "*fp16", "rs_ptr": "*fp32", "eps": "fp32"}
-for mode in ({"XNM": True}, {"XSW": 1, "XSC": True}):
+         "nw_ptr": "*fp16", "rs_ptr": "*fp32", "src_ptr": "*i32", "eps": "fp32"}
+for mode in ({"XNM": 1}, {"XNM": 2}, {"XSW": 1, "XSC": True}):
     const = {**base, **mode}
     signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
     source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})

@@ -114,9 +114,9 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
     got = step(fast, DEVICE, dtype)
     steps = 2 if mma else 1  # the prefill (6 rows) adds into float32 on the mma kernel, not on the GEMV's layout
     assert streamed == [torch.float32] * (steps * cfg["num_hidden_layers"])
-    # one-row mma linears in channel order apply the norms as they load x (`Block.reads_norms`): the final one
-    # before lm_head is left; else two a layer
-    reads = mma and not desc_act
+    # one-row mma linears apply the norms as they load x (`Block.reads_norms`; act-order ones gathering h in
+    # their order): the final one before lm_head is left; else two a layer
+    reads = mma
     assert block.reads_norms(1) == reads and not block.reads_norms(2)
     assert len(norms) == (1 if reads else 2 * cfg["num_hidden_layers"] + 1)
     if reads:  # and the same logits with the norms' own launches (LOWBIT_NORM_LOAD unset: the default)

@@ -222,10 +222,12 @@ def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr, scale):
 
 
 @triton.jit
-def _scaled_rows(h_ptr, w_ptr, xh_ptr, k, K):
-    """Rows k of the linear's input: float16 w[k] * h[k] into the float16 scratch row xh."""
+def _scaled_rows(h_ptr, w_ptr, xh_ptr, k, K, src_ptr, GATHER: tl.constexpr):
+    """Rows k of the linear's input: float16 w[c] * h[c] into the float16 scratch row xh, for channel c = k
+    (GATHER: c = src[k], an act-order weight's order)."""
     ok = k < K
-    x = tl.load(h_ptr + k, mask=ok, other=0.0) * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(src_ptr + k, mask=ok, other=0) if GATHER else k
+    x = tl.load(h_ptr + c, mask=ok, other=0.0) * tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(xh_ptr + k, x.to(tl.float16), mask=ok)
 
 
@@ -260,7 +262,7 @@ def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr
 
 @triton.jit
 def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr, nw_ptr,
-                rs_ptr, M, N, stride_xm, slabs, steps_per_split, eps,
+                rs_ptr, src_ptr, M, N, stride_xm, slabs, steps_per_split, eps,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
@@ -284,7 +286,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
     entries; constants of a model and cache, so no arguments the other modes would carry). XNM (M = 1): x is
     RMSNorm's weight (at nw) times the float32 row h at xf, without its 1/rms(h), which the first program writes
-    to rs (`lowbit.kernels.norm_load`); XSC (with XSW): the gate/up sums are scaled by the value at rs first."""
+    to rs (`lowbit.kernels.norm_load`; XNM 2: channel src[k] at row k, an act-order weight's order); XSC (with
+    XSW): the gate/up sums are scaled by the value at rs first."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -329,7 +332,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             if XSW:
                 _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW, scale)
             elif XNM:
-                _scaled_rows(xf_ptr, nw_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64)
+                _scaled_rows(xf_ptr, nw_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, src_ptr, XNM == 2)
             else:
                 _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
         tl.debug_barrier()
@@ -448,9 +451,9 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
     unmerged partials as the kernel loads x (XMG). x_norm (one row; x2 None): the input is RMSNorm's weight
-    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y (XNM;
-    `lowbit.kernels.norm_load`). x_scale (with x_swiglu; float32, one value): the gate/up sums are multiplied by it
-    first (the rstd their linear wrote)."""
+    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y, its channels gathered
+    in x_norm.sources' order if given (XNM; `lowbit.kernels.norm_load`). x_scale (with x_swiglu; float32, one
+    value): the gate/up sums are multiplied by it first (the rstd their linear wrote)."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -503,7 +506,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
             positions if positions is not None else w.locks, xf if xf is not None else b, x2,
             x_norm.weight if x_norm is not None else b,
-            x_norm.rstd if x_norm is not None else x_scale if x_scale is not None else b, rows, n, x2.stride(0),
+            x_norm.rstd if x_norm is not None else x_scale if x_scale is not None else b,
+            x_norm.sources if x_norm is not None and x_norm.sources is not None else w.locks, rows, n, x2.stride(0),
             slabs, per, x_norm.eps if x_norm is not None else 0.0,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
@@ -511,5 +515,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XNM=x_norm is not None, XSC=x_scale is not None, num_warps=num_warps, **pdl_launch(x2))
+            XNM=0 if x_norm is None else 1 if x_norm.sources is None else 2, XSC=x_scale is not None,
+            num_warps=num_warps, **pdl_launch(x2))
 

@@ -114,18 +114,24 @@ def reads_norm(w: QWeight) -> bool:
     return merges_partials(w)
 
 
-def add_normed(norm: NormInput, w: QWeight, out: Tensor, config: dict | None = None) -> Tensor:
+def add_normed(norm: NormInput, w: QWeight, out: Tensor, config: dict | None = None,
+               order: ChannelOrder | None = None) -> Tensor:
     """out (float32 [1, N]) += (norm.weight * norm.h) @ W, and norm.rstd = 1/rms(h): RMSNorm's output times W
     without its 1/rms, which the reader of out applies (`lowbit.kernels.norm_load`; a bias would need it too,
-    so there is none). config: the mma kernel's keywords (default: its one-row row)."""
+    so there is none). norm.sources: W reads its input in that order (an act-order weight's `for_sorted_input`).
+    order: a fused w13's gate and up halves each go to out in this order (the next, act-order, linear's).
+    config: the mma kernel's keywords (default: its one-row row)."""
     if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
         raise ValueError(f"add_normed adds into a contiguous float32 out of {w.out_features} values")
+    if order is not None and order.positions.shape != (w.out_features // 2,):
+        raise ValueError(f"an order places a fused w13's halves: {w.out_features // 2} outputs")
     if not reads_norm(w):
-        qmatmul(norm.scaled(), w, out=out.view(1, -1), accumulate=True)
+        qmatmul(norm.scaled(), w, out=out.view(1, -1), accumulate=True, order=order)
         return out
     row = {**pick_kernel(1, w.qweight.device, w.layout)[1], **(config or {})}
     config = {k: v for k, v in row.items() if k != "host_gather"}
-    mma.mma_matmul(None, w, None, out.view(1, -1), sm_count(out.device), **config, add=True, x_norm=norm)
+    mma.mma_matmul(None, w, None, out.view(1, -1), sm_count(out.device), **config, add=True, x_norm=norm,
+                   positions=None if order is None else order.positions)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -177,21 +177,25 @@ class QuantLinear(nn.Module):
 
     def reads_norm(self, rows: int) -> bool:
         """Whether `add_normed` applies `rows` rows' RMSNorm inside its kernel as it loads x, leaving the norm's
-        1/rms to whoever reads the sums (`qmatmul.reads_norm`): one row, adding in place, in channel order, and
-        no bias (it would be scaled too)."""
+        1/rms to whoever reads the sums (`qmatmul.reads_norm`): one row, adding in place, and no bias (it would
+        be scaled too). An act-order weight gathers h in its `input_order` as it loads."""
         w = self.kernel_weight
         if w is None or rows != 1 or self.bias is not None or not self.adds_in_place(rows):
             return False
         from lowbit.kernels.qmatmul import reads_norm
 
-        return w.input_order is None and reads_norm(w)
+        return reads_norm(self._weight(self.input_order(rows) is not None))
 
-    def add_normed(self, norm, add_to: Tensor) -> Tensor:
+    def add_normed(self, norm, add_to: Tensor, order=None) -> Tensor:
         """add_to (float32 [1, 1, out_features]) += (norm.weight * norm.h) @ W.T, writing norm.rstd
-        (a `norm_load.NormInput`: RMSNorm without its 1/rms, see `reads_norm`); returns add_to."""
+        (a `norm_load.NormInput`: RMSNorm without its 1/rms, see `reads_norm`); returns add_to. order: as
+        `forward`'s (a fused w13's halves in the next act-order linear's order)."""
         from lowbit.kernels.qmatmul import add_normed
 
-        return add_normed(norm, self.kernel_weight, add_to)
+        sorted_input = self.input_order(1)
+        if sorted_input is not None:
+            norm = replace(norm, sources=sorted_input.sources)
+        return add_normed(norm, self._weight(sorted_input is not None), add_to, order=order)
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
                 swiglu_input: torch.dtype | None = None, order=None, swiglu_scale: Tensor | None = None) -> Tensor:

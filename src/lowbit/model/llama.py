@@ -262,16 +262,17 @@ class Block(nn.Module):
         which gate/up adds in the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
         qkv, gate_up, rstd = sums
+        w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
         if self.reads_norms(h[..., 0].numel()):  # the norms' launches go (`norm_load`): two a layer
             attn.wqkv.add_normed(self.attention_norm.unscaled(h, rstd[:1]), qkv)
             attn.attend(qkv, rope, fresh, cache, rows, input_pos, add_to=h, qkv_scale=rstd[:1])
-            mlp.w13.add_normed(self.ffn_norm.unscaled(h, rstd[1:2]), gate_up)
-            mlp.w2(gate_up, add_to=h, swiglu_input=dtype, swiglu_scale=rstd[1:2])
+            mlp.w13.add_normed(self.ffn_norm.unscaled(h, rstd[1:2]), gate_up, order=w2_order)
+            mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype,
+                   swiglu_scale=rstd[1:2])
             return h
         order = input_order(attn.wqkv, h)
         attn.wqkv(self.attention_norm(h, order, dtype), sorted_input=order is not None, add_to=qkv)
         attn.attend(qkv, rope, fresh, cache, rows, input_pos, add_to=h)
-        w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
         order = input_order(mlp.w13, h)
         mlp.w13(self.ffn_norm(h, order, dtype), sorted_input=order is not None, add_to=gate_up, order=w2_order)
         mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype)
@@ -286,8 +287,7 @@ class Block(nn.Module):
             return False
         attn, mlp = self.attention, self.mlp
         fused = [getattr(linear, "reads_norm", None) for linear in (attn.wqkv, mlp.w13)]
-        return (all(f is not None and f(rows) for f in fused) and hasattr(mlp.w2, "reads_norm")
-                and mlp.w2.input_order(rows) is None)
+        return all(f is not None and f(rows) for f in fused) and hasattr(mlp.w2, "reads_norm")
 
 
 class Transformer(nn.Module):
