@@ -9,13 +9,14 @@ is what it gives the model, and an ablation's row says what that kind of launch 
 Run on a CUDA machine from the repository root:
     PYTHONPATH=src python benchmarks/decode_sweep.py [--shape llama-7b] [--variant gptq-4bit-g128]
         [--configs JSON] [--shapes JSON] [--skip]
-        [--attention JSON] [--position 200] [--context 384]
+        [--attention JSON] [--env JSON] [--position 200] [--context 384]
 --configs: a JSON list of the mma kernel's M=1 keywords to try (each replaces the M=1 row of
 `qmatmul.MMA_CUDA_CONFIGS` for the whole step); --shapes: a JSON list of objects {"KxN": keywords}, each a row
 of per-weight-shape overrides on top of the M=1 row (e.g. [{"4096x4096": {"CT": 2}}]); --skip: also the
 ablations (norms, attention, each linear shape, all linears left out; the output is garbage, the time is what
 is left); --attention: a JSON list of objects {NAME: value}, each a row with those module-level settings of
-`lowbit.kernels.attention` (BLOCK, CHUNK, WAVES, MAX_SPLITS, NUM_WARPS).
+`lowbit.kernels.attention` (BLOCK, CHUNK, WAVES, MAX_SPLITS, NUM_WARPS); --env: a JSON list of objects
+{VARIABLE: value}, each a row with those environment settings at capture (e.g. [{"LOWBIT_NORM_LOAD": "1"}]).
 Rows: µs a step (median of the replays) and the tok/s that is; the baseline is re-measured between rows, so
 a drift shows. Markdown to stdout and to $OUT/decode_sweep.md.
 """
@@ -95,6 +96,21 @@ def settings(module, values: dict):
 
 
 @contextlib.contextmanager
+def environment(values: dict):
+    """Environment variables (read when the step is captured) set for a row."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: str(value) for name, value in values.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def without(part: str):
     """A kind of launch left out of the step: "norms" (every RMSNorm) or "attention" (decode attention)."""
     if part == "norms":
@@ -122,6 +138,7 @@ def main() -> None:
     ap.add_argument("--attention", default="[]",
                     help='JSON list of {NAME: value} settings of lowbit.kernels.attention (e.g. {"BLOCK": 32}): '
                          'a row each')
+    ap.add_argument("--env", default="[]", help='JSON list of {VARIABLE: value} environment settings: a row each')
     ap.add_argument("--skip", action="store_true", help="also time the step without norms, attention, linears")
     ap.add_argument("--position", type=int, default=POSITION, help="the position the step decodes")
     ap.add_argument("--context", type=int, default=CONTEXT, help="the cache's length (fixes attention's splits)")
@@ -148,6 +165,7 @@ def main() -> None:
     rows = [(f"M=1 {json.dumps(cfg)}", m1_row(cfg)) for cfg in json.loads(args.configs)]
     rows += [(f"per shape {json.dumps(o)}", per_shape(o)) for o in json.loads(args.shapes)]
     rows += [(f"attention {json.dumps(o)}", settings(attention, o)) for o in json.loads(args.attention)]
+    rows += [(f"env {json.dumps(o)}", environment(o)) for o in json.loads(args.env)]
     if args.skip:
         rows += [("without norms", without("norms")), ("without attention", without("attention"))]
         rows += [(f"without the {s} linears", per_shape({}, {s})) for s in shapes]
