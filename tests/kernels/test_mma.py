@@ -281,14 +281,11 @@ def test_mma_gpu_model_shapes(k, n, act_order):
         check(y, silu_mul_reference((x.double() @ W).half()).double())
 
 
-@pytest.mark.parametrize("config,act_order", [({"CT": 2, "split": 3}, False),
-                                               ({"CT": 4, "split": 2, "ahead": 2, "lanes": True}, False),
-                                               ({"CT": 1, "split": 3, "ahead": 2, "lanes": True}, True)])
-def test_mma_merges_attention_partials_as_it_loads(config, act_order, monkeypatch):
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
+def test_mma_merges_attention_partials_as_it_loads(config):
     """x_merge (one row): the kernel merges decode attention's split partials (head dim 64: a step's rows span
     two heads) into x for its own rows, then adds x @ W + bias into out; add_partials falls back to merging
-    first in torch where the kernel does not take them. act_order: x's channels gathered in an act-order
-    weight's order (sources) as they are merged."""
+    first in torch where the kernel does not take them."""
     from lowbit.kernels import qmatmul as qmatmul_module
     from lowbit.kernels.attention import decode_attention
 
@@ -301,25 +298,17 @@ def test_mma_merges_attention_partials_as_it_loads(config, act_order, monkeypatc
     partials = decode_attention(q, k, v, kc, vc, idx, pos, locks, row_splits=3, merge=False)
     assert partials.splits > 1
     x = partials.merge(torch.float16)
-    sources = None
-    if act_order:
-        sources = torch.randperm(heads * dim, generator=torch.Generator().manual_seed(3)).int().to(DEVICE)
-        x = x[:, sources.long()]
     w, _ = mma_weight(heads * dim, 64, 64, False, False, "gptq", seed=5)
     bias = torch.randn(64).half().to(DEVICE)
     start = torch.randn(1, 64, device=DEVICE)
     out = start.clone()
-    mma.mma_matmul(None, w, bias, out, 4, add=True, x_merge=partials, x_sources=sources, **config)
+    mma.mma_matmul(None, w, bias, out, 4, add=True, x_merge=partials, **config)
     check(out - start, reference(x, w, bias))
-    for merged_in_kernel in (True, False):
-        monkeypatch.setattr(qmatmul_module, "merges_partials", lambda w: merged_in_kernel)
-        out2 = start.clone()
-        assert qmatmul_module.add_partials(partials, w, bias, out2, config, sources=sources) is out2
-        check(out2 - start, reference(x, w, bias))
+    out2 = start.clone()
+    assert qmatmul_module.add_partials(partials, w, bias, out2, config) is out2
+    check(out2 - start, reference(x, w, bias))
     with pytest.raises(ValueError, match="x_merge"):
         mma.mma_matmul(x, w, None, out, 4, add=True, x_merge=partials)
-    with pytest.raises(ValueError, match="x_sources: 384 int32 channels, with x_norm or x_merge"):
-        mma.mma_matmul(x, w, None, out, 4, add=True, x_sources=torch.arange(384, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("config,act_order", [({"CT": 2, "split": 3}, False),
@@ -329,8 +318,8 @@ def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
     """x_norm (one row): the kernel reads x = RMSNorm's weight * h for its own rows, adds x @ W into out and
     writes 1/rms(h) to rstd, so that out * rstd is the linear of the norm (K = 1536: the rstd sum takes two
     steps of 1024); add_normed gets the same from torch where the kernel does not take the norm. act_order: x
-    gathered in an act-order weight's order (sources), and the output halves placed as a fused w13's for an
-    act-order down_proj (add_normed's order)."""
+    gathered in an act-order weight's order (norm.sources), and the output halves placed as a fused w13's for
+    an act-order down_proj (add_normed's order)."""
     from lowbit.kernels import qmatmul as qmatmul_module
     from lowbit.kernels.layout import ChannelOrder, place_halves
     from lowbit.kernels.norm_load import NormInput
@@ -347,7 +336,7 @@ def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
     if act_order:
         positions = torch.randperm(32, generator=torch.Generator().manual_seed(2)).int().to(DEVICE)
         order = ChannelOrder(positions, torch.argsort(positions).int())
-    norm = NormInput(h, gamma, 1e-5, rstd)
+    norm = NormInput(h, gamma, 1e-5, rstd, sources)
     x = (gamma.float() * h).half()
     x = x if sources is None else x[:, sources.long()]
 
@@ -356,7 +345,7 @@ def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
 
     out = start.clone()
     if act_order:
-        qmatmul_module.add_normed(norm, w, out, config, order=order, sources=sources)
+        qmatmul_module.add_normed(norm, w, out, config, order=order)
     else:
         mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, **config)
     want_rstd = torch.rsqrt(h.double().pow(2).mean() + 1e-5)
@@ -367,14 +356,14 @@ def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
     check(((out - start) * rstd).half(), want(normed))  # the linear of the norm, to float16 rounding
     monkeypatch.setattr(qmatmul_module, "reads_norm", lambda w: False)  # torch computes the norm's x first
     out2, rstd[:] = start.clone(), float("nan")
-    assert qmatmul_module.add_normed(norm, w, out2, order=order, sources=sources) is out2
+    assert qmatmul_module.add_normed(norm, w, out2, order=order) is out2
     check(out2 - start, want(x))
     torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
-    with pytest.raises(ValueError, match="x_sources: 1536 int32 channels"):
-        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, x_sources=torch.arange(k, device=DEVICE))
+    with pytest.raises(ValueError, match="int32 channels"):
+        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h, gamma, 1e-5, rstd, torch.arange(k)))
     with pytest.raises(ValueError, match="an order places a fused w13's halves: 32"):
         qmatmul_module.add_normed(norm, w, out, order=ChannelOrder(torch.arange(8).int(), torch.arange(8).int()))
-    with pytest.raises(ValueError, match="x_norm takes the place of x2|one at a time"):
+    with pytest.raises(ValueError, match="x_norm takes the place of x2"):
         mma.mma_matmul(h.half(), w, None, out, 4, add=True, x_norm=norm)
     with pytest.raises(ValueError, match="one contiguous float32 row of 1536"):
         mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h.half(), gamma, 1e-5, rstd))
@@ -437,12 +426,11 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, XNM=False, XSC=False, GATHER=False, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, XNM=0, XSC=False, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
          "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
          "nw_ptr": "*fp16", "rs_ptr": "*fp32", "src_ptr": "*i32", "eps": "fp32"}
-for mode in ({"XNM": True}, {"XNM": True, "GATHER": True}, {"XSW": 1, "XSC": True},
-             {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 96, "GATHER": True}):
+for mode in ({"XNM": 1}, {"XNM": 2}, {"XSW": 1, "XSC": True}):
     const = {**base, **mode}
     signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
     source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
@@ -452,9 +440,9 @@ for mode in ({"XNM": True}, {"XNM": True, "GATHER": True}, {"XSW": 1, "XSC": Tru
 
 
 def test_norm_modes_build_for_sm90(tmp_path):
-    """The modes that read a norm unscaled (XNM), gather x's channels (GATHER) and scale gate/up sums (XSC) build
-    for sm_90 through ptxas, with their mma in the loop: the interpreter runs no compiled path and accepts what
-    the compiler refuses (a global that is not a constexpr, say)."""
+    """The modes that read a norm unscaled (XNM) and scale gate/up sums (XSC) build for sm_90 through ptxas, with
+    their mma in the loop: the interpreter runs no compiled path and accepts what the compiler refuses (a global
+    that is not a constexpr, say)."""
     import os
     import subprocess
     import sys

@@ -244,12 +244,10 @@ def _store_rstd(h_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr):
 
 @triton.jit
 def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
-                 SPLITS: tl.constexpr, src_ptr, GATHER: tl.constexpr):
-    """Rows k of one-row attention's output, channel c = k (GATHER: c = src[k]; head c // head_dim), merged from
-    its SPLITS partials (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time,
-    in split order."""
-    c = tl.load(src_ptr + k) if GATHER else k
-    first = (c // head_dim) * SPLITS
+                 SPLITS: tl.constexpr):
+    """Rows k (channel k: head k // head_dim) of one-row attention's output, merged from its SPLITS partials
+    (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split order."""
+    first = (k // head_dim) * SPLITS
     m_max = tl.load(ws_ptr + first)
     for s in tl.static_range(1, SPLITS):
         m_max = tl.maximum(m_max, tl.load(ws_ptr + first + s))
@@ -258,7 +256,7 @@ def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr
     for s in tl.static_range(SPLITS):
         w = tl.exp2(tl.load(ws_ptr + first + s) - m_max)
         total += w * tl.load(ws_ptr + n + first + s)
-        o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + c % head_dim)
+        o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim)
     tl.store(xh_ptr + k, (o / total).to(tl.float16))
 
 
@@ -270,7 +268,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
                 XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XNM: tl.constexpr, XSC: tl.constexpr,
-                GATHER: tl.constexpr, PDL: tl.constexpr):
+                PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -283,15 +281,13 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     (1-4; with STAGES 1): words come through registers, loaded AHEAD steps before their math (the first ones
     before waiting for the previous kernel), instead of through Triton's shared-memory pipeline. XSW (M = 1; a
     `swiglu_load.ROUNDING` code): xf holds a fused w13's float32 gate/up sums and the input is their SwiGLU; each
-    program first writes it for its own rows into its float16 scratch row of xh (which x_ptr views), then reads
-    that as its x; each column group has a row of its own in the scratch (xh [groups, K]: programs writing the
-    same row, 64-344 of them, cost a 7B decode step 2-16 %, H100, 2026-12-08). XMG (M = 1; the split count):
-    likewise, x is one-row decode attention's output, merged from its XMG splits' partials at xf
-    (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N entries; constants of a model
-    and cache, so no arguments the other modes would carry). XNM (M = 1): x is RMSNorm's weight (at nw) times
-    the float32 row h at xf, without its 1/rms(h), which the first program writes to rs
-    (`lowbit.kernels.norm_load`); GATHER (XNM, XMG): row k of x is channel src[k] (an act-order weight's
-    order); XSC (with XSW): the gate/up sums are scaled by the value at rs first."""
+    program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
+    that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
+    its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
+    entries; constants of a model and cache, so no arguments the other modes would carry). XNM (M = 1): x is
+    RMSNorm's weight (at nw) times the float32 row h at xf, without its 1/rms(h), which the first program writes
+    to rs (`lowbit.kernels.norm_load`; XNM 2: channel src[k] at row k, an act-order weight's order); XSC (with
+    XSW): the gate/up sums are scaled by the value at rs first."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -329,21 +325,18 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
-    if XSW or XMG or XNM:  # x computed into the group's own scratch row, then read back
+    if XSW or XMG or XNM:
         rows = tl.arange(0, SPR * 64)
-        xh_row = xh_ptr + pid_n.to(tl.int64) * (slabs * 64)
         scale = tl.load(rs_ptr) if XSC else 1.0
         for step in range(s_begin, s_end):
             if XSW:
-                _swiglu_rows(xf_ptr, xh_row, step * (SPR * 64) + rows, slabs * 64, XSW, scale)
+                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW, scale)
             elif XNM:
-                _scaled_rows(xf_ptr, nw_ptr, xh_row, step * (SPR * 64) + rows, slabs * 64, src_ptr, GATHER)
+                _scaled_rows(xf_ptr, nw_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, src_ptr, XNM == 2)
             else:
-                _merged_rows(xf_ptr, xh_row, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG, src_ptr,
-                             GATHER)
+                _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
         tl.debug_barrier()
-        # the group's row; _zero_after_wait keeps the (pure, so movable) x loads after the barrier
-        xrow += pid_n.to(tl.int64) * (slabs * 32) + _zero_after_wait(EMULATE)
+        xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
         if XNM:
             if pid_n + pid_k == 0:  # the first program to start: 1/rms(h) for whoever reads y
                 _store_rstd(xf_ptr, rs_ptr, slabs * 64, eps, RSTD_BLOCK)
@@ -432,35 +425,6 @@ def supports(x2: Tensor, w: QWeight) -> bool:
             and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0)
 
 
-def _computed_input(x2: Tensor | None, k: int, x_swiglu: torch.dtype | None, x_merge: AttentionPartials | None,
-                    x_norm: NormInput | None, x_scale: Tensor | None,
-                    x_sources: Tensor | None) -> tuple[Tensor | None, torch.device | None]:
-    """(the tensor the kernel computes its input from, its device), or (None, None) for an x2 read as it is;
-    raises on a malformed mode (`mma_matmul`'s x_swiglu, x_merge, x_norm, x_scale, x_sources)."""
-    if sum(v is not None for v in (x_swiglu, x_merge, x_norm)) > 1:
-        raise ValueError("x_swiglu, x_merge and x_norm are ways to compute x: one at a time")
-    if x_scale is not None and (x_swiglu is None or x_scale.dtype != torch.float32 or x_scale.numel() != 1):
-        raise ValueError("x_scale: one float32 value that scales x_swiglu's gate/up sums")
-    src = x_sources
-    if src is not None and (x_norm is None and x_merge is None or src.dtype != torch.int32 or src.shape != (k,)):
-        raise ValueError(f"x_sources: {k} int32 channels, with x_norm or x_merge")
-    if x_merge is not None:
-        p = x_merge
-        if x2 is not None or p.rows != 1 or p.heads * p.head_dim != k:
-            raise ValueError(f"x_merge (in place of x2): one row of attention partials, {k} channels")
-        return p.ws, p.ws.device
-    if x_norm is not None:
-        if x2 is not None:
-            raise ValueError("x_norm takes the place of x2")
-        x_norm.check(k)
-        return x_norm.h, x_norm.h.device
-    if x_swiglu is not None:
-        if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
-            raise ValueError(f"x_swiglu: one row of float32 gate/up sums [1, {2 * k}], the input in float16")
-        return x2, x2.device
-    return None, None
-
-
 def _column_tiles(tiles: int, want: int) -> int:
     """The largest power of two <= want that divides `tiles` (programs then never straddle the end)."""
     ct = want
@@ -474,7 +438,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
                x_merge: AttentionPartials | None = None, x_norm: NormInput | None = None,
-               x_scale: Tensor | None = None, x_sources: Tensor | None = None) -> None:
+               x_scale: Tensor | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -487,18 +451,28 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
     unmerged partials as the kernel loads x (XMG). x_norm (one row; x2 None): the input is RMSNorm's weight
-    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y (XNM;
-    `lowbit.kernels.norm_load`). x_sources (int32 [K], with x_norm or x_merge): the input's column j is channel
-    x_sources[j] (an act-order weight's `ChannelOrder.sources`), gathered as the kernel computes it. x_scale
-    (with x_swiglu; float32, one value): the gate/up sums are multiplied by it first (the rstd their linear
-    wrote)."""
+    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y, its channels gathered
+    in x_norm.sources' order if given (XNM; `lowbit.kernels.norm_load`). x_scale (with x_swiglu; float32, one
+    value): the gate/up sums are multiplied by it first (the rstd their linear wrote)."""
     n, k = w.out_features, w.in_features
-    xf, device = _computed_input(x2, k, x_swiglu, x_merge, x_norm, x_scale, x_sources)
-    if x_sources is not None and x_sources.device != device:
-        raise ValueError("x_sources must be on the input's device")
-    if xf is not None:  # the kernel computes x: a float16 scratch (a row a column group, sized below) in x2's place
-        x2 = torch.empty(1, k, dtype=torch.float16, device=device)
+    xf = None
+    if x_merge is not None:
+        p = x_merge
+        if x2 is not None or x_swiglu is not None or p.rows != 1 or p.heads * p.head_dim != k:
+            raise ValueError(f"x_merge (in place of x2): one row of attention partials, {k} channels")
+        xf, x2 = p.ws, torch.empty(1, k, dtype=torch.float16, device=p.ws.device)  # x2: the scratch the kernel fills
+    if x_norm is not None:
+        if x2 is not None or x_swiglu is not None or x_merge is not None:
+            raise ValueError("x_norm takes the place of x2 (and of x_swiglu, x_merge)")
+        x_norm.check(k)
+        xf, x2 = x_norm.h, torch.empty(1, k, dtype=torch.float16, device=x_norm.h.device)
+    if x_scale is not None and (x_swiglu is None or x_scale.dtype != torch.float32 or x_scale.numel() != 1):
+        raise ValueError("x_scale: one float32 value that scales x_swiglu's gate/up sums")
     m = x2.shape[0]
+    if x_swiglu is not None:
+        if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
+            raise ValueError(f"x_swiglu: one row of float32 gate/up sums [1, {2 * k}], the input in float16")
+        xf, x2 = x2, torch.empty(1, k, dtype=torch.float16, device=x2.device)  # x2: the scratch the kernel fills
     if not supports(x2, w) or x2.shape[1] != k:
         raise ValueError("mma_matmul needs an mma-layout weight without perm and contiguous, aligned fp16 x")
     if swiglu and m != 1:
@@ -521,8 +495,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     splits = -(-steps // per)
     num_warps = min(num_warps, CT * spr)  # at least 8 tile rows a warp, or Triton spreads lanes otherwise
     b = bias if bias is not None else w.scales
-    if xf is not None:
-        x2 = torch.empty(groups, k, dtype=torch.float16, device=device)
     xs = x2.view(torch.int32)
     for r0 in range(0, m, ROWS_PER_TILE * MAX_TILES):
         rows = min(m - r0, ROWS_PER_TILE * MAX_TILES)
@@ -535,7 +507,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             positions if positions is not None else w.locks, xf if xf is not None else b, x2,
             x_norm.weight if x_norm is not None else b,
             x_norm.rstd if x_norm is not None else x_scale if x_scale is not None else b,
-            x_sources if x_sources is not None else w.locks, rows, n, x2.stride(0),
+            x_norm.sources if x_norm is not None and x_norm.sources is not None else w.locks, rows, n, x2.stride(0),
             slabs, per, x_norm.eps if x_norm is not None else 0.0,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
@@ -543,6 +515,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XNM=x_norm is not None, XSC=x_scale is not None, GATHER=x_sources is not None,
+            XNM=0 if x_norm is None else 1 if x_norm.sources is None else 2, XSC=x_scale is not None,
             num_warps=num_warps, **pdl_launch(x2))
 

@@ -28,12 +28,14 @@ from torch import Tensor
 @dataclass(frozen=True)
 class NormInput:
     """One row's RMSNorm for the linear after it: h (float32 [1, K], the residual stream), weight [K], eps, and
-    rstd (float32, one value), where the linear's kernel writes 1/rms(h)."""
+    rstd (float32, one value), where the linear's kernel writes 1/rms(h). sources (int32 [K]; an act-order
+    linear's `layout.ChannelOrder.sources`): the linear reads channel sources[j] at column j, gathered as it loads."""
 
     h: Tensor
     weight: Tensor
     eps: float
     rstd: Tensor
+    sources: Tensor | None = None
 
     def check(self, k: int) -> None:
         """Raises unless h is one contiguous float32 row of k channels with a weight of k and one rstd."""
@@ -42,8 +44,13 @@ class NormInput:
             raise ValueError(f"a norm input takes one contiguous float32 row of {k} channels")
         if w.shape != (k,) or r.dtype != torch.float32 or r.numel() != 1 or not w.device == h.device == r.device:
             raise ValueError(f"a norm input needs a weight of {k} and one float32 rstd, on h's device")
+        src = self.sources
+        if src is not None and (src.dtype != torch.int32 or src.shape != (k,) or src.device != h.device):
+            raise ValueError(f"a norm input's sources are {k} int32 channels, on h's device")
 
     def scaled(self) -> Tensor:
-        """The torch reference of what the linear reads: float16 w * h [1, K] (also writes rstd)."""
+        """The torch reference of what the linear reads: float16 w * h [1, K], in `sources` order (also writes
+        rstd)."""
         self.rstd.copy_(torch.rsqrt(self.h.pow(2).mean() + self.eps).view(self.rstd.shape))
-        return (self.weight.float() * self.h.view(1, -1)).to(torch.float16)
+        x = (self.weight.float() * self.h.view(1, -1)).to(torch.float16)
+        return x if self.sources is None else x.index_select(1, self.sources)

@@ -93,21 +93,18 @@ MERGE_WAVES = 6
 
 
 def add_partials(p: AttentionPartials, w: QWeight, bias: Tensor | None, out: Tensor,
-                 config: dict | None = None, sources: Tensor | None = None) -> Tensor:
+                 config: dict | None = None) -> Tensor:
     """out (float32 [1, N]) += attention @ W + bias, the attention (float16) merged from one row's unmerged
-    partials: by the mma kernel as it loads x where `merges_partials`, else first, in torch. sources: W reads
-    its input in that order (an act-order weight's `for_sorted_input`, `ChannelOrder.sources`). config: the
-    mma kernel's keywords (default: its one-row row, with `MERGE_WAVES`)."""
+    partials: by the mma kernel as it loads x where `merges_partials`, else first, in torch. config: the mma
+    kernel's keywords (default: its one-row row, with `MERGE_WAVES`)."""
     if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
         raise ValueError(f"add_partials adds into a contiguous float32 out of {w.out_features} values")
     if not merges_partials(w):
-        x = p.merge(torch.float16)
-        x = (x if sources is None else x.index_select(1, sources)).view(out.shape[:-1] + (-1,))
+        x = p.merge(torch.float16).view(out.shape[:-1] + (-1,))
         return qmatmul(x, w, bias, out=out, accumulate=True)
     row = {**pick_kernel(1, w.qweight.device, w.layout)[1], "waves": MERGE_WAVES, **(config or {})}
     config = {k: v for k, v in row.items() if k != "host_gather"}
-    mma.mma_matmul(None, w, bias, out.view(1, -1), sm_count(out.device), **config, add=True, x_merge=p,
-                   x_sources=sources)
+    mma.mma_matmul(None, w, bias, out.view(1, -1), sm_count(out.device), **config, add=True, x_merge=p)
     return out
 
 
@@ -118,25 +115,23 @@ def reads_norm(w: QWeight) -> bool:
 
 
 def add_normed(norm: NormInput, w: QWeight, out: Tensor, config: dict | None = None,
-               order: ChannelOrder | None = None, sources: Tensor | None = None) -> Tensor:
+               order: ChannelOrder | None = None) -> Tensor:
     """out (float32 [1, N]) += (norm.weight * norm.h) @ W, and norm.rstd = 1/rms(h): RMSNorm's output times W
     without its 1/rms, which the reader of out applies (`lowbit.kernels.norm_load`; a bias would need it too,
-    so there is none). sources: W reads its input in that order (as `add_partials`'). order: a fused w13's
-    gate and up halves each go to out in this order (the next, act-order, linear's). config: the mma kernel's
-    keywords (default: its one-row row)."""
+    so there is none). norm.sources: W reads its input in that order (an act-order weight's `for_sorted_input`).
+    order: a fused w13's gate and up halves each go to out in this order (the next, act-order, linear's).
+    config: the mma kernel's keywords (default: its one-row row)."""
     if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
         raise ValueError(f"add_normed adds into a contiguous float32 out of {w.out_features} values")
     if order is not None and order.positions.shape != (w.out_features // 2,):
         raise ValueError(f"an order places a fused w13's halves: {w.out_features // 2} outputs")
     if not reads_norm(w):
-        x = norm.scaled()
-        qmatmul(x if sources is None else x.index_select(1, sources), w, out=out.view(1, -1), accumulate=True,
-                order=order)
+        qmatmul(norm.scaled(), w, out=out.view(1, -1), accumulate=True, order=order)
         return out
     row = {**pick_kernel(1, w.qweight.device, w.layout)[1], **(config or {})}
     config = {k: v for k, v in row.items() if k != "host_gather"}
     mma.mma_matmul(None, w, None, out.view(1, -1), sm_count(out.device), **config, add=True, x_norm=norm,
-                   positions=None if order is None else order.positions, x_sources=sources)
+                   positions=None if order is None else order.positions)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -160,23 +160,20 @@ class QuantLinear(nn.Module):
     def merges_attention(self, rows: int) -> bool:
         """Whether `add_attention` takes one-row decode attention's unmerged split partials and merges them as
         its kernel loads x (`qmatmul.merges_partials`), so that the attention kernel skips its own merge (a
-        fence, a counter and the last split's reload of the partials, on the decode step's critical path). An
-        act-order weight gathers the channels in its `input_order` as it merges."""
+        fence, a counter and the last split's reload of the partials, on the decode step's critical path)."""
         w = self.kernel_weight
         if w is None or rows != 1 or not self.adds_in_place(rows):
             return False
         from lowbit.kernels.qmatmul import merges_partials
 
-        return merges_partials(self._weight(self.input_order(rows) is not None))
+        return merges_partials(w)
 
     def add_attention(self, partials, add_to: Tensor) -> Tensor:
         """add_to (float32 [1, 1, out_features]) += attention @ W.T + b, the attention given as unmerged
         `partials.AttentionPartials` (see `merges_attention`); returns add_to."""
         from lowbit.kernels.qmatmul import add_partials
 
-        order = self.input_order(1)
-        return add_partials(partials, self._weight(order is not None), self.bias, add_to,
-                            sources=None if order is None else order.sources)
+        return add_partials(partials, self.kernel_weight, self.bias, add_to)
 
     def reads_norm(self, rows: int) -> bool:
         """Whether `add_normed` applies `rows` rows' RMSNorm inside its kernel as it loads x, leaving the norm's
@@ -196,8 +193,9 @@ class QuantLinear(nn.Module):
         from lowbit.kernels.qmatmul import add_normed
 
         sorted_input = self.input_order(1)
-        return add_normed(norm, self._weight(sorted_input is not None), add_to, order=order,
-                          sources=None if sorted_input is None else sorted_input.sources)
+        if sorted_input is not None:
+            norm = replace(norm, sources=sorted_input.sources)
+        return add_normed(norm, self._weight(sorted_input is not None), add_to, order=order)
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
                 swiglu_input: torch.dtype | None = None, order=None, swiglu_scale: Tensor | None = None) -> Tensor:

@@ -189,10 +189,9 @@ class Attention(nn.Module):
         qkv_scale: `Cache.attend`'s."""
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
+        order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
         merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
-        unmerged = add_to is not None and T == 1 and merges is not None and merges(B)
-        # act-order wo: the attention kernel writes in the order wo reads (or wo gathers as it merges)
-        order = None if unmerged else input_order(self.wo, qkv)
+        unmerged = add_to is not None and order is None and T == 1 and merges is not None and merges(B)
         asks = {"merged": False} if unmerged else {}  # (only such a wo asks: other caches may not know)
         if qkv_scale is not None:
             asks["qkv_scale"] = qkv_scale
