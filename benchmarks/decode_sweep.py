@@ -16,7 +16,7 @@ of per-weight-shape overrides on top of the M=1 row (e.g. [{"4096x4096": {"CT": 
 ablations (norms, attention, each linear shape, all linears left out; the output is garbage, the time is what
 is left); --attention: a JSON list of objects {NAME: value}, each a row with those module-level settings of
 `lowbit.kernels.attention` (BLOCK, CHUNK, WAVES, MAX_SPLITS, NUM_WARPS); --env: a JSON list of objects
-{VARIABLE: value}, each a row with those environment settings at capture (e.g. [{"LOWBIT_NORM_LOAD": "1"}]).
+{VARIABLE: value}, each a row with those environment settings at capture (e.g. [{"LOWBIT_PDL": "0"}]).
 Rows: µs a step (median of the replays) and the tok/s that is; the baseline is re-measured between rows, so
 a drift shows. Markdown to stdout and to $OUT/decode_sweep.md.
 """

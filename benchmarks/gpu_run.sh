@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|norm_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -36,13 +36,6 @@ for stage in "$@"; do
           --variants gptq-4bit-g128,gptq-4bit-g128-act --batches 1 "${extra[@]}" --out "$OUT/decode_gemv_$t.md" \
           > "$OUT/decode_gemv_$t.txt" 2>&1
         echo "$t"; grep "^| gptq" "$OUT/decode_gemv_$t.txt" | sort -u
-      done ;;
-    norm_ab)  # whole-model b=1 decode, 4-bit g128 (and act-order): the norms as launches (LOWBIT_NORM_LOAD=0) against read by the linears (1)
-      for t in 0 1; do
-        LOWBIT_NORM_LOAD=$t timeout "${DECODE_SECONDS:-200}" python3 benchmarks/gpu_decode.py --shape llama-7b \
-          --variants gptq-4bit-g128,gptq-4bit-g128-act --batches 1 \
-          --out "$OUT/decode_norm_$t.md" > "$OUT/decode_norm_$t.txt" 2>&1
-        echo "LOWBIT_NORM_LOAD=$t"; grep "^| gptq" "$OUT/decode_norm_$t.txt" | sort -u
       done ;;
     float_ab)  # whole-model fp16 decode, batch 1: cuBLAS linears (LOWBIT_FLOAT_GEMV=0) against the float GEMV (1, the default), one call
       for t in 0 1; do

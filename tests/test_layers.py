@@ -16,7 +16,6 @@ RANK = {
     "errors": 0, "config": 1,
     # kernels: tensors in, tensors out (a launcher may import the kernel file it launches)
     "kernels.sync": 1.5, "kernels.partials": 1.5, "kernels.layout": 1.5, "kernels.swiglu_load": 1.5,
-    "kernels.norm_load": 1.5,
     "kernels.splitk": 1.6, "kernels.slots": 1.6,
     "kernels.gemv": 1.8, "kernels.dot": 1.8, "kernels.dequant": 1.8, "kernels.mma": 1.8, "kernels.mma_dot": 1.8,
     "kernels.norm_rope": 1.9, "kernels.argmax": 1.9,

@@ -137,35 +137,27 @@ def test_decode_attention_applies_rope(H, KV, D, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_decode_attention_takes_float32_qkv_sums(scaled):
+def test_decode_attention_rounds_float32_qkv_to_the_cache_dtype():
     """q/k/v as float32 sums (a linear that added into a float32 buffer) attend exactly as the same values
-    rounded to the float16 cache first, rotated or not, and the output comes in the cache's dtype. scaled: with
-    qkv_scale (a row's 1/rms that wqkv left out), exactly as the sums scaled in float32 first; the cache
-    receives the scaled (rotated) key and value."""
+    rounded to the float16 cache first, rotated or not, and the output comes in the cache's dtype."""
     H, KV, D, B, S = 8, 2, 64, 2, 80
     kc = torch.randn(B, KV, S, D, device=DEVICE).half()
     vc = torch.randn(B, KV, S, D, device=DEVICE).half()
     rows, pos = torch.tensor([1, 0], device=DEVICE), torch.tensor([79, 5], device=DEVICE)
-    qkv = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE) * (30 if scaled else 1)
-    scale = torch.tensor([0.03, 0.1], device=DEVICE)
-    same = qkv * scale[:, None, None, None] if scaled else qkv.half()
+    qkv = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE)
     angles = pos.float()[:, None] * torch.rand(D // 2, device=DEVICE)
     emb = torch.cat((angles, angles), dim=-1)
     rope = emb.cos().half(), emb.sin().half()
     for r in (None, rope):
         caches = [(kc.clone(), vc.clone()) for _ in range(2)]
         outs = []
-        for t, s_, (k_c, v_c) in zip((qkv, same), (scale if scaled else None, None), caches):
+        for t, (k_c, v_c) in zip((qkv, qkv.half()), caches):
             q, k, v = t.split((H, KV, KV), dim=2)
             locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
-            outs.append(decode_attention(q[:, 0], k[:, 0], v[:, 0], k_c, v_c, rows, pos, locks, rope=r,
-                                         qkv_scale=s_))
+            outs.append(decode_attention(q[:, 0], k[:, 0], v[:, 0], k_c, v_c, rows, pos, locks, rope=r))
         assert outs[0].dtype == torch.float16
         assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0][0], caches[1][0])
         assert torch.equal(caches[0][1], caches[1][1])
-    with pytest.raises(ValueError, match="qkv_scale must be float32 with one value a row"):
-        decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, qkv_scale=scale[:1])
 
 
 def test_decode_attention_places_channels():

@@ -311,85 +311,6 @@ def test_mma_merges_attention_partials_as_it_loads(config):
         mma.mma_matmul(x, w, None, out, 4, add=True, x_merge=partials)
 
 
-@pytest.mark.parametrize("config,act_order", [({"CT": 2, "split": 3}, False),
-                                               ({"CT": 4, "split": 2, "ahead": 2, "lanes": True}, False),
-                                               ({"CT": 2, "split": 2, "lanes": True}, True)])
-def test_mma_reads_its_norm_unscaled(config, act_order, monkeypatch):
-    """x_norm (one row): the kernel reads x = RMSNorm's weight * h for its own rows, adds x @ W into out and
-    writes 1/rms(h) to rstd, so that out * rstd is the linear of the norm (K = 1536: the rstd sum takes two
-    steps of 1024); add_normed gets the same from torch where the kernel does not take the norm. act_order: x
-    gathered in an act-order weight's order (norm.sources), and the output halves placed as a fused w13's for
-    an act-order down_proj (add_normed's order)."""
-    from lowbit.kernels import qmatmul as qmatmul_module
-    from lowbit.kernels.layout import ChannelOrder, place_halves
-    from lowbit.kernels.norm_load import NormInput
-    from lowbit.kernels.reference import rms_norm_reference
-
-    k = 1536
-    w, _ = mma_weight(k, 64, 128, False, False, "gptq", seed=6)
-    h = (torch.randn(1, k) * 3).to(DEVICE)
-    gamma = (torch.rand(k) + 0.5).half().to(DEVICE)
-    start = torch.randn(1, 64, device=DEVICE)
-    rstd = torch.full((1,), float("nan"), device=DEVICE)
-    sources = torch.randperm(k, generator=torch.Generator().manual_seed(1)).int().to(DEVICE) if act_order else None
-    order = None
-    if act_order:
-        positions = torch.randperm(32, generator=torch.Generator().manual_seed(2)).int().to(DEVICE)
-        order = ChannelOrder(positions, torch.argsort(positions).int())
-    norm = NormInput(h, gamma, 1e-5, rstd, sources)
-    x = (gamma.float() * h).half()
-    x = x if sources is None else x[:, sources.long()]
-
-    def want(x):
-        return place_halves(reference(x, w), order)
-
-    out = start.clone()
-    if act_order:
-        qmatmul_module.add_normed(norm, w, out, config, order=order)
-    else:
-        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=norm, **config)
-    want_rstd = torch.rsqrt(h.double().pow(2).mean() + 1e-5)
-    torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
-    check(out - start, want(x))
-    normed = rms_norm_reference(h, gamma.float(), 1e-5, torch.float16)
-    normed = normed if sources is None else normed[:, sources.long()]
-    check(((out - start) * rstd).half(), want(normed))  # the linear of the norm, to float16 rounding
-    monkeypatch.setattr(qmatmul_module, "reads_norm", lambda w: False)  # torch computes the norm's x first
-    out2, rstd[:] = start.clone(), float("nan")
-    assert qmatmul_module.add_normed(norm, w, out2, order=order) is out2
-    check(out2 - start, want(x))
-    torch.testing.assert_close(rstd.double(), want_rstd.view(1), rtol=1e-5, atol=0)
-    with pytest.raises(ValueError, match="int32 channels"):
-        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h, gamma, 1e-5, rstd, torch.arange(k)))
-    with pytest.raises(ValueError, match="an order places a fused w13's halves: 32"):
-        qmatmul_module.add_normed(norm, w, out, order=ChannelOrder(torch.arange(8).int(), torch.arange(8).int()))
-    with pytest.raises(ValueError, match="x_norm takes the place of x2"):
-        mma.mma_matmul(h.half(), w, None, out, 4, add=True, x_norm=norm)
-    with pytest.raises(ValueError, match="one contiguous float32 row of 1536"):
-        mma.mma_matmul(None, w, None, out, 4, add=True, x_norm=NormInput(h.half(), gamma, 1e-5, rstd))
-
-
-def test_mma_scales_gate_up_sums_before_their_swiglu(monkeypatch):
-    """swiglu_scale (one row): the gate/up sums are multiplied by it before their SwiGLU, by the kernel as it
-    loads them and by torch on the other paths."""
-    from lowbit.kernels import norm_rope
-    from lowbit.kernels.reference import silu_mul_reference
-
-    w, _ = mma_weight(384, 64, 128, False, False, "gptq", seed=7)
-    x = (torch.randn(1, 768) * 40).to(DEVICE)
-    scale = torch.full((1,), 0.05, device=DEVICE)
-    want = reference(silu_mul_reference((x * scale).half()), w)
-    out = torch.zeros(1, 64, device=DEVICE)
-    qmatmul(x, w, kernel="mma", config={"CT": 2, "split": 3, "ahead": 2, "lanes": True}, swiglu_input=torch.float16,
-            swiglu_scale=scale, accumulate=True, out=out)
-    check(out, want)
-    check(qmatmul(x, w, kernel="mma", swiglu_input=torch.float16, swiglu_scale=scale), want)  # silu_mul first
-    with pytest.raises(ValueError, match="swiglu_scale goes with swiglu_input"):
-        qmatmul(x[:, :384].half(), w, swiglu_scale=scale)
-    with pytest.raises(ValueError, match="x_scale: one float32 value"):
-        mma.mma_matmul(x, w, None, out, 4, add=True, x_scale=scale)
-
-
 def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
     from lowbit.kernels import qmatmul as qmatmul_module
     from lowbit.kernels.partials import AttentionPartials
@@ -415,7 +336,7 @@ def test_add_partials_without_the_fused_merge_merges_first(monkeypatch):
             qmatmul_module.add_partials(partials, w, None, bad)
 
 
-NORM_SM90 = """
+INPUT_MODES_SM90 = """
 import inspect
 import triton
 from triton.backends.compiler import GPUTarget
@@ -426,11 +347,10 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, XNM=0, XSC=False, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
-         "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
-         "nw_ptr": "*fp16", "rs_ptr": "*fp32", "src_ptr": "*i32", "eps": "fp32"}
-for mode in ({"XNM": 1}, {"XNM": 2}, {"XSW": 1, "XSC": True}):
+         "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16"}
+for mode in ({"XSW": 1}, {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 96}):
     const = {**base, **mode}
     signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
     source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
@@ -439,17 +359,17 @@ for mode in ({"XNM": 1}, {"XNM": 2}, {"XSW": 1, "XSC": True}):
 """
 
 
-def test_norm_modes_build_for_sm90(tmp_path):
-    """The modes that read a norm unscaled (XNM) and scale gate/up sums (XSC) build for sm_90 through ptxas, with
-    their mma in the loop: the interpreter runs no compiled path and accepts what the compiler refuses (a global
-    that is not a constexpr, say)."""
+def test_input_modes_build_for_sm90(tmp_path):
+    """The modes that compute x as they load it (SwiGLU of gate/up sums, XSW; attention's merge, XMG) build for
+    sm_90 through ptxas, with their mma in the loop: the interpreter runs no compiled path and accepts what the
+    compiler refuses (a global that is not a constexpr, say)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", NORM_SM90], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", INPUT_MODES_SM90], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for line in done.stdout.splitlines():
         built, mmas = line.split()

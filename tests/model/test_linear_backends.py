@@ -75,7 +75,6 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
     from lowbit.model import llama
 
     monkeypatch.setenv("LOWBIT_MMA", "1" if mma else "0")
-    monkeypatch.setenv("LOWBIT_NORM_LOAD", "1")
     if mma and DEVICE != "cuda":  # "auto" picks the mma layout on CUDA only; the interpreter emulates its kernels
         from lowbit.kernels import qmatmul
 
@@ -114,16 +113,7 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
     got = step(fast, DEVICE, dtype)
     steps = 2 if mma else 1  # the prefill (6 rows) adds into float32 on the mma kernel, not on the GEMV's layout
     assert streamed == [torch.float32] * (steps * cfg["num_hidden_layers"])
-    # one-row mma linears apply the norms as they load x (`Block.reads_norms`; act-order ones gathering h in
-    # their order): the final one before lm_head is left; else two a layer
-    reads = mma
-    assert block.reads_norms(1) == reads and not block.reads_norms(2)
-    assert len(norms) == (1 if reads else 2 * cfg["num_hidden_layers"] + 1)
-    if reads:  # and the same logits with the norms' own launches (LOWBIT_NORM_LOAD unset: the default)
-        monkeypatch.delenv("LOWBIT_NORM_LOAD")
-        assert not block.reads_norms(1)
-        torch.testing.assert_close(step(fast, DEVICE, dtype), got, rtol=tol, atol=tol * float(want.abs().max()))
-        monkeypatch.setenv("LOWBIT_NORM_LOAD", "1")
+    assert len(norms) == 2 * cfg["num_hidden_layers"] + 1, "two a layer and the final norm before lm_head"
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     streamed.clear()
     with torch.no_grad():

@@ -53,7 +53,7 @@ class KVCache:
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                fresh: bool, rope: tuple[Tensor, Tensor], order: ChannelOrder | None = None,
-               merged: bool = True, qkv_scale: Tensor | None = None) -> Tensor | AttentionPartials:
+               merged: bool = True) -> Tensor | AttentionPartials:
         """q [B, T, H, D], k/v [B, T, n_kv, D] (RoPE not applied yet) -> attention output [B, T, H * D].
 
         q and k are rotated by rope = (cos, sin) [B, T, D] (on CUDA q/k may be rotated in place), then k/v are
@@ -61,8 +61,7 @@ class KVCache:
         rows are new sequences at positions 0..T-1, attending among themselves. order: the
         output's channels (head c // D, dim c % D for channel c) come in this order (for an act-order wo).
         merged=False: one-token decode on CUDA returns its kernel's unmerged per-split partials instead (for a wo
-        that merges them as it loads them: `qmatmul.add_partials`); other calls ignore it. qkv_scale (float32
-        [B]): q, k and v are multiplied by their row's value first (`lowbit.kernels.norm_load`).
+        that merges them as it loads them: `qmatmul.add_partials`); other calls ignore it.
         """
         B, T, H, D = q.shape
         if self.decodes_in_kernel(q, fresh):  # decode: rotate, append, attend in one launch
@@ -71,13 +70,9 @@ class KVCache:
             slots = rows if rows is not None else torch.arange(B, device=q.device)
             out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
                                    input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]),
-                                   positions=None if order is None else order.positions, merge=merged,
-                                   qkv_scale=qkv_scale)
+                                   positions=None if order is None else order.positions, merge=merged)
             return out.view(B, 1, H * D) if merged else out
         dtype = self.k.dtype  # q/k/v may come as float32 sums (`Block.forward_into`)
-        if qkv_scale is not None:
-            scale = qkv_scale.view(B, 1, 1, 1)
-            q, k, v = q * scale, k * scale, v * scale
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         q, k = ops.rope(q, *rope, H), ops.rope(k, *rope, k.shape[2])
         k_all, v_all = self.update(layer, rows, input_pos, k.transpose(1, 2), v.transpose(1, 2))

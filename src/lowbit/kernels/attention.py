@@ -36,11 +36,10 @@ WAVES = 2  # and enough splits for about this many programs per SM (batch 1 of L
 
 
 @triton.jit
-def _rotate(x, ptr, d, dm, c, s, HALF, rs):
-    """RoPE of a [.., BD] row tile x loaded from ptr + d (and scaled by rs): x*cos + (-x2, x1)*sin in float32,
-    rounded once."""
+def _rotate(x, ptr, d, dm, c, s, HALF):
+    """RoPE of a [.., BD] row tile x loaded from ptr + d: x*cos + (-x2, x1)*sin in float32, rounded once."""
     partner = tl.where(d < HALF, d + HALF, d - HALF)
-    other = (tl.load(ptr + partner, mask=dm, other=0.0) * rs).to(x.dtype).to(tl.float32)  # rounded as x was
+    other = tl.load(ptr + partner, mask=dm, other=0.0).to(x.dtype).to(tl.float32)  # rounded as x was
     sign = tl.where(d < HALF, -1.0, 1.0)
     return (x.to(tl.float32) * c + sign * other * s).to(x.dtype)
 
@@ -94,13 +93,12 @@ def _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G: tl
 
 @triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, ws_ptr, lock_ptr,
-                   cos_ptr, sin_ptr, place_ptr, rs_ptr,
+                   cos_ptr, sin_ptr, place_ptr,
                    stride_qb, stride_kb, stride_vb, stride_cs, stride_ch, stride_ct, stride_ob, stride_rb,
                    n_kv, D, qk_scale,
                    fill, G: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
                    SPLITS: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, IEEE: tl.constexpr,
-                   ROPE: tl.constexpr, PLACE: tl.constexpr, MERGE: tl.constexpr, SCALED: tl.constexpr,
-                   PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PLACE: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, d = tl.arange(0, GP), tl.arange(0, BD)
     gm, dm = g < G, d < D
@@ -128,14 +126,13 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
     wait_previous(PDL)
     q_row = q_ptr + b64 * stride_qb + heads[:, None] * D
     DT: tl.constexpr = kc_ptr.dtype.element_ty  # q/k/v may come in float32 (sums a linear added up)
-    rs = tl.load(rs_ptr + b) if SCALED else 1.0  # the row's 1/rms, which wqkv left out (`norm_load`)
-    q = (tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0) * rs).to(DT)
+    q = tl.load(q_row + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0).to(DT)
     k_row = kn_ptr + b64 * stride_kb + kvh * D
-    k_new = (tl.load(k_row + d, mask=dm, other=0.0) * rs).to(DT)
-    v_new = (tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0) * rs).to(DT)
+    k_new = tl.load(k_row + d, mask=dm, other=0.0).to(DT)
+    v_new = tl.load(vn_ptr + b64 * stride_vb + kvh * D + d, mask=dm, other=0.0).to(DT)
     if ROPE:  # q and the new key arrive unrotated: rotate them here instead of in a launch of their own
-        q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], cos[None, :], sin[None, :], D // 2, rs)
-        k_new = _rotate(k_new, k_row, d, dm, cos, sin, D // 2, rs)
+        q = _rotate(q, q_row, d[None, :], gm[:, None] & dm[None, :], cos[None, :], sin[None, :], D // 2)
+        k_new = _rotate(k_new, k_row, d, dm, cos, sin, D // 2)
     mine = d < tl.where((p >= start) & (p < start + chunk), D, 0)  # this split appends the new key/value
     tl.store(kc_ptr + cache + p * stride_ct + d, k_new, mask=mine)
     tl.store(vc_ptr + cache + p * stride_ct + d, v_new, mask=mine)
@@ -205,8 +202,7 @@ def row_fill(programs: int, sms: int) -> int:
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
                      rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None,
-                     row_splits: int | None = None, merge: bool = True,
-                     qkv_scale: Tensor | None = None) -> Tensor | AttentionPartials:
+                     row_splits: int | None = None, merge: bool = True) -> Tensor | AttentionPartials:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
     q [B, H, D], k_new/v_new [B, KV, D] (views are fine: heads D apart, rows any stride; float32 ones are rounded
@@ -219,8 +215,6 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     over at least (its length may need more: one per CHUNK positions); default `row_fill`.
     merge=False: the splits' partial softmaxes come back unmerged (`AttentionPartials`; not with positions), for
     the kernel after to merge as it loads them (`lowbit.kernels.partials`); out is not written.
-    qkv_scale (float32 [B]): q, k_new and v_new are multiplied by row b's value first (the 1/rms that a wqkv
-    reading its norm unscaled left out: `lowbit.kernels.norm_load`).
     With PDL the kernel reads rows, pos, the rope tables and the cache's earlier positions before it waits for
     the kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them
     (the model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
@@ -240,9 +234,6 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
         raise ValueError("unmerged partials are in channel order: positions need merge=True")
     if row_splits is not None and row_splits < 1:
         raise ValueError(f"row_splits must be at least 1, got {row_splits}")
-    if qkv_scale is not None and (qkv_scale.dtype != torch.float32 or qkv_scale.numel() != B):
-        raise ValueError(f"qkv_scale must be float32 with one value a row ({B}), got {qkv_scale.dtype} "
-                         f"{tuple(qkv_scale.shape)}")
     if locks.numel() < B * n_kv:
         raise ValueError(f"locks has {locks.numel()} counters, needs {B * n_kv}")
     G = H // n_kv
@@ -258,12 +249,12 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     if B:
         _decode_kernel[(B, n_kv, splits)](
             q, k_new, v_new, k_cache, v_cache, rows, pos, out, ws, locks, cos, sin,
-            positions if positions is not None else rows, qkv_scale if qkv_scale is not None else q,
+            positions if positions is not None else rows,
             q.stride(0), k_new.stride(0), v_new.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), cos.stride(0), n_kv, D, scale * 1.4426950408889634,
             row_splits if row_splits is not None else row_fill(B * n_kv, sm_count(q.device) if q.is_cuda else 0),
             G=G, GP=max(16, triton.next_power_of_2(G)), BD=bd, BLOCK=BLOCK, SPLITS=splits, CHUNK=CHUNK,
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None,
-            MERGE=merge, SCALED=qkv_scale is not None, num_warps=NUM_WARPS, **pdl_launch(q))
+            MERGE=merge, num_warps=NUM_WARPS, **pdl_launch(q))
     return out if merge else AttentionPartials(ws, B, H, D, bd, splits)

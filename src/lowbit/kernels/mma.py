@@ -27,7 +27,6 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.layout import QWeight
-from lowbit.kernels.norm_load import NormInput
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import finish_tile
 from lowbit.kernels.swiglu_load import ROUNDING, swiglu_at
@@ -35,7 +34,6 @@ from lowbit.kernels.sync import interpreting, pdl_launch, release_next, trace, w
 
 ROWS_PER_TILE = 8  # rows of x one mma's B holds
 MAX_TILES = 4  # x row tiles a launch carries (M <= 32); more rows take several launches
-RSTD_BLOCK = tl.constexpr(1024)  # h values a step of `_store_rstd` (a constexpr: the compiler takes no other global)
 
 
 def mma_asm(tiles: int) -> tuple[str, str]:
@@ -215,31 +213,9 @@ def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr, scale):
-    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code),
-    scaled by `scale` first."""
-    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW, scale).to(tl.float16))
-
-
-@triton.jit
-def _scaled_rows(h_ptr, w_ptr, xh_ptr, k, K, src_ptr, GATHER: tl.constexpr):
-    """Rows k of the linear's input: float16 w[c] * h[c] into the float16 scratch row xh, for channel c = k
-    (GATHER: c = src[k], an act-order weight's order)."""
-    ok = k < K
-    c = tl.load(src_ptr + k, mask=ok, other=0) if GATHER else k
-    x = tl.load(h_ptr + c, mask=ok, other=0.0) * tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
-    tl.store(xh_ptr + k, x.to(tl.float16), mask=ok)
-
-
-@triton.jit
-def _store_rstd(h_ptr, rstd_ptr, K, eps, BLOCK: tl.constexpr):
-    """rstd = 1 / sqrt(mean(h^2) + eps) of the row h (float32, K values), as the norm kernel computes it."""
-    total = tl.zeros((BLOCK,), tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        v = tl.load(h_ptr + k, mask=k < K, other=0.0)
-        total += v * v
-    tl.store(rstd_ptr, tl.rsqrt(tl.sum(total, axis=0) / K + eps))
+def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr):
+    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code)."""
+    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
 
 
 @triton.jit
@@ -261,14 +237,13 @@ def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr
 
 
 @triton.jit
-def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr, nw_ptr,
-                rs_ptr, src_ptr, M, N, stride_xm, slabs, steps_per_split, eps,
+def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
+                M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
-                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XNM: tl.constexpr, XSC: tl.constexpr,
-                PDL: tl.constexpr):
+                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -284,10 +259,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
     that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
-    entries; constants of a model and cache, so no arguments the other modes would carry). XNM (M = 1): x is
-    RMSNorm's weight (at nw) times the float32 row h at xf, without its 1/rms(h), which the first program writes
-    to rs (`lowbit.kernels.norm_load`; XNM 2: channel src[k] at row k, an act-order weight's order); XSC (with
-    XSW): the gate/up sums are scaled by the value at rs first."""
+    entries; constants of a model and cache, so no arguments the other modes would carry)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -325,21 +297,15 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     release_next(PDL)
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
-    if XSW or XMG or XNM:
+    if XSW or XMG:
         rows = tl.arange(0, SPR * 64)
-        scale = tl.load(rs_ptr) if XSC else 1.0
         for step in range(s_begin, s_end):
             if XSW:
-                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW, scale)
-            elif XNM:
-                _scaled_rows(xf_ptr, nw_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, src_ptr, XNM == 2)
+                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW)
             else:
                 _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
         tl.debug_barrier()
         xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
-        if XNM:
-            if pid_n + pid_k == 0:  # the first program to start: 1/rms(h) for whoever reads y
-                _store_rstd(xf_ptr, rs_ptr, slabs * 64, eps, RSTD_BLOCK)
     acc0 = tl.zeros((R * 8, 16), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     x0, x1, x2, x3 = _x_rows(x_ptr, xrow, s_begin, g, M, stride_xm // 2, SPR, NT, EMULATE)
@@ -437,8 +403,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
-               x_merge: AttentionPartials | None = None, x_norm: NormInput | None = None,
-               x_scale: Tensor | None = None) -> None:
+               x_merge: AttentionPartials | None = None) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -450,10 +415,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
-    unmerged partials as the kernel loads x (XMG). x_norm (one row; x2 None): the input is RMSNorm's weight
-    times the row h, its 1/rms(h) left out and written to x_norm.rstd for the reader of y, its channels gathered
-    in x_norm.sources' order if given (XNM; `lowbit.kernels.norm_load`). x_scale (with x_swiglu; float32, one
-    value): the gate/up sums are multiplied by it first (the rstd their linear wrote)."""
+    unmerged partials as the kernel loads x (XMG)."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -461,13 +423,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         if x2 is not None or x_swiglu is not None or p.rows != 1 or p.heads * p.head_dim != k:
             raise ValueError(f"x_merge (in place of x2): one row of attention partials, {k} channels")
         xf, x2 = p.ws, torch.empty(1, k, dtype=torch.float16, device=p.ws.device)  # x2: the scratch the kernel fills
-    if x_norm is not None:
-        if x2 is not None or x_swiglu is not None or x_merge is not None:
-            raise ValueError("x_norm takes the place of x2 (and of x_swiglu, x_merge)")
-        x_norm.check(k)
-        xf, x2 = x_norm.h, torch.empty(1, k, dtype=torch.float16, device=x_norm.h.device)
-    if x_scale is not None and (x_swiglu is None or x_scale.dtype != torch.float32 or x_scale.numel() != 1):
-        raise ValueError("x_scale: one float32 value that scales x_swiglu's gate/up sums")
     m = x2.shape[0]
     if x_swiglu is not None:
         if x_swiglu != torch.float16 or x2.shape != (1, 2 * k) or x2.dtype != torch.float32 or x2.stride(1) != 1:
@@ -504,17 +459,13 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         out = y[r0:r0 + rows]
         _mma_kernel[(groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
-            positions if positions is not None else w.locks, xf if xf is not None else b, x2,
-            x_norm.weight if x_norm is not None else b,
-            x_norm.rstd if x_norm is not None else x_scale if x_scale is not None else b,
-            x_norm.sources if x_norm is not None and x_norm.sources is not None else w.locks, rows, n, x2.stride(0),
-            slabs, per, x_norm.eps if x_norm is not None else 0.0,
+            positions if positions is not None else w.locks, xf if xf is not None else b, x2, rows, n, x2.stride(0),
+            slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
             STAGES=1 if ahead else stages, PREFETCH=0 if emulate else prefetch, EMULATE=emulate,
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XNM=0 if x_norm is None else 1 if x_norm.sources is None else 2, XSC=x_scale is not None,
             num_warps=num_warps, **pdl_launch(x2))
 

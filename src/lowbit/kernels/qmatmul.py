@@ -19,7 +19,6 @@ from lowbit.kernels.dequant import dequant_matmul, dequantize  # noqa: F401  (de
 from lowbit.kernels.dot import dot
 from lowbit.kernels.gemv import gemv
 from lowbit.kernels.layout import ChannelOrder, QWeight, place_halves, repack  # noqa: F401
-from lowbit.kernels.norm_load import NormInput
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.swiglu_load import ROUNDING
@@ -108,33 +107,6 @@ def add_partials(p: AttentionPartials, w: QWeight, bias: Tensor | None, out: Ten
     return out
 
 
-def reads_norm(w: QWeight) -> bool:
-    """Whether `add_normed` applies one row's RMSNorm inside the mma kernel as it loads x (`merges_partials`'
-    conditions); elsewhere torch computes the norm's input first, to the same contract."""
-    return merges_partials(w)
-
-
-def add_normed(norm: NormInput, w: QWeight, out: Tensor, config: dict | None = None,
-               order: ChannelOrder | None = None) -> Tensor:
-    """out (float32 [1, N]) += (norm.weight * norm.h) @ W, and norm.rstd = 1/rms(h): RMSNorm's output times W
-    without its 1/rms, which the reader of out applies (`lowbit.kernels.norm_load`; a bias would need it too,
-    so there is none). norm.sources: W reads its input in that order (an act-order weight's `for_sorted_input`).
-    order: a fused w13's gate and up halves each go to out in this order (the next, act-order, linear's).
-    config: the mma kernel's keywords (default: its one-row row)."""
-    if out.dtype != torch.float32 or out.numel() != w.out_features or not out.is_contiguous():
-        raise ValueError(f"add_normed adds into a contiguous float32 out of {w.out_features} values")
-    if order is not None and order.positions.shape != (w.out_features // 2,):
-        raise ValueError(f"an order places a fused w13's halves: {w.out_features // 2} outputs")
-    if not reads_norm(w):
-        qmatmul(norm.scaled(), w, out=out.view(1, -1), accumulate=True, order=order)
-        return out
-    row = {**pick_kernel(1, w.qweight.device, w.layout)[1], **(config or {})}
-    config = {k: v for k, v in row.items() if k != "host_gather"}
-    mma.mma_matmul(None, w, None, out.view(1, -1), sm_count(out.device), **config, add=True, x_norm=norm,
-                   positions=None if order is None else order.positions)
-    return out
-
-
 def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bool:
     """Whether the kernel for M rows gains from x arriving in an act-order weight's `input_order`. The GEMV and
     tensor-core kernels read x in packed-row order; the large-M path dequantizes W into channel order for
@@ -146,14 +118,13 @@ def sorted_input_pays(m: int, device: torch.device, layout: str = "slots") -> bo
 def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | None = None,
             config: dict | None = None, out: Tensor | None = None, swiglu: bool = False,
             order: ChannelOrder | None = None, accumulate: bool = False,
-            swiglu_input: torch.dtype | None = None, swiglu_scale: Tensor | None = None) -> Tensor:
+            swiglu_input: torch.dtype | None = None) -> Tensor:
     """x [..., K] fp16/bf16/fp32 -> x @ W + bias [..., N] in x's dtype (written into `out` if given).
 
     swiglu_input (a dtype): x [..., 2K] holds a fused w13's gate then up sums (typically float32, added up by
     `accumulate`) and the input is silu(gate) * up in that dtype, rounded as `silu_mul` rounds; the result
     comes in that dtype. The GEMV computes it as it loads x (no launch of its own); other kernels run
-    `silu_mul` first. swiglu_scale (float32, one value; one row): the sums are multiplied by it first (the
-    1/rms that a gate/up reading its norm unscaled left out, `add_normed`).
+    `silu_mul` first.
 
     accumulate: out (float32, contiguous, the result's shape) += x @ W + bias instead. The GEMV and the mma
     kernel add each K split's float32 partial sums with atomics, so they need no split-K finish (the sum's order,
@@ -173,9 +144,7 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
     if kernel is not None and kernel not in LAYOUT_KERNELS[w.layout]:
         raise ValueError(f"the {kernel} kernel does not read the {w.layout} layout")
     if swiglu_input is not None:
-        return _swiglu_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, swiglu_input, swiglu_scale)
-    if swiglu_scale is not None:
-        raise ValueError("swiglu_scale goes with swiglu_input")
+        return _swiglu_input(x, w, bias, kernel, config, out, swiglu, order, accumulate, swiglu_input)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if swiglu and n % 2:
@@ -232,9 +201,8 @@ def qmatmul(x: Tensor, w: QWeight, bias: Tensor | None = None, kernel: str | Non
 
 def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: str, config: dict | None,
                 out: Tensor | None, swiglu: bool, order: ChannelOrder | None = None,
-                x_swiglu: torch.dtype | None = None, x_scale: Tensor | None = None) -> Tensor:
-    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu, x_scale: qmatmul's swiglu_input, swiglu_scale,
-    the scale taken by the mma kernel only);
+                x_swiglu: torch.dtype | None = None) -> Tensor:
+    """qmatmul's accumulate=True: out += x @ W + bias (x_swiglu: qmatmul's swiglu_input);
     order: out's gate and up halves each get their columns in this order (what the next act-order linear
     reads with swiglu_input)."""
     shape = (*x.shape[:-1], w.out_features)
@@ -244,13 +212,12 @@ def _accumulate(x: Tensor, x2: Tensor, w: QWeight, bias: Tensor | None, kernel: 
     if not out.numel():
         return out
     if torch.are_deterministic_algorithms_enabled() or not (kernel == "gemv" or _mma_adds(x2, w, kernel, x_swiglu)):
-        return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu,
-                                             swiglu_scale=x_scale), order))
+        return out.add_(place_halves(qmatmul(x, w, bias, kernel, config, swiglu_input=x_swiglu), order))
     config = {k: v for k, v in (config or {}).items() if k != "host_gather"}
     positions = None if order is None else order.positions
     if kernel == "mma":
         mma.mma_matmul(x2.contiguous(), w, bias, out.view(x2.shape[0], -1), sm_count(x2.device), **config, add=True,
-                       x_swiglu=x_swiglu, positions=positions, x_scale=x_scale)
+                       x_swiglu=x_swiglu, positions=positions)
     else:
         gemv(x2.contiguous(), w, bias, out.view(1, -1), **config, add=True, positions=positions, x_swiglu=x_swiglu)
     return out
@@ -269,24 +236,19 @@ def _mma_adds(x2: Tensor, w: QWeight, kernel: str, x_swiglu) -> bool:
 
 def _swiglu_input(x: Tensor, w: QWeight, bias: Tensor | None, kernel: str | None, config: dict | None,
                   out: Tensor | None, swiglu: bool, order: ChannelOrder | None, accumulate: bool,
-                  dtype: torch.dtype, scale: Tensor | None) -> Tensor:
+                  dtype: torch.dtype) -> Tensor:
     """qmatmul with swiglu_input=dtype: x [..., 2K] is gate then up, the input silu(gate) * up in `dtype`. The
-    GEMV computes the input as it loads x, other kernels get it from `silu_mul`'s launch first. scale: the
-    sums are multiplied by it first (the mma kernel as it loads them, elsewhere torch)."""
+    GEMV computes the input as it loads x, other kernels get it from `silu_mul`'s launch first."""
     width = 2 * w.in_features
     if x.shape[-1] != width or dtype not in ROUNDING or dtype is None:
         raise ValueError(f"swiglu_input: x holds gate then up ({width} features, got {x.shape[-1]}) and the input "
                          f"is a float dtype (got {dtype})")
     m = x[..., 0].numel()
-    if scale is not None and (m != 1 or scale.dtype != torch.float32 or scale.numel() != 1):
-        raise ValueError("swiglu_scale: one float32 value, for one row of gate/up sums")
     picked = pick_kernel(m, x.device, w.layout)
     chosen, x2 = kernel or picked[0], x.reshape(-1, width)
     merged = {**(picked[1] if kernel is None else {}), **(config or {})}
     if accumulate and not swiglu and _mma_adds(x2, w, chosen, dtype):
-        return _accumulate(x, x2, w, bias, "mma", merged, out, False, order, dtype, scale)
-    if scale is not None:
-        x, x2 = x * scale, x2 * scale
+        return _accumulate(x, x2, w, bias, "mma", merged, out, False, order, dtype)
     if chosen != "gemv" or swiglu or (order is not None and not accumulate):
         from lowbit.kernels import norm_rope
 

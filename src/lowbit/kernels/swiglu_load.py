@@ -24,10 +24,9 @@ def round_to(v, R: tl.constexpr):
 
 
 @triton.jit
-def swiglu_at(x_ptr, src, ok, K, R: tl.constexpr, scale=1.0):
+def swiglu_at(x_ptr, src, ok, K, R: tl.constexpr):
     """silu(gate[src]) * up[src] in float32 (ok False: 0), x holding gate values then up values [2K] (any float
-    dtype), each rounded where torch rounds cast, silu, then mul in `ROUNDING` code R's dtype. scale multiplies
-    gate and up first (a gate/up linear that read its norm unscaled: `lowbit.kernels.norm_load`)."""
-    g = round_to(tl.load(x_ptr + src, mask=ok, other=0.0) * scale, R)
-    u = round_to(tl.load(x_ptr + K + src, mask=ok, other=0.0) * scale, R)
+    dtype), each rounded where torch rounds cast, silu, then mul in `ROUNDING` code R's dtype."""
+    g = round_to(tl.load(x_ptr + src, mask=ok, other=0.0), R)
+    u = round_to(tl.load(x_ptr + K + src, mask=ok, other=0.0), R)
     return round_to(round_to(g / (1.0 + tl.exp(-g)), R) * u, R)

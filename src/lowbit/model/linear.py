@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -175,46 +175,21 @@ class QuantLinear(nn.Module):
 
         return add_partials(partials, self.kernel_weight, self.bias, add_to)
 
-    def reads_norm(self, rows: int) -> bool:
-        """Whether `add_normed` applies `rows` rows' RMSNorm inside its kernel as it loads x, leaving the norm's
-        1/rms to whoever reads the sums (`qmatmul.reads_norm`): one row, adding in place, and no bias (it would
-        be scaled too). An act-order weight gathers h in its `input_order` as it loads."""
-        w = self.kernel_weight
-        if w is None or rows != 1 or self.bias is not None or not self.adds_in_place(rows):
-            return False
-        from lowbit.kernels.qmatmul import reads_norm
-
-        return reads_norm(self._weight(self.input_order(rows) is not None))
-
-    def add_normed(self, norm, add_to: Tensor, order=None) -> Tensor:
-        """add_to (float32 [1, 1, out_features]) += (norm.weight * norm.h) @ W.T, writing norm.rstd
-        (a `norm_load.NormInput`: RMSNorm without its 1/rms, see `reads_norm`); returns add_to. order: as
-        `forward`'s (a fused w13's halves in the next act-order linear's order)."""
-        from lowbit.kernels.qmatmul import add_normed
-
-        sorted_input = self.input_order(1)
-        if sorted_input is not None:
-            norm = replace(norm, sources=sorted_input.sources)
-        return add_normed(norm, self._weight(sorted_input is not None), add_to, order=order)
-
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
-                swiglu_input: torch.dtype | None = None, order=None, swiglu_scale: Tensor | None = None) -> Tensor:
+                swiglu_input: torch.dtype | None = None, order=None) -> Tensor:
         """x @ W.T + b; sorted_input: x's channels come in `input_order` (see there). add_to (float32, the
         result's shape): add the result into it instead and return it (see `adds_in_place`); order (with add_to,
         for a fused w13): the gate and up halves each come in this order, the next act-order linear's
         `input_order`. swiglu_input (a dtype): x [..., 2 * in_features] is a gate/up pair's (float32) sums and
-        the input is silu(gate) * up in that dtype (the "triton" GEMV computes it as it loads x); swiglu_scale
-        (float32, one value) multiplies the sums first (the 1/rms a w13 that `reads_norm` left out)."""
+        the input is silu(gate) * up in that dtype (the "triton" GEMV computes it as it loads x)."""
         weight = self._weight(sorted_input)
         if weight is not None:
             from lowbit.kernels.qmatmul import qmatmul
 
             if add_to is not None:
                 return qmatmul(x, weight, self.bias, out=add_to, accumulate=True, swiglu_input=swiglu_input,
-                               order=order, swiglu_scale=swiglu_scale)
-            return qmatmul(x, weight, self.bias, swiglu_input=swiglu_input, swiglu_scale=swiglu_scale)
-        if swiglu_scale is not None:
-            x = x * swiglu_scale
+                               order=order)
+            return qmatmul(x, weight, self.bias, swiglu_input=swiglu_input)
         if swiglu_input is not None:
             x = ops.silu_mul(x, dtype=swiglu_input)
         w = self.dense_weight if self.dense_weight is not None else self.dequantize(x.dtype)

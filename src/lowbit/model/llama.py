@@ -11,7 +11,6 @@ fusing live in `lowbit.model.weights`.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Protocol
 
 import torch
@@ -19,7 +18,6 @@ from torch import Tensor, nn
 
 from lowbit.config import ModelConfig, RopeConfig
 from lowbit.kernels import ops
-from lowbit.kernels.norm_load import NormInput
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.reference import sdpa_reference
 
@@ -58,16 +56,14 @@ class Cache(Protocol):
     max_seq_len: int
 
     def attend(self, layer: int, rows: Tensor | None, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-               fresh: bool, rope: tuple[Tensor, Tensor], order=None, merged: bool = True,
-               qkv_scale: Tensor | None = None) -> Tensor:
+               fresh: bool, rope: tuple[Tensor, Tensor], order=None, merged: bool = True) -> Tensor:
         """Rotate q [B, T, H, D] and k [B, T, n_kv, D] by rope = (cos, sin) [B, T, D] (the cache may fuse it
         into its kernel), store k/v at input_pos [B, T] of slots `rows`; return attention [B, T, H * D] of q
         over the cached positions up to each token's own (fresh: the rows are new sequences at positions
         0..T-1, attending causally among themselves), its channels
         (head c // D, dim c % D for channel c) in `order` (a `qmatmul.ChannelOrder`) when given. merged=False
         (asked only by a wo that `merges_attention`): the cache may return its decode kernel's unmerged
-        `AttentionPartials` instead, for wo to merge. qkv_scale (float32 [B]): q, k and v are multiplied by
-        their row's value first (the 1/rms that a wqkv which `reads_norm` left out)."""
+        `AttentionPartials` instead, for wo to merge."""
 
 
 class RMSNorm(nn.Module):
@@ -80,11 +76,6 @@ class RMSNorm(nn.Module):
         """norm(x); order: its channels in the order the next linear reads them (`input_order`); dtype: its
         dtype (a float32 residual stream normalized for the linears' dtype)."""
         return ops.rms_norm(x, self.weight, self.eps, order, dtype)
-
-    def unscaled(self, h: Tensor, rstd: Tensor) -> NormInput:
-        """This norm of one float32 row h, for a linear that applies it as it loads x and writes the 1/rms(h)
-        that it leaves out to rstd (`QuantLinear.add_normed`)."""
-        return NormInput(h.view(1, -1), self.weight, self.eps, rstd)
 
     def add_forward(self, x: Tensor, residual: Tensor, order=None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
@@ -183,19 +174,16 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
     def attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor], fresh: bool, cache: Cache, rows: Tensor | None,
-               input_pos: Tensor, add_to: Tensor | None = None, qkv_scale: Tensor | None = None) -> Tensor:
+               input_pos: Tensor, add_to: Tensor | None = None) -> Tensor:
         """wo(attention) for wqkv's output qkv [B, T, (H + 2 KV) * D] through the cache (which applies RoPE, its
-        decode kernel on the fly; float32 sums are rounded to its dtype); add_to: wo adds its output into it;
-        qkv_scale: `Cache.attend`'s."""
+        decode kernel on the fly; float32 sums are rounded to its dtype); add_to: wo adds its output into it."""
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
         order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
         merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
         unmerged = add_to is not None and order is None and T == 1 and merges is not None and merges(B)
-        asks = {"merged": False} if unmerged else {}  # (only such a wo asks: other caches may not know)
-        if qkv_scale is not None:
-            asks["qkv_scale"] = qkv_scale
-        y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order, **asks)
+        y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order,
+                         **({"merged": False} if unmerged else {}))  # (only such a wo asks: other caches may not know)
         if isinstance(y, AttentionPartials):
             return self.wo.add_attention(y, add_to)
         return _linear(self.wo, y, order is not None, add_to)
@@ -261,33 +249,15 @@ class Block(nn.Module):
         dtype, and down_proj computes SwiGLU of the gate/up sums as it loads them (`qmatmul`'s swiglu_input),
         which gate/up adds in the order an act-order down_proj reads."""
         attn, mlp = self.attention, self.mlp
-        qkv, gate_up, rstd = sums
-        w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
-        if self.reads_norms(h[..., 0].numel()):  # the norms' launches go (`norm_load`): two a layer
-            attn.wqkv.add_normed(self.attention_norm.unscaled(h, rstd[:1]), qkv)
-            attn.attend(qkv, rope, fresh, cache, rows, input_pos, add_to=h, qkv_scale=rstd[:1])
-            mlp.w13.add_normed(self.ffn_norm.unscaled(h, rstd[1:2]), gate_up, order=w2_order)
-            mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype,
-                   swiglu_scale=rstd[1:2])
-            return h
+        qkv, gate_up = sums
         order = input_order(attn.wqkv, h)
         attn.wqkv(self.attention_norm(h, order, dtype), sorted_input=order is not None, add_to=qkv)
         attn.attend(qkv, rope, fresh, cache, rows, input_pos, add_to=h)
+        w2_order = input_order(mlp.w2, h)  # act-order w2: w13 adds gate/up in the order w2 reads them
         order = input_order(mlp.w13, h)
         mlp.w13(self.ffn_norm(h, order, dtype), sorted_input=order is not None, add_to=gate_up, order=w2_order)
         mlp.w2(gate_up, sorted_input=w2_order is not None, add_to=h, swiglu_input=dtype)
         return h
-
-    def reads_norms(self, rows: int) -> bool:
-        """Whether `forward_into` leaves both norms to the linears after them (`QuantLinear.reads_norm`): their
-        1/rms goes to decode attention (q/k/v) and down_proj (gate/up), in the order they read them. Opt-in
-        (LOWBIT_NORM_LOAD=1) until it has run on a GPU: built for sm_90 and tested through Triton's interpreter
-        only (2026-12-07)."""
-        if os.environ.get("LOWBIT_NORM_LOAD") != "1":
-            return False
-        attn, mlp = self.attention, self.mlp
-        fused = [getattr(linear, "reads_norm", None) for linear in (attn.wqkv, mlp.w13)]
-        return all(f is not None and f(rows) for f in fused) and hasattr(mlp.w2, "reads_norm")
 
 
 class Transformer(nn.Module):
@@ -336,12 +306,9 @@ class Transformer(nn.Module):
         h = x.float()
         lead, n = h.shape[:-1], h[..., 0].numel()
         widths = [self.layers[0].attention.wqkv.out_features, self.layers[0].mlp.w13.out_features]
-        # each layer's buffers contiguous, as adding needs, then its norms' two 1/rms (`reads_norms`), padded to 4
-        # values so that the next layer's buffers stay 16-byte aligned
-        sums = h.new_zeros(len(self.layers), n * sum(widths) + 4)
+        sums = h.new_zeros(len(self.layers), n * sum(widths))  # each layer's buffers contiguous, as adding needs
         for layer, flat in zip(self.layers, sums):
-            *parts, rstd = flat.split([n * w for w in widths] + [4])
-            layer_sums = (*(part.view(*lead, w) for part, w in zip(parts, widths)), rstd)
+            layer_sums = tuple(part.view(*lead, w) for part, w in zip(flat.split([n * w for w in widths]), widths))
             h = layer.forward_into(h, x.dtype, layer_sums, rope, fresh, cache, rows, input_pos)
         if last_only:
             h = h[:, -1:]
