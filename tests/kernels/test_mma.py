@@ -369,7 +369,8 @@ def test_input_modes_build_for_sm90(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", INPUT_MODES_SM90], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", INPUT_MODES_SM90], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for line in done.stdout.splitlines():
         built, mmas = line.split()
