@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|prefill|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -67,6 +67,9 @@ for stage in "$@"; do
     trace)  # when each program of one captured decode step starts, stops waiting and ends (one layer's launches)
       timeout "${TRACE_SECONDS:-200}" python3 benchmarks/trace_step.py ${TRACE_ARGS:-} > "$OUT/trace_step_log.txt" 2>&1
       tail -n 14 "$OUT/trace_step_log.txt" ;;
+    prefill)  # where a 128-token prefill's time goes (TTFT): wall against GPU busy, launches, host ops
+      timeout "${PREFILL_SECONDS:-150}" python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} > "$OUT/prefill_profile_log.txt" 2>&1
+      grep -A 3 "^| wall" "$OUT/prefill_profile_log.txt"; tail -n 30 "$OUT/prefill_profile_log.txt" | cut -c1-160 ;;
     kernels)  # one 7B block of linears: tile sweep, then fp16 / ours / tinygemm
       timeout "${KERNELS_SECONDS:-300}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} > "$OUT/kernels_log.txt" 2>&1
       tail -n 14 "$OUT/kernels_log.txt" ;;
