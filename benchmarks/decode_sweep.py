@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+from unittest import mock
 
 import torch
 
@@ -96,21 +97,6 @@ def settings(module, values: dict):
 
 
 @contextlib.contextmanager
-def environment(values: dict):
-    """Environment variables (read when the step is captured) set for a row."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: str(value) for name, value in values.items()})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
 def without(part: str):
     """A kind of launch left out of the step: "norms" (every RMSNorm) or "attention" (decode attention)."""
     if part == "norms":
@@ -165,7 +151,8 @@ def main() -> None:
     rows = [(f"M=1 {json.dumps(cfg)}", m1_row(cfg)) for cfg in json.loads(args.configs)]
     rows += [(f"per shape {json.dumps(o)}", per_shape(o)) for o in json.loads(args.shapes)]
     rows += [(f"attention {json.dumps(o)}", settings(attention, o)) for o in json.loads(args.attention)]
-    rows += [(f"env {json.dumps(o)}", environment(o)) for o in json.loads(args.env)]
+    rows += [(f"env {json.dumps(o)}", mock.patch.dict(os.environ, {k: str(v) for k, v in o.items()}))
+             for o in json.loads(args.env)]
     if args.skip:
         rows += [("without norms", without("norms")), ("without attention", without("attention"))]
         rows += [(f"without the {s} linears", per_shape({}, {s})) for s in shapes]
