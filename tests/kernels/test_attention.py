@@ -89,18 +89,33 @@ def test_unmerged_partials_merge_to_the_attention(H, KV, D, S, row_splits):
     assert torch.equal(kc[rows, :, pos], k[:, 0]) and torch.equal(vc[rows, :, pos], v[:, 0])
 
 
-@pytest.mark.parametrize("bad,message", [({"row_splits": 0}, "row_splits must be at least 1"),
-                                         ({"merge": False, "placed": True}, "positions need merge=True")])
-def test_bad_arguments_are_refused(bad, message):
-    bad = dict(bad)
+@pytest.mark.parametrize("H,KV,D,S", [(4, 4, 64, 300), (8, 2, 32, 40)])
+def test_unmerged_partials_placed_in_a_column_order(H, KV, D, S):
+    """merge=False with an order (an act-order wo's): acc comes placed, and the partials merge to the kernel's own
+    placed output, column by column."""
+    from lowbit.kernels.layout import ChannelOrder, place_channels
+
+    B = 2
+    kc, vc = torch.randn(B, KV, S, D, device=DEVICE), torch.randn(B, KV, S, D, device=DEVICE)
+    rows, pos = torch.tensor([1, 0], device=DEVICE), torch.tensor([S - 1, S // 3], device=DEVICE)
+    q, k, v = torch.randn(B, 1, H + 2 * KV, D, device=DEVICE).split((H, KV, KV), dim=2)
+    locks = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    positions = torch.randperm(H * D, device=DEVICE).to(torch.int32)
+    order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
+    merged = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc.clone(), vc.clone(), rows, pos, locks)
+    partials = decode_attention(q[:, 0], k[:, 0], v[:, 0], kc, vc, rows, pos, locks, order=order, merge=False)
+    assert partials.sources is order.sources and (partials.splits > 1 or S <= attention.CHUNK)
+    want = place_channels(merged.reshape(B, H * D), order)
+    torch.testing.assert_close(partials.merge(torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_refused():
     q = torch.zeros(1, 2, 16, device=DEVICE)
     cache = torch.zeros(1, 2, 32, 16, device=DEVICE)
     idx = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    if bad.pop("placed", False):
-        bad["positions"] = torch.arange(32, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="row_splits must be at least 1"):
         decode_attention(q, q, q, cache, cache.clone(), idx, idx, torch.zeros(2, dtype=torch.int32, device=DEVICE),
-                         **bad)
+                         row_splits=0)
 
 
 def test_splits_grow_with_the_cache_and_fill_the_sms():
@@ -175,8 +190,8 @@ def test_decode_attention_places_channels():
     positions = torch.randperm(H * D, device=DEVICE).to(torch.int32)
     plain = decode_attention(q, k, v, kc.clone(), vc.clone(), rows, pos, locks)
     out = torch.full((B, H, D), float("nan"), dtype=torch.float16, device=DEVICE)
-    placed = decode_attention(q, k, v, kc, vc, rows, pos, locks, out=out, positions=positions)
     order = ChannelOrder(positions, torch.argsort(positions).to(torch.int32))
+    placed = decode_attention(q, k, v, kc, vc, rows, pos, locks, out=out, order=order)
     assert torch.equal(placed.view(B, H * D), place_channels(plain.view(B, H * D), order))
-    with pytest.raises(ValueError, match="positions must be int32"):
-        decode_attention(q, k, v, kc, vc, rows, pos, locks, positions=positions[:-1])
+    with pytest.raises(ValueError, match="positions and sources must be int32"):
+        decode_attention(q, k, v, kc, vc, rows, pos, locks, order=ChannelOrder(positions[:-1], order.sources))

@@ -281,13 +281,17 @@ def test_mma_gpu_model_shapes(k, n, act_order):
         check(y, silu_mul_reference((x.double() @ W).half()).double())
 
 
-@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2, "lanes": True}])
-def test_mma_merges_attention_partials_as_it_loads(config):
+@pytest.mark.parametrize("config,placed", [({"CT": 2, "split": 3}, False), ({"CT": 4, "split": 2, "ahead": 2,
+                                                                           "lanes": True}, False),
+                                           ({"CT": 2, "split": 3}, True)])
+def test_mma_merges_attention_partials_as_it_loads(config, placed):
     """x_merge (one row): the kernel merges decode attention's split partials (head dim 64: a step's rows span
     two heads) into x for its own rows, then adds x @ W + bias into out; add_partials falls back to merging
-    first in torch where the kernel does not take them."""
+    first in torch where the kernel does not take them. placed: the partials' acc in a column order (an
+    act-order o_proj's), each row's m and l gathered from its head's."""
     from lowbit.kernels import qmatmul as qmatmul_module
     from lowbit.kernels.attention import decode_attention
+    from lowbit.kernels.layout import ChannelOrder
 
     heads, dim, cached = 6, 64, 600
     q, k, v = torch.randn(1, 3 * heads, dim, device=DEVICE).split(heads, dim=1)
@@ -295,8 +299,12 @@ def test_mma_merges_attention_partials_as_it_loads(config):
     idx = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     pos = torch.full((1,), 550, device=DEVICE)
     locks = torch.zeros(heads, dtype=torch.int32, device=DEVICE)
-    partials = decode_attention(q, k, v, kc, vc, idx, pos, locks, row_splits=3, merge=False)
-    assert partials.splits > 1
+    order = None
+    if placed:
+        positions = torch.randperm(heads * dim, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+        order = ChannelOrder(positions.to(DEVICE), torch.argsort(positions).to(torch.int32).to(DEVICE))
+    partials = decode_attention(q, k, v, kc, vc, idx, pos, locks, row_splits=3, merge=False, order=order)
+    assert partials.splits > 1 and (partials.sources is not None) == placed
     x = partials.merge(torch.float16)
     w, _ = mma_weight(heads * dim, 64, 64, False, False, "gptq", seed=5)
     bias = torch.randn(64).half().to(DEVICE)
@@ -347,10 +355,12 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, XMG_PLACED=False, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
-         "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16"}
-for mode in ({"XSW": 1}, {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 96}):
+         "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
+         "src_ptr": "*i32"}
+merge = {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 96}
+for mode in ({"XSW": 1}, merge, {**merge, "XMG_PLACED": True}):
     const = {**base, **mode}
     signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
     source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
@@ -360,9 +370,9 @@ for mode in ({"XSW": 1}, {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 
 
 
 def test_input_modes_build_for_sm90(tmp_path):
-    """The modes that compute x as they load it (SwiGLU of gate/up sums, XSW; attention's merge, XMG) build for
-    sm_90 through ptxas, with their mma in the loop: the interpreter runs no compiled path and accepts what the
-    compiler refuses (a global that is not a constexpr, say)."""
+    """The modes that compute x as they load it (SwiGLU of gate/up sums, XSW; attention's merge, XMG, also its
+    placed partials) build for sm_90 through ptxas, with their mma in the loop: the interpreter runs no compiled
+    path and accepts what the compiler refuses (a global that is not a constexpr, say)."""
     import os
     import subprocess
     import sys

@@ -127,10 +127,12 @@ def test_one_row_decode_adds_into_a_float32_residual_stream(tmp_path, monkeypatc
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
-def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch, act_order):
     """One-row decode with the mma layout (GQA): Attention asks the cache for unmerged split partials and wo merges them
     as its kernel loads x (`mma`'s XMG), adding into the float32 residual; the logits match the reference. (On
-    the CPU the cache computes attention in torch; here a cache that runs the decode kernel anyway.)"""
+    the CPU the cache computes attention in torch; here a cache that runs the decode kernel anyway.) act_order:
+    the partials come placed in wo's input order."""
     from lowbit.kernels import attention, qmatmul
 
     if DEVICE != "cuda":
@@ -139,13 +141,16 @@ def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
     monkeypatch.setattr(attention, "CHUNK", 16)  # three live splits of four at position 39
     monkeypatch.setattr(attention, "BLOCK", 16)
     cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
-    write_gptq_checkpoint(tmp_path, cfg, 4, 64, False, False, "gptq", distinct_perms=False)
+    write_gptq_checkpoint(tmp_path, cfg, 4, 64, act_order, False, "gptq", distinct_perms=False)
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=torch.float16, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
-    assert fast.layers[0].attention.wo.merges_attention(1) and not fast.layers[0].attention.wo.merges_attention(2)
+    wo = fast.layers[0].attention.wo
+    assert wo.merges_attention(1) and not wo.merges_attention(2)
+    assert (wo.input_order(1) is not None) == act_order
     merged = []
     add_partials = qmatmul.add_partials
-    monkeypatch.setattr(qmatmul, "add_partials", lambda p, *a: merged.append(p.splits) or add_partials(p, *a))
+    monkeypatch.setattr(qmatmul, "add_partials",
+                        lambda p, *a: merged.append((p.splits, p.sources is not None)) or add_partials(p, *a))
 
     class KernelCache(KVCache):
         def decodes_in_kernel(self, q, fresh):
@@ -163,5 +168,5 @@ def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch):
 
     want = step(ref, KVCache(ref.config, 1, 64, torch.float32, "cpu"))
     got = step(fast, KernelCache(fast.config, 1, 64, torch.float16, DEVICE))
-    assert merged == [4] * cfg["num_hidden_layers"]
+    assert merged == [(4, act_order)] * cfg["num_hidden_layers"]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

@@ -70,7 +70,7 @@ class KVCache:
             slots = rows if rows is not None else torch.arange(B, device=q.device)
             out = decode_attention(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], slots,
                                    input_pos[:, 0], self.locks, rope=(rope[0][:, 0], rope[1][:, 0]),
-                                   positions=None if order is None else order.positions, merge=merged)
+                                   order=order, merge=merged)
             return out.view(B, 1, H * D) if merged else out
         dtype = self.k.dtype  # q/k/v may come as float32 sums (`Block.forward_into`)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

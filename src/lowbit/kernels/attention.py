@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.layout import ChannelOrder
 from lowbit.kernels.partials import AttentionPartials
 from lowbit.kernels.splitk import sm_count
 from lowbit.kernels.sync import fence_gpu, interpreting, pdl_launch, release_next, trace, wait_previous
@@ -78,16 +79,21 @@ def _attend_block(q, k, v, t0, end, p, k_new, v_new, m_i, l_i, acc, qk_scale, BL
 
 
 @triton.jit
-def _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G: tl.constexpr, SPLITS: tl.constexpr,
-                   BD: tl.constexpr):
+def _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, channel, D, G: tl.constexpr,
+                   SPLITS: tl.constexpr, BD: tl.constexpr, PLACED: tl.constexpr):
     """A split's partial softmax of its query heads' rows (`partials.AttentionPartials`' layout: m at ws[e], l at
-    ws[n + e], acc at ws[2n + e * BD], e = row * SPLITS + split) -> (rows, n)."""
+    ws[n + e], acc at ws[2n + e * BD], e = row * SPLITS + split; PLACED: acc at ws[2n + (b * SPLITS + split) * C
+    + channel], C = the heads' channels, `channel` already placed) -> (rows, n)."""
     row = (b64 * n_kv + kvh) * G + g
     n_ml = tl.num_programs(0).to(tl.int64) * n_kv * G * SPLITS
     ml = row * SPLITS + split
     tl.store(ws_ptr + ml, m_i, mask=gm)
     tl.store(ws_ptr + n_ml + ml, l_i, mask=gm)
-    tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
+    if PLACED:
+        at = 2 * n_ml + (b64 * SPLITS + split) * (n_kv * G * D) + channel
+        tl.store(ws_ptr + at, acc, mask=gm[:, None] & (d < D)[None, :])
+    else:
+        tl.store(ws_ptr + 2 * n_ml + ml[:, None] * BD + d[None, :], acc, mask=gm[:, None])
     return row, n_ml
 
 
@@ -149,12 +155,13 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out
 
     out_offs = b64 * stride_ob + channel
     if not MERGE:  # every split's partial, empty ones too (m -inf, l 0, acc 0), for the kernel after to merge
-        _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G, SPLITS, BD)
+        _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, channel, D, G, SPLITS, BD, PLACE)
     elif live == 1:  # one split holds the whole row (always so for SPLITS 1): no merge
         if split == 0:
             tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     elif split < live:
-        row, n_ml = _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, G, SPLITS, BD)
+        row, n_ml = _store_partial(ws_ptr, b64, kvh, n_kv, g, gm, d, split, m_i, l_i, acc, channel, D, G, SPLITS,
+                                   BD, False)
         if FENCE:
             fence_gpu(g)
         tl.debug_barrier()
@@ -201,7 +208,7 @@ def row_fill(programs: int, sms: int) -> int:
 
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
                      pos: Tensor, locks: Tensor, scale: float | None = None, out: Tensor | None = None,
-                     rope: tuple[Tensor, Tensor] | None = None, positions: Tensor | None = None,
+                     rope: tuple[Tensor, Tensor] | None = None, order: ChannelOrder | None = None,
                      row_splits: int | None = None, merge: bool = True) -> Tensor | AttentionPartials:
     """One new token per row: append k/v at `pos` of cache slot `rows`, attend to positions 0..pos.
 
@@ -210,11 +217,11 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
     zeros (left zero). -> [B, H, D] in the cache's dtype (in `out` when given). rope = (cos, sin) [B, D]
     (half-split layout): q and k_new are rotated first (as `lowbit.kernels.norm_rope.rope_`, in float32, rounded
     once), and the rotated key is what gets cached.
-    positions (int32 [H*D]): the output's channel c (head c // D, dim c % D) goes to flat column positions[c]
-    of its row (`layout.place_channels`), the order an act-order wo reads. row_splits: the splits a row spreads
-    over at least (its length may need more: one per CHUNK positions); default `row_fill`.
-    merge=False: the splits' partial softmaxes come back unmerged (`AttentionPartials`; not with positions), for
-    the kernel after to merge as it loads them (`lowbit.kernels.partials`); out is not written.
+    order (int32 [H*D] each): the output's channel c (head c // D, dim c % D) goes to flat column
+    order.positions[c] of its row (`layout.place_channels`), the order an act-order wo reads. row_splits: the
+    splits a row spreads over at least (its length may need more: one per CHUNK positions); default `row_fill`.
+    merge=False: the splits' partial softmaxes come back unmerged (`AttentionPartials`, with order their acc
+    placed), for the kernel after to merge as it loads them (`lowbit.kernels.partials`); out is not written.
     With PDL the kernel reads rows, pos, the rope tables and the cache's earlier positions before it waits for
     the kernel before it, so no kernel launched with PDL since the stream's last plain launch may write them
     (the model computes them with torch ops at the step's start; this kernel alone appends to its layer's cache).
@@ -226,12 +233,12 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             raise ValueError(f"{name}: heads must be D apart with D contiguous, got strides {t.stride()}")
     if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("k/v caches must share a layout with the head dim contiguous")
-    if positions is not None and (positions.shape != (H * D,) or positions.dtype != torch.int32):
-        raise ValueError(f"positions must be int32 [{H * D}], got {positions.dtype} {tuple(positions.shape)}")
+    positions = None if order is None else order.positions
+    for t in () if order is None else (order.positions, order.sources):
+        if t.shape != (H * D,) or t.dtype != torch.int32:
+            raise ValueError(f"order's positions and sources must be int32 [{H * D}], got {t.dtype} {tuple(t.shape)}")
     if out is not None and positions is not None and (out.stride(1) != D or out.stride(2) != 1):
-        raise ValueError("positions need each output row's heads contiguous")
-    if not merge and positions is not None:
-        raise ValueError("unmerged partials are in channel order: positions need merge=True")
+        raise ValueError("order needs each output row's heads contiguous")
     if row_splits is not None and row_splits < 1:
         raise ValueError(f"row_splits must be at least 1, got {row_splits}")
     if locks.numel() < B * n_kv:
@@ -257,4 +264,4 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v
             SP=triton.next_power_of_2(splits), FENCE=q.is_cuda and not interpreting(),
             IEEE=k_cache.dtype == torch.float32, ROPE=rope is not None, PLACE=positions is not None,
             MERGE=merge, num_warps=NUM_WARPS, **pdl_launch(q))
-    return out if merge else AttentionPartials(ws, B, H, D, bd, splits)
+    return out if merge else AttentionPartials(ws, B, H, D, bd, splits, None if order is None else order.sources)

@@ -219,11 +219,15 @@ def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr):
 
 
 @triton.jit
-def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
-                 SPLITS: tl.constexpr):
+def _merged_rows(ws_ptr, src_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
+                 SPLITS: tl.constexpr, PLACED: tl.constexpr):
     """Rows k (channel k: head k // head_dim) of one-row attention's output, merged from its SPLITS partials
-    (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split order."""
-    first = (k // head_dim) * SPLITS
+    (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split order.
+    PLACED: row k is channel src[k], its acc at ws[2n + s * C + k] (C = n // SPLITS * head_dim, the channels)."""
+    if PLACED:
+        first = (tl.load(src_ptr + k) // head_dim) * SPLITS  # m and l gathered (a few hundred bytes, in L1)
+    else:
+        first = (k // head_dim) * SPLITS
     m_max = tl.load(ws_ptr + first)
     for s in tl.static_range(1, SPLITS):
         m_max = tl.maximum(m_max, tl.load(ws_ptr + first + s))
@@ -232,18 +236,21 @@ def _merged_rows(ws_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr
     for s in tl.static_range(SPLITS):
         w = tl.exp2(tl.load(ws_ptr + first + s) - m_max)
         total += w * tl.load(ws_ptr + n + first + s)
-        o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim)
+        if PLACED:
+            o += w * tl.load(ws_ptr + 2 * n + s * (n // SPLITS * head_dim) + k)
+        else:
+            o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim)
     tl.store(xh_ptr + k, (o / total).to(tl.float16))
 
 
 @triton.jit
-def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr,
+def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos_ptr, xf_ptr, xh_ptr, src_ptr,
                 M, N, stride_xm, slabs, steps_per_split,
                 CT: tl.constexpr, SPR: tl.constexpr, NT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
-                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, PDL: tl.constexpr):
+                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XMG_PLACED: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -259,7 +266,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     program first writes it for its own rows into the float16 scratch row xh (which x_ptr views), then reads
     that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
-    entries; constants of a model and cache, so no arguments the other modes would carry)."""
+    entries; constants of a model and cache, so no arguments the other modes would carry; XMG_PLACED: acc placed
+    in this weight's row order, row k holding channel src[k])."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -303,7 +311,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
             if XSW:
                 _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW)
             else:
-                _merged_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG)
+                _merged_rows(xf_ptr, src_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG,
+                             XMG_PLACED)
         tl.debug_barrier()
         xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
     acc0 = tl.zeros((R * 8, 16), tl.float32)
@@ -415,7 +424,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     its registers itself (ADD 2). x_swiglu (torch.float16; one row): x2 [1, 2K] holds a fused w13's float32
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
-    unmerged partials as the kernel loads x (XMG)."""
+    unmerged partials as the kernel loads x (XMG; partials placed in an act-order order need this weight sorted
+    to read x in it: `QWeight.for_sorted_input`)."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -459,7 +469,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         out = y[r0:r0 + rows]
         _mma_kernel[(groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
-            positions if positions is not None else w.locks, xf if xf is not None else b, x2, rows, n, x2.stride(0),
+            positions if positions is not None else w.locks, xf if xf is not None else b, x2,
+            x_merge.sources if x_merge is not None and x_merge.sources is not None else w.locks, rows, n, x2.stride(0),
             slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
@@ -467,5 +478,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
+            XMG_PLACED=x_merge is not None and x_merge.sources is not None,
             num_warps=num_warps, **pdl_launch(x2))
 

@@ -23,7 +23,12 @@ from torch import Tensor
 @dataclass(frozen=True)
 class AttentionPartials:
     """ws (float32) holds m [n], then l [n], then acc [n, stride] (the first head_dim used), n = rows * heads *
-    splits, entry (row * heads + head) * splits + split. Splits with nothing to do hold m -inf, l 0, acc 0."""
+    splits, entry (row * heads + head) * splits + split. Splits with nothing to do hold m -inf, l 0, acc 0.
+
+    sources (int32 [heads * head_dim]; for an act-order o_proj, which reads its input in `layout.ChannelOrder`):
+    acc is placed instead, [rows, splits, heads * head_dim] with column j holding channel sources[j], so that the
+    reader's rows of acc stay contiguous and only the small m and l are gathered (through sources[j] // head_dim);
+    the merge then comes out in that column order."""
 
     ws: Tensor
     rows: int
@@ -31,6 +36,7 @@ class AttentionPartials:
     head_dim: int
     stride: int
     splits: int
+    sources: Tensor | None = None
 
     @property
     def entries(self) -> int:
@@ -40,7 +46,13 @@ class AttentionPartials:
         """The attention output [rows, heads * head_dim] in dtype."""
         n, shape = self.entries, (self.rows, self.heads, self.splits)
         m, l = self.ws[:n].view(shape), self.ws[n:2 * n].view(shape)
-        acc = self.ws[2 * n:2 * n + n * self.stride].view(*shape, self.stride)[..., :self.head_dim]
         w = torch.exp2(m - m.amax(-1, keepdim=True))
+        if self.sources is not None:  # per column j: the splits of head sources[j] // head_dim
+            channels = self.heads * self.head_dim
+            acc = self.ws[2 * n:2 * n + self.rows * self.splits * channels].view(self.rows, self.splits, channels)
+            head = (self.sources // self.head_dim).long()
+            w, l = w[:, head], l[:, head]  # [rows, columns, splits]
+            return ((w.transpose(1, 2) * acc).sum(1) / (w * l).sum(-1)).to(dtype)
+        acc = self.ws[2 * n:2 * n + n * self.stride].view(*shape, self.stride)[..., :self.head_dim]
         out = (w[..., None] * acc).sum(2) / (w * l).sum(-1)[..., None]
         return out.to(dtype).reshape(self.rows, self.heads * self.head_dim)

@@ -160,20 +160,21 @@ class QuantLinear(nn.Module):
     def merges_attention(self, rows: int) -> bool:
         """Whether `add_attention` takes one-row decode attention's unmerged split partials and merges them as
         its kernel loads x (`qmatmul.merges_partials`), so that the attention kernel skips its own merge (a
-        fence, a counter and the last split's reload of the partials, on the decode step's critical path)."""
+        fence, a counter and the last split's reload of the partials, on the decode step's critical path). An
+        act-order layer takes them placed in its `input_order`."""
         w = self.kernel_weight
         if w is None or rows != 1 or not self.adds_in_place(rows):
             return False
         from lowbit.kernels.qmatmul import merges_partials
 
-        return merges_partials(w)
+        return merges_partials(self._weight(self.input_order(rows) is not None))
 
     def add_attention(self, partials, add_to: Tensor) -> Tensor:
         """add_to (float32 [1, 1, out_features]) += attention @ W.T + b, the attention given as unmerged
-        `partials.AttentionPartials` (see `merges_attention`); returns add_to."""
+        `partials.AttentionPartials` (see `merges_attention`; placed ones in `input_order`); returns add_to."""
         from lowbit.kernels.qmatmul import add_partials
 
-        return add_partials(partials, self.kernel_weight, self.bias, add_to)
+        return add_partials(partials, self._weight(partials.sources is not None), self.bias, add_to)
 
     def forward(self, x: Tensor, sorted_input: bool = False, add_to: Tensor | None = None,
                 swiglu_input: torch.dtype | None = None, order=None) -> Tensor:

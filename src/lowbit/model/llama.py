@@ -181,7 +181,7 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).split(self.split, dim=2)
         order = input_order(self.wo, qkv)  # act-order wo: the attention kernel writes in the order wo reads
         merges = getattr(self.wo, "merges_attention", None)  # wo merges decode attention's splits as it loads
-        unmerged = add_to is not None and order is None and T == 1 and merges is not None and merges(B)
+        unmerged = add_to is not None and T == 1 and merges is not None and merges(B)
         y = cache.attend(self.layer, rows, input_pos, q, k, v, fresh, rope, order,
                          **({"merged": False} if unmerged else {}))  # (only such a wo asks: other caches may not know)
         if isinstance(y, AttentionPartials):
