@@ -139,6 +139,8 @@ def test_mma_adds_one_row_into_float32(config):
         mma.mma_matmul(x, w, None, out.half(), 4, add=True)
     with pytest.raises(ValueError, match="ahead is 0 to 4"):
         mma.mma_matmul(x, w, None, out, 4, add=True, ahead=5)
+    with pytest.raises(ValueError, match="x_steps is a power of two"):
+        mma.mma_matmul(x, w, None, out, 4, add=True, x_steps=3)
 
 
 @pytest.mark.parametrize("m", [2, 9, 33])
@@ -163,7 +165,8 @@ def test_mma_adds_many_rows_into_float32(m, config):
     check(out, torch.cat([place_channels(half, order) for half in reference(x, w).chunk(2, dim=-1)], dim=-1))
 
 
-@pytest.mark.parametrize("config", [{"CT": 2, "split": 3, "ahead": 2, "lanes": True}, {"CT": 1, "split": 1}])
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3, "ahead": 2, "lanes": True}, {"CT": 1, "split": 1},
+                                    {"CT": 2, "split": 1, "x_steps": 2}, {"CT": 1, "split": 2, "x_steps": 4}])
 def test_mma_adds_the_swiglu_of_gate_up_sums(config, monkeypatch):
     """swiglu_input with accumulate at M = 1: the kernel computes silu(gate) * up of float32 sums in float16 (as
     `silu_mul` rounds it) for its own rows first, then adds x @ W + bias into out."""
@@ -283,7 +286,8 @@ def test_mma_gpu_model_shapes(k, n, act_order):
 
 @pytest.mark.parametrize("config,placed", [({"CT": 2, "split": 3}, False), ({"CT": 4, "split": 2, "ahead": 2,
                                                                            "lanes": True}, False),
-                                           ({"CT": 2, "split": 3}, True)])
+                                           ({"CT": 2, "split": 3}, True), ({"CT": 2, "split": 2, "x_steps": 4}, True),
+                                           ({"CT": 4, "split": 1, "x_steps": 2}, False)])
 def test_mma_merges_attention_partials_as_it_loads(config, placed):
     """x_merge (one row): the kernel merges decode attention's split partials (head dim 64: a step's rows span
     two heads) into x for its own rows, then adds x @ W + bias into out; add_partials falls back to merging
@@ -355,12 +359,12 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, XMG_PLACED=False, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, XMG_PLACED=False, XSTEPS=1, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
          "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
          "src_ptr": "*i32"}
 merge = {"XMG": 3, "XMG_DIM": 128, "XMG_STRIDE": 128, "XMG_N": 96}
-for mode in ({"XSW": 1}, merge, {**merge, "XMG_PLACED": True}):
+for mode in ({"XSW": 1}, {"XSW": 1, "XSTEPS": 4}, merge, {**merge, "XMG_PLACED": True, "XSTEPS": 2}):
     const = {**base, **mode}
     signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
     source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})

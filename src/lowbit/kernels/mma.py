@@ -213,34 +213,35 @@ def _placed(col, pos_ptr, ok, N, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_rows(xf_ptr, xh_ptr, k, K, XSW: tl.constexpr):
-    """Rows k of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING` code)."""
-    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, k < K, K, XSW).to(tl.float16))
+def _swiglu_rows(xf_ptr, xh_ptr, k, ok, K, XSW: tl.constexpr):
+    """Rows k (where ok) of the input from a fused w13's float32 gate/up sums (XSW: their `swiglu_load.ROUNDING`
+    code)."""
+    tl.store(xh_ptr + k, swiglu_at(xf_ptr, k, ok, K, XSW).to(tl.float16), mask=ok)
 
 
 @triton.jit
-def _merged_rows(ws_ptr, src_ptr, xh_ptr, k, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
+def _merged_rows(ws_ptr, src_ptr, xh_ptr, k, ok, head_dim: tl.constexpr, stride: tl.constexpr, n: tl.constexpr,
                  SPLITS: tl.constexpr, PLACED: tl.constexpr):
-    """Rows k (channel k: head k // head_dim) of one-row attention's output, merged from its SPLITS partials
-    (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split order.
-    PLACED: row k is channel src[k], its acc at ws[2n + s * C + k] (C = n // SPLITS * head_dim, the channels)."""
-    if PLACED:
-        first = (tl.load(src_ptr + k) // head_dim) * SPLITS  # m and l gathered (a few hundred bytes, in L1)
+    """Rows k (where ok; channel k: head k // head_dim) of one-row attention's output, merged from its SPLITS
+    partials (`partials.AttentionPartials` at ws: m [n], l [n], acc [n, stride]); a split at a time, in split
+    order. PLACED: row k is channel src[k], its acc at ws[2n + s * C + k] (C = n // SPLITS * head_dim)."""
+    if PLACED:  # m and l gathered (a few hundred bytes, in L1)
+        first = (tl.load(src_ptr + k, mask=ok, other=0) // head_dim) * SPLITS
     else:
         first = (k // head_dim) * SPLITS
-    m_max = tl.load(ws_ptr + first)
+    m_max = tl.load(ws_ptr + first, mask=ok, other=0.0)
     for s in tl.static_range(1, SPLITS):
-        m_max = tl.maximum(m_max, tl.load(ws_ptr + first + s))
+        m_max = tl.maximum(m_max, tl.load(ws_ptr + first + s, mask=ok, other=0.0))
     total = tl.zeros(k.shape, tl.float32)
     o = tl.zeros(k.shape, tl.float32)
     for s in tl.static_range(SPLITS):
-        w = tl.exp2(tl.load(ws_ptr + first + s) - m_max)
-        total += w * tl.load(ws_ptr + n + first + s)
+        w = tl.exp2(tl.load(ws_ptr + first + s, mask=ok, other=0.0) - m_max)
+        total += w * tl.load(ws_ptr + n + first + s, mask=ok, other=1.0)
         if PLACED:
-            o += w * tl.load(ws_ptr + 2 * n + s * (n // SPLITS * head_dim) + k)
+            o += w * tl.load(ws_ptr + 2 * n + s * (n // SPLITS * head_dim) + k, mask=ok, other=0.0)
         else:
-            o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim)
-    tl.store(xh_ptr + k, (o / total).to(tl.float16))
+            o += w * tl.load(ws_ptr + 2 * n + (first + s) * stride + k % head_dim, mask=ok, other=0.0)
+    tl.store(xh_ptr + k, (o / total).to(tl.float16), mask=ok)
 
 
 @triton.jit
@@ -250,7 +251,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                 HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, SWIGLU: tl.constexpr,
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
-                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XMG_PLACED: tl.constexpr, PDL: tl.constexpr):
+                XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XMG_PLACED: tl.constexpr, XSTEPS: tl.constexpr,
+                PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -267,7 +269,8 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     that as its x. XMG (M = 1; the split count): likewise, x is one-row decode attention's output, merged from
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
     entries; constants of a model and cache, so no arguments the other modes would carry; XMG_PLACED: acc placed
-    in this weight's row order, row k holding channel src[k])."""
+    in this weight's row order, row k holding channel src[k]). XSW and XMG compute the rows of XSTEPS steps at a
+    time (their loads then wait on L2 together)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
@@ -306,13 +309,14 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     wait_previous(PDL)
     xrow += _zero_after_wait(EMULATE)
     if XSW or XMG:
-        rows = tl.arange(0, SPR * 64)
-        for step in range(s_begin, s_end):
+        rows = tl.arange(0, XSTEPS * SPR * 64)
+        for chunk in range(s_begin, s_end, XSTEPS):
+            k = chunk * (SPR * 64) + rows
+            ok = k < s_end * (SPR * 64)
             if XSW:
-                _swiglu_rows(xf_ptr, xh_ptr, step * (SPR * 64) + rows, slabs * 64, XSW)
+                _swiglu_rows(xf_ptr, xh_ptr, k, ok, slabs * 64, XSW)
             else:
-                _merged_rows(xf_ptr, src_ptr, xh_ptr, step * (SPR * 64) + rows, XMG_DIM, XMG_STRIDE, XMG_N, XMG,
-                             XMG_PLACED)
+                _merged_rows(xf_ptr, src_ptr, xh_ptr, k, ok, XMG_DIM, XMG_STRIDE, XMG_N, XMG, XMG_PLACED)
         tl.debug_barrier()
         xrow += _zero_after_wait(EMULATE)  # keeps the (pure, so movable) x loads after the barrier
     acc0 = tl.zeros((R * 8, 16), tl.float32)
@@ -412,7 +416,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
-               x_merge: AttentionPartials | None = None) -> None:
+               x_merge: AttentionPartials | None = None, x_steps: int = 1) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -425,7 +429,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     gate and up sums and the input is silu(gate) * up in float16, computed as the kernel loads x (XSW).
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
     unmerged partials as the kernel loads x (XMG; partials placed in an act-order order need this weight sorted
-    to read x in it: `QWeight.for_sorted_input`)."""
+    to read x in it: `QWeight.for_sorted_input`). x_steps (a power of two; x_swiglu, x_merge): the steps whose x
+    rows a program computes at once, before its loop."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -444,6 +449,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         raise ValueError("the fused SwiGLU finish takes one row")
     if ahead not in range(5):
         raise ValueError(f"ahead is 0 to 4 steps, got {ahead}")
+    if x_steps < 1 or x_steps & (x_steps - 1):
+        raise ValueError(f"x_steps is a power of two, got {x_steps}")
     if add and (swiglu or y.dtype != torch.float32 or not y.is_contiguous() or y.shape != (m, n)):
         raise ValueError(f"add takes a contiguous float32 y [{m}, {n}], without swiglu")
     emulate = interpreting() or not x2.is_cuda
@@ -478,6 +485,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XMG_PLACED=x_merge is not None and x_merge.sources is not None,
+            XMG_PLACED=x_merge is not None and x_merge.sources is not None, XSTEPS=x_steps,
             num_warps=num_warps, **pdl_launch(x2))
 
