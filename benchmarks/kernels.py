@@ -227,8 +227,12 @@ def _sweep_configs():
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
     mma = [("mma", None, None)]
-    return {1: slots + gemv, 16: slots + mma + swap16[2:] + ahead[:4] + ahead[4::2] + mdot[16],
-            32: slots + mma + mdot[32], 64: slots + mma + swap64 + ahead[:4] + mdot[64],
+    # split_fast: one grid axis, the K split fastest and a split count dividing the SM count, so that the programs
+    # an SM runs share their rows of x in its L1 (at 16 rows and CT 4, x's bytes from L2 equal the weight's)
+    fast = {m: [("mma", "mma", {**qm.pick_kernel(m, torch.device("cuda"), "mma")[1], **extra, "split_fast": True})
+                for extra in ({}, {"waves": 8}, {"CT": 8})] for m in (16, 32)}
+    return {1: slots + gemv, 16: slots + mma + fast[16] + swap16[2:] + ahead[:4] + ahead[4::2] + mdot[16],
+            32: slots + mma + fast[32] + mdot[32], 64: slots + mma + swap64 + ahead[:4] + mdot[64],
             256: slots + mma + mdot[128], 2048: big + mdot[128]}
 
 

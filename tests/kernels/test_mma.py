@@ -70,7 +70,8 @@ def test_mma_matmul_many_rows_and_configs():
     x = torch.randn(37, 128).half().to(DEVICE)
     ref = reference(x, w)
     for config in ({"CT": 4, "split": 1}, {"CT": 1, "split": 2}, {"CT": 2, "waves": 1}, {"CT": 2, "ahead": 2},
-                   {"CT": 1, "split": 2, "ahead": 3}):
+                   {"CT": 1, "split": 2, "ahead": 3}, {"CT": 1, "split": 2, "split_fast": True},
+                   {"CT": 2, "waves": 2, "split_fast": True}):  # split_fast: one grid axis, a split count dividing sms
         check(run(x, w, kernel="mma", config=config), ref)
 
 
@@ -144,7 +145,8 @@ def test_mma_adds_one_row_into_float32(config):
 
 
 @pytest.mark.parametrize("m", [2, 9, 33])
-@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2}, {"CT": 1, "split": 1}])
+@pytest.mark.parametrize("config", [{"CT": 2, "split": 3}, {"CT": 4, "split": 2, "ahead": 2}, {"CT": 1, "split": 1},
+                                    {"CT": 1, "split": 2, "ahead": 2, "split_fast": True}])
 def test_mma_adds_many_rows_into_float32(m, config):
     """accumulate=True at M > 1: each K split adds every row's float32 sums (and the bias, once a row) with
     atomics, across launches of 32 rows; a gate/up order places both halves of every row."""
@@ -359,7 +361,7 @@ params = list(inspect.signature(kernel.fn).parameters)
 asm, constraints = mma._asm(1)
 base = dict(CT=4, SPR=2, NT=1, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=False, SP=1, FENCE=True, SWIGLU=False,
             HAS_POS=False, STAGES=1, PREFETCH=0, EMULATE=False, ADD=2, AHEAD=2, XSW=0, XMG=0, XMG_DIM=0,
-            XMG_STRIDE=0, XMG_N=0, XMG_PLACED=False, XSTEPS=1, PDL=True)
+            XMG_STRIDE=0, XMG_N=0, XMG_PLACED=False, XSTEPS=1, SPLIT_FAST=False, PDL=True)
 types = {"x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
          "lock_ptr": "*i32", "y_ptr": "*fp32", "pos_ptr": "*i32", "xf_ptr": "*fp32", "xh_ptr": "*fp16",
          "src_ptr": "*i32"}

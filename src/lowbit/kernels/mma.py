@@ -252,7 +252,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
                 HAS_POS: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
                 ADD: tl.constexpr, AHEAD: tl.constexpr, XSW: tl.constexpr, XMG: tl.constexpr, XMG_DIM: tl.constexpr,
                 XMG_STRIDE: tl.constexpr, XMG_N: tl.constexpr, XMG_PLACED: tl.constexpr, XSTEPS: tl.constexpr,
-                PDL: tl.constexpr):
+                SPLIT_FAST: tl.constexpr, PDL: tl.constexpr):
     """y = x W for up to 8 * NT rows of x; grid (groups of CT column tiles, K splits). A step is one run (SPR slabs
     sharing scales) of the program's CT tiles: a [CT * SPR, 8, 16] word tile streamed through shared memory
     (STAGES deep), x and the run's scales/zeros loaded a step ahead. x_ptr, s_ptr, z_ptr are int32, int32, int16
@@ -270,8 +270,15 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
     its XMG splits' partials at xf (`partials.AttentionPartials`: head dim XMG_DIM, acc stride XMG_STRIDE, XMG_N
     entries; constants of a model and cache, so no arguments the other modes would carry; XMG_PLACED: acc placed
     in this weight's row order, row k holding channel src[k]). XSW and XMG compute the rows of XSTEPS steps at a
-    time (their loads then wait on L2 together)."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    time (their loads then wait on L2 together). SPLIT_FAST: the grid is one axis with the K split varying
+    fastest, so that (with a split count dividing the SM count, and the programs of a launch dealt round the SMs
+    in order) the programs an SM runs share their K split, and so their rows of x, in its L1."""
+    steps = slabs // SPR
+    if SPLIT_FAST:  # one grid axis, the K split varying fastest
+        n_splits = tl.cdiv(steps, steps_per_split)
+        pid_n, pid_k = tl.program_id(0) // n_splits, tl.program_id(0) % n_splits
+    else:
+        pid_n, pid_k, n_splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     R: tl.constexpr = CT * SPR
     # 2-D tiles [R * 8, 16]: row 8 r + g, element 4 t + p, so Triton's 16-byte-vector layout gives lane 4 g + t
     # elements [row, 4 t : 4 t + 4] (a 3-D [R, 8, 16] tile got threads spread over r instead of g)
@@ -284,7 +291,6 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         tile = pid_n * HALF + tl.where(ct < HALF, ct, ct - HALF + N // 32)
     else:
         tile = pid_n * CT + ct
-    steps = slabs // SPR
     s_begin = pid_k * steps_per_split
     s_end = tl.minimum(s_begin + steps_per_split, steps)
     w_off = (tile * slabs + ss).to(tl.int64) * 128 + g * 16 + j  # + step * SPR * 128
@@ -389,7 +395,7 @@ def _mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr, pos
         offs_n = pid_n * (16 * CT) + cols
         offs_m = tl.arange(0, 8 * NT)
     finish_tile(out, offs_m, offs_n, offs_n < N, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, pid_k,
-                tl.num_programs(1), HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
+                n_splits, HAS_BIAS, SP, FENCE, SWIGLU, pos_ptr, HAS_POS)
     trace(2)
 
 
@@ -416,7 +422,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
                num_warps: int = 4, stages: int = 3, prefetch: int = 2, split: int | None = None,
                swiglu: bool = False, positions: Tensor | None = None, add: bool = False, ahead: int = 0,
                lanes: bool = False, x_swiglu: torch.dtype | None = None,
-               x_merge: AttentionPartials | None = None, x_steps: int = 1) -> None:
+               x_merge: AttentionPartials | None = None, x_steps: int = 1, split_fast: bool = False) -> None:
     """y [M, N] (or [M, N/2] with swiglu) = x2 [M, K] @ W + bias, in launches of up to 8 * MAX_TILES rows.
 
     CT column tiles of 16 a program (halved until it divides the weight's tiles), about waves * sms programs
@@ -430,7 +436,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     x_merge (one row; x2 None): the input is one-row decode attention's output in float16, merged from these
     unmerged partials as the kernel loads x (XMG; partials placed in an act-order order need this weight sorted
     to read x in it: `QWeight.for_sorted_input`). x_steps (a power of two; x_swiglu, x_merge): the steps whose x
-    rows a program computes at once, before its loop."""
+    rows a program computes at once, before its loop. split_fast: a one-axis grid, the K split fastest, with a
+    split count that divides `sms` (`_mma_kernel`'s SPLIT_FAST: x rows shared in an SM's L1)."""
     n, k = w.out_features, w.in_features
     xf = None
     if x_merge is not None:
@@ -463,6 +470,8 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     steps = slabs // spr
     groups = tiles // CT
     splits = max(1, min(steps, round(waves * sms / groups))) if split is None else split
+    if split_fast and split is None:  # the divisor of sms nearest the count asked for
+        splits = min((d for d in range(1, steps + 1) if sms % d == 0), key=lambda d: (abs(d - splits), d))
     per = -(-steps // splits)
     splits = -(-steps // per)
     num_warps = min(num_warps, CT * spr)  # at least 8 tile rows a warp, or Triton spreads lanes otherwise
@@ -474,7 +483,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         ws = torch.empty(splits * rows * n if splits > 1 and not add else 1, dtype=torch.float32, device=x2.device)
         asm, constraints = _asm(nt)
         out = y[r0:r0 + rows]
-        _mma_kernel[(groups, splits)](
+        _mma_kernel[(groups * splits, 1) if split_fast else (groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
             positions if positions is not None else w.locks, xf if xf is not None else b, x2,
             x_merge.sources if x_merge is not None and x_merge.sources is not None else w.locks, rows, n, x2.stride(0),
@@ -485,6 +494,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XMG_PLACED=x_merge is not None and x_merge.sources is not None, XSTEPS=x_steps,
+            XMG_PLACED=x_merge is not None and x_merge.sources is not None, XSTEPS=x_steps, SPLIT_FAST=split_fast,
             num_warps=num_warps, **pdl_launch(x2))
 
