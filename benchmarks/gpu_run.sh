@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|prefill|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|prologue|prefill|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -67,6 +67,14 @@ for stage in "$@"; do
     trace)  # when each program of one captured decode step starts, stops waiting and ends (one layer's launches)
       timeout "${TRACE_SECONDS:-200}" python3 benchmarks/trace_step.py ${TRACE_ARGS:-} > "$OUT/trace_step_log.txt" 2>&1
       tail -n 14 "$OUT/trace_step_log.txt" ;;
+    prologue)  # one-row down_proj / o_proj computing their x rows (SwiGLU, attention's merge) x_steps steps at a
+      # time instead of a load-store round trip a step, in the whole step; plain, then act-order (o_proj merging
+      # partials placed in its order)
+      rows=${PROLOGUE_SHAPES:-'[{"11008x4096": {"x_steps": 2}}, {"11008x4096": {"x_steps": 4}}, {"11008x4096": {"x_steps": 8}}, {"4096x4096": {"x_steps": 2}}, {"4096x4096": {"x_steps": 4}}, {"11008x4096": {"x_steps": 8}, "4096x4096": {"x_steps": 2}}]'}
+      for variant in gptq-4bit-g128 gptq-4bit-g128-act; do
+        timeout "${PROLOGUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --variant $variant --shapes "$rows" \
+          > "$OUT/prologue_$variant.txt" 2>&1; tail -n 10 "$OUT/prologue_$variant.txt"
+      done ;;
     prefill)  # where a 128-token prefill's time goes (TTFT): wall against GPU busy, launches, host ops
       timeout "${PREFILL_SECONDS:-150}" python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} > "$OUT/prefill_profile_log.txt" 2>&1
       grep -A 3 "^| wall" "$OUT/prefill_profile_log.txt"; tail -n 30 "$OUT/prefill_profile_log.txt" | cut -c1-160 ;;
