@@ -68,13 +68,13 @@ for stage in "$@"; do
       timeout "${TRACE_SECONDS:-200}" python3 benchmarks/trace_step.py ${TRACE_ARGS:-} > "$OUT/trace_step_log.txt" 2>&1
       tail -n 14 "$OUT/trace_step_log.txt" ;;
     prologue)  # one-row down_proj / o_proj computing their x rows (SwiGLU, attention's merge) x_steps steps at a
-      # time instead of a load-store round trip a step, in the whole step; plain, then act-order (o_proj merging
-      # partials placed in its order)
+      # time instead of a load-store round trip a step, in the whole step; then act-order with o_proj merging
+      # partials placed in its order (LOWBIT_PLACED_PARTIALS=1) against attention merging its own splits
       rows=${PROLOGUE_SHAPES:-'[{"11008x4096": {"x_steps": 2}}, {"11008x4096": {"x_steps": 4}}, {"11008x4096": {"x_steps": 8}}, {"4096x4096": {"x_steps": 2}}, {"4096x4096": {"x_steps": 4}}, {"11008x4096": {"x_steps": 8}, "4096x4096": {"x_steps": 2}}]'}
-      for variant in gptq-4bit-g128 gptq-4bit-g128-act; do
-        timeout "${PROLOGUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --variant $variant --shapes "$rows" \
-          > "$OUT/prologue_$variant.txt" 2>&1; tail -n 10 "$OUT/prologue_$variant.txt"
-      done ;;
+      timeout "${PROLOGUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --variant gptq-4bit-g128 --shapes "$rows" \
+        > "$OUT/prologue_plain.txt" 2>&1; tail -n 10 "$OUT/prologue_plain.txt"
+      timeout "${PROLOGUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --variant gptq-4bit-g128-act \
+        --env '[{"LOWBIT_PLACED_PARTIALS": "1"}]' > "$OUT/prologue_act.txt" 2>&1; tail -n 5 "$OUT/prologue_act.txt" ;;
     prefill)  # where a 128-token prefill's time goes (TTFT): wall against GPU busy, launches, host ops
       timeout "${PREFILL_SECONDS:-150}" python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} > "$OUT/prefill_profile_log.txt" 2>&1
       grep -A 3 "^| wall" "$OUT/prefill_profile_log.txt"; tail -n 30 "$OUT/prefill_profile_log.txt" | cut -c1-160 ;;

@@ -145,8 +145,11 @@ def test_one_row_decode_leaves_the_attention_merge_to_wo(tmp_path, monkeypatch, 
     fast, _ = load_model(tmp_path, device=DEVICE, dtype=torch.float16, backend="triton")
     ref, _ = load_model(tmp_path, device="cpu", dtype=torch.float32, backend="reference")
     wo = fast.layers[0].attention.wo
-    assert wo.merges_attention(1) and not wo.merges_attention(2)
     assert (wo.input_order(1) is not None) == act_order
+    if act_order:  # opt-in until the placed merge has run on a GPU
+        assert not wo.merges_attention(1)
+        monkeypatch.setenv("LOWBIT_PLACED_PARTIALS", "1")
+    assert wo.merges_attention(1) and not wo.merges_attention(2)
     merged = []
     add_partials = qmatmul.add_partials
     monkeypatch.setattr(qmatmul, "add_partials",

@@ -161,13 +161,17 @@ class QuantLinear(nn.Module):
         """Whether `add_attention` takes one-row decode attention's unmerged split partials and merges them as
         its kernel loads x (`qmatmul.merges_partials`), so that the attention kernel skips its own merge (a
         fence, a counter and the last split's reload of the partials, on the decode step's critical path). An
-        act-order layer takes them placed in its `input_order`."""
+        act-order layer takes them placed in its `input_order`, opt-in (LOWBIT_PLACED_PARTIALS=1) until that path
+        has run on a GPU."""
         w = self.kernel_weight
         if w is None or rows != 1 or not self.adds_in_place(rows):
             return False
+        placed = self.input_order(rows) is not None
+        if placed and os.environ.get("LOWBIT_PLACED_PARTIALS", "0") != "1":
+            return False
         from lowbit.kernels.qmatmul import merges_partials
 
-        return merges_partials(self._weight(self.input_order(rows) is not None))
+        return merges_partials(self._weight(placed))
 
     def add_attention(self, partials, add_to: Tensor) -> Tensor:
         """add_to (float32 [1, 1, out_features]) += attention @ W.T + b, the attention given as unmerged
