@@ -439,7 +439,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
     rows a program computes at once, before its loop. split_fast: a one-axis grid, the K split fastest, with a
     split count that divides `sms` (`_mma_kernel`'s SPLIT_FAST: x rows shared in an SM's L1)."""
     n, k = w.out_features, w.in_features
-    xf = None
+    xf, sources = None, None if x_merge is None else x_merge.sources
     if x_merge is not None:
         p = x_merge
         if x2 is not None or x_swiglu is not None or p.rows != 1 or p.heads * p.head_dim != k:
@@ -486,7 +486,7 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
         _mma_kernel[(groups * splits, 1) if split_fast else (groups, splits)](
             xs[r0:], w.qweight, w.scales.view(torch.int32), w.zeros.view(torch.int16), b, ws, w.locks, out,
             positions if positions is not None else w.locks, xf if xf is not None else b, x2,
-            x_merge.sources if x_merge is not None and x_merge.sources is not None else w.locks, rows, n, x2.stride(0),
+            sources if sources is not None else w.locks, rows, n, x2.stride(0),
             slabs, per,
             CT=CT, SPR=spr, NT=nt, ASM=asm, CONSTRAINTS=constraints, HAS_BIAS=bias is not None,
             SP=triton.next_power_of_2(splits), FENCE=not emulate, SWIGLU=swiglu, HAS_POS=positions is not None,
@@ -494,6 +494,6 @@ def mma_matmul(x2: Tensor | None, w: QWeight, bias: Tensor | None, y: Tensor, sm
             ADD=(3 if m > 1 else 2 if lanes else 1) if add else 0, AHEAD=ahead, XSW=ROUNDING[x_swiglu],
             XMG=x_merge.splits if x_merge else 0, XMG_DIM=x_merge.head_dim if x_merge else 0,
             XMG_STRIDE=x_merge.stride if x_merge else 0, XMG_N=x_merge.entries if x_merge else 0,
-            XMG_PLACED=x_merge is not None and x_merge.sources is not None, XSTEPS=x_steps, SPLIT_FAST=split_fast,
+            XMG_PLACED=sources is not None, XSTEPS=x_steps, SPLIT_FAST=split_fast,
             num_warps=num_warps, **pdl_launch(x2))
 
