@@ -4,12 +4,17 @@ variant can be screened before device time is spent on it. 4-bit g128, adding in
 decode runs it), PDL on. --mma: the mma layout's kernel (`mma._mma_kernel`) instead, at 1, 16 and 32 rows of x
 (one-row decode adding into float32; 16 and 32 with the split-K finish), in the tiles the benchmarks sweep.
 --dot: the slots layout's tensor-core kernel (`dot._dot_kernel`), with and without the weight as the dot's first
-operand (SWAP), at 16, 64 and 128 rows of x. --mma-dot: the mma layout's tile kernel (`mma_dot._mma_dot_kernel`).
+operand (SWAP), at 16, 64 and 128 rows of x. --mma-dot: the mma layout's tile kernel (`mma_dot._mma_dot_kernel`,
+and `_x_first_kernel`). "wgmma waits": the waits for wgmma in the SASS (a kernel that waits after each K=16 dot
+serializes its tensor cores with its own unpacking).
 
 Run from the repository root (any machine with triton):
     PYTHONPATH=src python benchmarks/gemv_sass.py [--mma | --dot | --mma-dot] [--dump DIR]
 (--dump: each variant's SASS to DIR). The counts are of the local Triton's compiler, which may differ from the
-GPU machine's version; compare variants with each other, not with a profile taken there.
+GPU machine's version; compare variants with each other, not with a profile taken there. To compile with the
+GPU machine's Triton instead (3.6 there), install that version beside the local one and put it first:
+    pip download --no-deps triton==3.6.0 -d /tmp/t36 && pip install --no-deps --target /tmp/t36/site /tmp/t36/*.whl
+    PYTHONPATH=/tmp/t36/site:src TRITON_CACHE_DIR=/tmp/t36/cache python benchmarks/gemv_sass.py --mma-dot
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ MMA_DOT_VARIANTS = [  # (name, constexpr overrides, num_warps, num_stages); SP 4
     (f"BM {bm}, CT {ct}, {nw} warps, {st} stages{', split-K' if sp > 1 else ''}", {"BM": bm, "CT": ct, "SP": sp}, nw,
      st) for bm, ct, nw, st, sp in ((16, 8, 4, 3, 4), (32, 8, 4, 3, 4), (64, 8, 4, 3, 4), (64, 8, 8, 3, 4),
                                     (64, 4, 4, 3, 4), (128, 8, 8, 3, 1), (128, 16, 8, 3, 1))
+] + [  # x the dot's first operand (`mma_dot._x_first_kernel`, CH: slabs a dot)
+    (f"x first, BM {bm}, CT {ct}, {nw} warps, {st} stages{', split-K' if sp > 1 else ''}",
+     {"BM": bm, "CT": ct, "SP": sp, "CH": 2}, nw, st)
+    for bm, ct, nw, st, sp in ((16, 8, 4, 3, 4), (64, 8, 8, 3, 4), (64, 4, 4, 3, 4), (64, 8, 4, 3, 4),
+                                (128, 8, 8, 3, 1))
 ]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -122,11 +132,12 @@ def compile_dot_variant(overrides: dict, num_warps: int, num_stages: int) -> byt
 
 
 def compile_mma_dot_variant(overrides: dict, num_warps: int, num_stages: int) -> bytes:
-    params = list(inspect.signature(mma_dot._mma_dot_kernel.fn).parameters)
+    kernel = mma_dot._x_first_kernel if "CH" in overrides else mma_dot._mma_dot_kernel
+    params = list(inspect.signature(kernel.fn).parameters)
     const = {**MMA_DOT_DEFAULTS, **overrides}
     signature = {p: "constexpr" if p in const else MMA_DOT_POINTERS.get(p, "i32") for p in params}
     divisible = (*MMA_DOT_POINTERS, *MMA_DIVISIBLE)
-    source = ASTSource(mma_dot._mma_dot_kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
+    source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in divisible})
     options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": True}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
@@ -163,8 +174,8 @@ def main() -> None:
     else:
         variants, build, stem = [(n, o, (w,)) for n, o, w in VARIANTS], compile_variant, "gemv"
     print(f"triton {triton.__version__}, sm_90\n")
-    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU | HMMA | HGMMA | STS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | registers | stack bytes | SASS | LDG | FFMA | LOP3 | MUFU | HMMA | HGMMA | wgmma waits | STS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (name, overrides, launch) in enumerate(variants):
         try:
             regs, stack, ops, sass = inspect_cubin(build(overrides, *launch))
@@ -173,7 +184,7 @@ def main() -> None:
             continue
         n = collections.Counter(ops)
         print(f"| {name} | {regs} | {stack} | {len(ops)} | {n['LDG']} | {n['FFMA']} | {n['LOP3']} | {n['MUFU']} "
-              f"| {n['HMMA']} | {n['HGMMA']} | {n['STS']} |", flush=True)
+              f"| {n['HMMA']} | {n['HGMMA']} | {sass.count('WARPGROUP.DEPBAR')} | {n['STS']} |", flush=True)
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"{stem}_{i}.sass"), "w") as f:

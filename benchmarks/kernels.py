@@ -223,6 +223,18 @@ def _sweep_configs():
              64: [(4, 3, 2), (4, 4, 2), (8, 3, 2), (8, 4, 2)], 128: [(8, 3, 2), (8, 4, 2)]}
     mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv})
                  for nw, st, wv in tiles[bm]] for bm in tiles}
+    # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): one wgmma chain and one wait a
+    # chunk of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16 dot
+    # (offline sm_90 SASS, Triton 3.6: 1 wait a chunk against 16; 146-153 registers at 64 rows, no spills)
+    first = {bm: [("mma", "dot", {"BM": bm, "CT": ct, "num_warps": nw, "num_stages": st, "waves": 2, "x_first": True})
+                  for ct, nw, st in xf] for bm, xf in ((16, [(8, 4, 3)]), (32, [(8, 4, 3)]),
+                                                    (64, [(8, 8, 3), (4, 4, 3), (8, 8, 4), (4, 4, 4)]),
+                                                    (128, [(8, 8, 3)]))}
+    # the slots tile kernel with one dot a group (`per_slot=False`): one wait a group where per slot waits after
+    # each K=16 dot (offline sm_90 SASS, Triton 3.6); never timed at 16 and 64 rows
+    group = {m: [("slots", "dot", {"BM": m, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": 3, "swap": sw,
+                                   "per_slot": False}) for bn, nw, wv in tiles_ for sw in (False, True)]
+             for m, tiles_ in ((16, [(64, 4, 4)]), (64, [(128, 8, 2), (64, 4, 2)]))}
     # L2-sized float slices (8/16/32 MB workspaces, so cuBLAS might read them back from the L2) lost to the
     # 64 MB default on an H200 (2026-12-06): 1766.5 / 1529.4 / 1571.5 against 1491.1 us; not swept any more
     big = [("mma", "dequant", {}), ("slots", "dequant", {})]
@@ -231,30 +243,47 @@ def _sweep_configs():
     # an SM runs share their rows of x in its L1 (at 16 rows and CT 4, x's bytes from L2 equal the weight's)
     fast = {m: [("mma", "mma", {**qm.pick_kernel(m, torch.device("cuda"), "mma")[1], **extra, "split_fast": True})
                 for extra in ({}, {"waves": 8}, {"CT": 8})] for m in (16, 32)}
-    return {1: slots + gemv, 16: slots + mma + fast[16] + swap16[2:] + ahead[:4] + ahead[4::2] + mdot[16],
-            32: slots + mma + fast[32] + mdot[32], 64: slots + mma + swap64 + ahead[:4] + mdot[64],
-            256: slots + mma + mdot[128], 2048: big + mdot[128]}
+    return {1: slots + gemv,
+            16: slots + mma + first[16] + group[16] + fast[16] + swap16[2:] + ahead[:4] + ahead[4::2] + mdot[16],
+            32: slots + mma + first[32] + fast[32] + mdot[32],
+            64: slots + mma + first[64] + group[64] + swap64 + ahead[:4] + mdot[64],
+            256: slots + mma + first[128] + mdot[128], 2048: big + first[128] + mdot[128]}
 
 
 SWEEP = _sweep_configs()
 
 
+def max_error(weights, m, kernel, config) -> float:
+    """max |y - reference| / max |reference| over the block's launches for one random x a launch, the reference
+    the dequantize + cuBLAS path on the same weight: a config that computes something else is never the fastest."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    worst = 0.0
+    for w in weights:
+        x = torch.randn(m, w.in_features, device="cuda", dtype=torch.float16, generator=g)
+        ref = qm.qmatmul(x, w, kernel="dequant").float()
+        y = qm.qmatmul(x, w, kernel=kernel, config=config).float()
+        worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
 def sweep(weights):
     """weights: {layout: the block's 4-bit weights in it}. -> {(M, layout): (us, kernel, config)} of the fastest
-    for each layout."""
+    for each layout whose result agrees with the reference (`max_error` at most 1e-2)."""
     best = {}
     say("## tile sweep, 4-bit g128, one 7B block as the model runs it (4 fused launches), us\n")
-    say("| M | layout | kernel | config | us |")
-    say("|---|---|---|---|---|")
+    say("| M | layout | kernel | config | us | max error |")
+    say("|---|---|---|---|---|---|")
     for m in [int(v) for v in os.environ.get("SWEEP_MS", "1,16,64,2048").split(",") if v]:  # "": no sweep
         for layout, kernel, config in SWEEP[m]:
             if time.time() > SWEEP_DEADLINE:
                 say("| (sweep cut short by the time budget) |")
                 return best
             try:
+                err = max_error(weights[layout], m, kernel, config)
                 t = graph_time(ours(weights[layout], m, kernel, config))
-                say(f"| {m} | {layout} | {kernel or 'default'} | {config or ''} | {t:.1f} |")
-                if (m, layout) not in best or t < best[m, layout][0]:
+                wrong = " WRONG" if not err <= 1e-2 else ""
+                say(f"| {m} | {layout} | {kernel or 'default'} | {config or ''} | {t:.1f} | {err:.1e}{wrong} |")
+                if not wrong and ((m, layout) not in best or t < best[m, layout][0]):
                     best[m, layout] = (t, kernel, config)
             except Exception as e:
                 say(f"| {m} | {layout} | {kernel} | {config} | ERROR {e!r:.200} |")

@@ -78,15 +78,16 @@ def test_mma_matmul_many_rows_and_configs():
 @pytest.mark.parametrize("k,n,group_size,act_order,sym,fmt", CASES)
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_mma_dot(k, n, group_size, act_order, sym, fmt, m):
-    """The mma layout's tile kernel ("dot" on that layout): tiles narrower than the weight, split K, rows past the
-    tile masked, act-order x gathered first."""
+    """The mma layout's tile kernel ("dot" on that layout), with the weight or x (x_first) the dot's first
+    operand: tiles narrower than the weight, split K, rows past the tile masked, act-order x gathered first."""
     w, _ = mma_weight(k, n, group_size, act_order, sym, fmt, seed=m + 1)
     g = torch.Generator().manual_seed(m + 1)
     bias = torch.randn(n, generator=g).half().to(DEVICE) if sym else None
     x = torch.randn(m, k, generator=g).half().to(DEVICE)
     ref = reference(x, w, bias)
-    for config in ({}, {"BM": 16, "CT": 2}, {"split": 2} if m <= 16 else {"BM": 32, "waves": 1}):
-        check(run(x, w, bias, kernel="dot", config=config), ref)
+    for first in (False, True):
+        for config in ({}, {"BM": 16, "CT": 2}, {"split": 2} if m <= 16 else {"BM": 32, "waves": 1}):
+            check(run(x, w, bias, kernel="dot", config={**config, "x_first": first}), ref)
 
 
 def test_mma_dot_refuses_what_it_cannot_read():
