@@ -223,9 +223,9 @@ def _sweep_configs():
              64: [(4, 3, 2), (4, 4, 2), (8, 3, 2), (8, 4, 2)], 128: [(8, 3, 2), (8, 4, 2)]}
     mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv})
                  for nw, st, wv in tiles[bm]] for bm in tiles}
-    # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): one wgmma chain and one wait a
-    # chunk of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16 dot
-    # (offline sm_90 SASS, Triton 3.6: 1 wait a chunk against 16; 146-153 registers at 64 rows, no spills)
+    # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): a wgmma chain and a wait a half
+    # and chunk of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16
+    # dot (offline sm_90 SASS, Triton 3.6: 2 waits a run against 16; 134-144 registers at 64 rows, no spills)
     first = {bm: [("mma", "dot", {"BM": bm, "CT": ct, "num_warps": nw, "num_stages": st, "waves": 2, "x_first": True})
                   for ct, nw, st in xf] for bm, xf in ((16, [(8, 4, 3)]), (32, [(8, 4, 3)]),
                                                     (64, [(8, 8, 3), (4, 4, 3), (8, 8, 4), (4, 4, 4)]),
