@@ -226,10 +226,13 @@ def _sweep_configs():
     # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): a wgmma chain and a wait a half
     # and chunk of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16
     # dot (offline sm_90 SASS, Triton 3.6: 2 waits a run against 16; 134-144 registers at 64 rows, no spills)
-    first = {bm: [("mma", "dot", {"BM": bm, "CT": ct, "num_warps": nw, "num_stages": st, "waves": 2, "x_first": True})
-                  for ct, nw, st in xf] for bm, xf in ((16, [(8, 4, 3)]), (32, [(8, 4, 3)]),
-                                                    (64, [(8, 8, 3), (4, 4, 3), (8, 8, 4), (4, 4, 4)]),
-                                                    (128, [(8, 8, 3)]))}
+    # (maxnreg 128: two 8-warp programs an SM instead of one, 16 bytes of spills)
+    first = {bm: [("mma", "dot", {"BM": bm, "CT": ct, "num_warps": nw, "num_stages": st, "waves": 2, "x_first": True,
+                                  **extra}) for ct, nw, st, extra in xf]
+             for bm, xf in ((16, [(8, 4, 3, {})]), (32, [(8, 4, 3, {})]),
+                            (64, [(4, 4, 3, {}), (8, 8, 3, {}), (8, 8, 3, {"maxnreg": 128}), (4, 4, 4, {}),
+                                  (8, 8, 4, {})]),
+                            (128, [(8, 8, 3, {})]))}
     # the slots tile kernel with one dot a group (`per_slot=False`): one wait a group where per slot waits after
     # each K=16 dot (offline sm_90 SASS, Triton 3.6); never timed at 16 and 64 rows
     group = {m: [("slots", "dot", {"BM": m, "BN": bn, "num_warps": nw, "waves": wv, "num_stages": 3, "swap": sw,

@@ -197,11 +197,12 @@ def supports(x2: Tensor, w: QWeight) -> bool:
 
 def mma_dot(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, BM: int | None = None, CT: int = 8,
             split: int | None = None, waves: int = 2, num_warps: int = 4, num_stages: int = 3,
-            x_first: bool = False) -> None:
+            x_first: bool = False, maxnreg: int | None = None) -> None:
     """y [M, N] = x2 [M, K] @ W + bias: tiles of BM rows (default 16/32/64/128 by M) and 16 * CT columns (CT
     halved until it divides the weight's 16-column tiles; 8: each half a 64-row wgmma operand), K split while
     the output tiles alone would leave SMs short of `waves` programs each (one M tile only). x_first: x the
-    dots' first operand, one dot a run (`_x_first_kernel`)."""
+    dots' first operand, one dot a half and chunk (`_x_first_kernel`). maxnreg: registers a thread at most (so
+    that more programs share an SM; the compiler spills past it)."""
     if not supports(x2, w) or x2.shape[1] != w.in_features or y.shape != (x2.shape[0], w.out_features):
         raise ValueError("mma_dot needs an mma-layout weight without perm, contiguous float16 x [M, K] and y [M, N]")
     m, n = x2.shape[0], w.out_features
@@ -224,4 +225,4 @@ def mma_dot(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, BM: int | No
         w.locks, y, m, n, x2.stride(0), w.in_features // 64, per,
         CT=CT, SPR=spr, BM=BM, GROUP_M=8, HAS_BIAS=bias is not None, SP=triton.next_power_of_2(splits),
         FENCE=x2.is_cuda and not interpreting(), **chunk, num_warps=num_warps, num_stages=num_stages,
-        **pdl_launch(x2))
+        **({"maxnreg": maxnreg} if maxnreg else {}), **pdl_launch(x2))
