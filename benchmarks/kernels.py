@@ -223,10 +223,10 @@ def _sweep_configs():
              64: [(4, 3, 2), (4, 4, 2), (8, 3, 2), (8, 4, 2)], 128: [(8, 3, 2), (8, 4, 2)]}
     mdot = {bm: [("mma", "dot", {"BM": bm, "CT": 8, "num_warps": nw, "num_stages": st, "waves": wv})
                  for nw, st, wv in tiles[bm]] for bm in tiles}
-    # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): a wgmma chain and a wait a half
-    # and chunk of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16
-    # dot (offline sm_90 SASS, Triton 3.6: 2 waits a run against 16; 134-144 registers at 64 rows, no spills)
-    # (maxnreg 128: two 8-warp programs an SM instead of one, 16 bytes of spills)
+    # the same kernel with x the dot's first operand (`mma_dot(x_first=True)`): a wgmma chain and a wait a chunk
+    # of 128 rows, both operands in shared memory, where the weight-first kernel waits after each K=16 dot
+    # (offline sm_90 SASS, Triton 3.6: 1 wait a run against 16; 134-156 registers at 64 rows, no spills; maxnreg
+    # 128: two 8-warp programs an SM instead of one, still no spills)
     first = {bm: [("mma", "dot", {"BM": bm, "CT": ct, "num_warps": nw, "num_stages": st, "waves": 2, "x_first": True,
                                   **extra}) for ct, nw, st, extra in xf]
              for bm, xf in ((16, [(8, 4, 3, {})]), (32, [(8, 4, 3, {})]),

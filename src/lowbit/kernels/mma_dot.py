@@ -13,10 +13,11 @@ for column 16 ct + 8 ab + g. So each (h, ab) is a [8 * CT, 16] tile of one half'
 (q - z) * 2^-24, the run's dots are summed in float32 and scaled once a run (as `dot`'s SUB path).
 
 `x_first` turns the dot around: x is the first operand, straight from Triton's load pipeline in shared memory,
-and each half of a 128-row chunk's unpacked weight goes to shared memory as the second, in x's row order. Triton
-waits for register-operand wgmma after every K=16 dot (offline sm_90 SASS: 16 waits a run at 64 rows), so the
-weight-first kernel's tensor cores take turns with its own unpacking; with both operands in shared memory it
-waits once a dot (2 a run).
+and a 128-row chunk's unpacked weight goes to shared memory as the second, in x's row order. Triton waits for
+register-operand wgmma after every K=16 dot (offline sm_90 SASS: 16 waits a run at 64 rows), so the weight-first
+kernel's tensor cores take turns with its own unpacking; with both operands in shared memory it waits once a
+chunk. The chunk's tile is built with consecutive rows fastest in each thread's registers, which makes Triton
+store it K-major with 16-byte stores (the other way round it stored it value by value).
 """
 
 from __future__ import annotations
@@ -140,18 +141,17 @@ def _mma_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
 
 
 @triton.jit
-def _chunk_tile(words, z, AB: tl.constexpr):
-    """A chunk's words [CH, R, 16] -> half AB's unpacked weight [CH * 64, R] (float16 (q - z) * 2^-24) as the
-    dot's second operand, row 64 s + 4c + h (x's order). Each thread holds runs of consecutive rows, so the
-    shared-memory copy is K-major and its stores vectors (a tile with both halves had a half as its fastest axis
-    and stored value by value)."""
-    zs = z[None, :, None]
-    h0, h1 = _nibble_tile(words, zs, 0, AB), _nibble_tile(words, zs, 1, AB)
-    h2, h3 = _nibble_tile(words, zs, 2, AB), _nibble_tile(words, zs, 3, AB)
-    t = tl.join(tl.join(h0, h2), tl.join(h1, h3))  # [CH, R, 16, i, j]: row 4c + 2i + j
+def _chunk_tile(words, za, zb):
+    """A chunk's words [CH, R, 16] -> its unpacked weight [CH * 64, 2R] (float16 (q - z) * 2^-24) as the dot's
+    second operand: row 64 s + 4c + h (x's order), column ab * R + r."""
+    p0 = tl.join(_nibble_tile(words, za, 0, 0), _nibble_tile(words, zb, 0, 1))  # [CH, R, 16, ab]: row 4c
+    p1 = tl.join(_nibble_tile(words, za, 1, 0), _nibble_tile(words, zb, 1, 1))
+    p2 = tl.join(_nibble_tile(words, za, 2, 0), _nibble_tile(words, zb, 2, 1))
+    p3 = tl.join(_nibble_tile(words, za, 3, 0), _nibble_tile(words, zb, 3, 1))
+    t = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [CH, R, 16, ab, i, j]: row 4c + 2i + j
     CH: tl.constexpr = words.shape[0]
     R: tl.constexpr = words.shape[1]
-    return tl.reshape(tl.permute(tl.reshape(t, (CH, R, 64)), (0, 2, 1)), (CH * 64, R))
+    return tl.reshape(tl.permute(t, (0, 2, 4, 5, 3, 1)), (CH * 64, 2 * R))
 
 
 @triton.jit
@@ -160,17 +160,17 @@ def _x_first_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
                     CT: tl.constexpr, SPR: tl.constexpr, BM: tl.constexpr, GROUP_M: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SP: tl.constexpr, FENCE: tl.constexpr, CH: tl.constexpr,
                     PDL: tl.constexpr):
-    """`_mma_dot_kernel` with x the dot's first operand: one dot a half and chunk of CH slabs (K = 64 CH; CH
-    divides SPR), x [BM, K] straight from Triton's load pipeline in shared memory, the half's unpacked weight
-    [K, R] the second operand (also through shared memory: Triton then waits for wgmma once a dot, where
+    """`_mma_dot_kernel` with x the dot's first operand: one dot a chunk of CH slabs (K = 64 CH; CH divides
+    SPR), x [BM, K] straight from Triton's load pipeline in shared memory, the chunk's unpacked weight [K, 2R]
+    the second operand (`_chunk_tile`; also through shared memory: Triton then waits for wgmma once a dot, where
     register operands made it wait once a K=16 step). One loop over the program's chunks, so that Triton
-    pipelines it; each adds its dots scaled by its run's scales."""
+    pipelines it; each adds its dot scaled by its run's scales. The weight's columns come in order (half ab,
+    tile row r) and are put back at the end."""
     R: tl.constexpr = 8 * CT
     offs_m, m_ok, pid_n, w_off, pair, x_rows, s_begin, s_end = _tile_start(
         x_ptr, M, N, stride_xm, slabs, steps_per_split, CT, SPR, BM, GROUP_M, CH * 64)
     chunk_off = w_off[None, :, :] + tl.arange(0, CH)[:, None, None] * 128  # [CH, R, 16]
-    acc_a = tl.zeros((BM, R), tl.float32)
-    acc_b = tl.zeros((BM, R), tl.float32)
+    acc = tl.zeros((BM, 2 * R), tl.float32)
     release_next(PDL)
     wait_previous(PDL)
     for chunk in range(s_begin * (SPR // CH), s_end * (SPR // CH)):
@@ -179,11 +179,10 @@ def _x_first_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, lock_ptr, y_ptr,
         words = tl.load(qw_ptr + chunk_off + chunk * (CH * 128))
         x = tl.load(x_rows + chunk * (CH * 64), mask=m_ok[:, None], other=0.0)
         sa, sb = _run_scales(s_ptr, run, N, pair)
-        acc_a += tl.dot(x, _chunk_tile(words, za, 0)) * sa[None, :]
-        acc_b += tl.dot(x, _chunk_tile(words, zb, 1)) * sb[None, :]
-    # the halves' columns (ct, g) -> the weight's (ct, ab, g)
-    out = tl.join(tl.reshape(acc_a, (BM, CT, 8)), tl.reshape(acc_b, (BM, CT, 8)))  # [BM, CT, 8, ab]
-    out = tl.reshape(tl.permute(out, (0, 1, 3, 2)), (BM, 16 * CT))
+        scale = tl.reshape(tl.permute(tl.join(sa, sb), (1, 0)), (2 * R,))  # (ab, r) order
+        acc += tl.dot(x, _chunk_tile(words, za[None, :, None], zb[None, :, None])) * scale[None, :]
+    # columns (ab, ct, g) -> the weight's (ct, ab, g)
+    out = tl.reshape(tl.permute(tl.reshape(acc, (BM, 2, CT, 8)), (0, 2, 1, 3)), (BM, 16 * CT))
     offs_n = pid_n * (16 * CT) + tl.arange(0, 16 * CT)
     finish_tile(out, offs_m, offs_n, offs_n < N, M, N, b_ptr, ws_ptr, lock_ptr, y_ptr, pid_n, tl.program_id(1),
                 tl.num_programs(1), HAS_BIAS, SP, FENCE, False, b_ptr, False)
