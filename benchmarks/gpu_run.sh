@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one device call (what benchmarks/results/gpu.md was measured with):
-#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|prologue|prefill|kernels|profile ...   (from the repository root, results under $OUT)
+#   bash benchmarks/gpu_run.sh tests|smollm2|decode|gemv_ab|float_ab|mma_m1|mma_ab|dense|memory|steps|trace|prologue|prefill_graphs|prefill|kernels|profile ...   (from the repository root, results under $OUT)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1
 # Compiled kernels kept in the working tree (git-ignored), so later calls on a still-warm device machine, which
@@ -75,6 +75,12 @@ for stage in "$@"; do
         > "$OUT/prologue_plain.txt" 2>&1; tail -n 10 "$OUT/prologue_plain.txt"
       timeout "${PROLOGUE_SECONDS:-200}" python3 benchmarks/decode_sweep.py --variant gptq-4bit-g128-act \
         --env '[{"LOWBIT_PLACED_PARTIALS": "1"}]' > "$OUT/prologue_act.txt" 2>&1; tail -n 5 "$OUT/prologue_act.txt" ;;
+    prefill_graphs)  # 7B 4-bit g128 at batch 1: TTFT (128 tokens) and decode, prefill graphs off against up to 256
+      for t in 0 256; do
+        timeout "${DECODE_SECONDS:-150}" python3 benchmarks/gpu_decode.py --shape llama-7b --variants gptq-4bit-g128 \
+          --batches 1 --prefill-graphs $t --out "$OUT/decode_prefill_graphs_$t.md" > "$OUT/decode_prefill_graphs_$t.txt" 2>&1
+        echo "--prefill-graphs $t"; grep -E "^\| (gptq|lowbit)" "$OUT/decode_prefill_graphs_$t.txt" | sort -u
+      done ;;
     prefill)  # where a 128-token prefill's time goes (TTFT): wall against GPU busy, launches, host ops
       timeout "${PREFILL_SECONDS:-150}" python3 benchmarks/prefill_profile.py ${PREFILL_ARGS:-} > "$OUT/prefill_profile_log.txt" 2>&1
       grep -A 3 "^| wall" "$OUT/prefill_profile_log.txt"; tail -n 30 "$OUT/prefill_profile_log.txt" | cut -c1-160 ;;

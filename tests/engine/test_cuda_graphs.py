@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.engine.cuda_graphs import DecodeGraphs
+from lowbit.engine.cuda_graphs import DecodeGraphs, GraphPool, PrefillGraphs
+from lowbit.engine.prefill import prefill
 from lowbit.engine.engine import Engine, EngineConfig
 from lowbit.engine.kv_cache import KVCache
 from lowbit.engine.sampling import SamplingParams
@@ -146,3 +147,37 @@ def test_overlapped_graph_bursts_decode_like_single_steps(models, monkeypatch, r
     want = burst_run(fast, prompts, params, 1)[0]
     assert want[1] == single[1][:single[1].index(stop)] and burst_run(fast, prompts, params, 8)[0] == want
     assert not engine.cache.locks.any()
+
+
+def test_prefill_graphs_prefill_like_eager(models):
+    """Short prompts replayed from prefill graphs (the capture, then a replay with another prompt of the same
+    padded length, then another length) against the eager prefill: the last logits, and the prompt's keys and
+    values in its slot."""
+    fast, _ = models
+    caches = [KVCache(fast.config, 3, 128, torch.float16, "cuda") for _ in range(2)]
+    graphs = PrefillGraphs(fast, caches[0], 64, GraphPool())
+    with torch.inference_mode():
+        for n, slot in ((20, 1), (29, 2), (7, 0), (64, 1)):
+            prompt = torch.randint(1, CFG["vocab_size"], (n,)).tolist()
+            got = graphs.run(prompt, slot)
+            want = prefill(fast, caches[1], prompt, slot, None, torch.device("cuda"))
+            close(got, want.float().cpu())
+            for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                close(a[:, slot, :, :n], b[:, slot, :, :n].float().cpu())
+        assert sorted(graphs.graphs) == [16, 32, 64]
+        assert graphs.run(list(range(1, 66)), 0) is None  # longer than 64: not a graph's prompt
+
+
+def test_engine_with_prefill_graphs_decodes_the_same_tokens(models, reproducible):
+    """The engine with prefill graphs up to 64 tokens against without: the same greedy tokens. The short prompts'
+    lengths are their padded lengths, so both ways run the same kernels (the random models' near-ties could
+    otherwise break either way); the 90-token prompt takes the eager prefill in both."""
+    fast, _ = models
+    prompts = [torch.randint(1, CFG["vocab_size"], (n,)).tolist() for n in (16, 64, 32, 90)]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    outs = []
+    for short in (0, 64):
+        engine = Engine(fast, _NullTokenizer(), EngineConfig(max_batch=2, max_seq_len=128, prefill_graphs=short))
+        assert (engine.padded is None) == (short == 0)
+        outs.append([ids for _, ids, _ in engine.generate(prompts, params)])
+    assert outs[0] == outs[1]

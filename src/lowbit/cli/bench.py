@@ -77,7 +77,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"prefill {args.prefill_len}, context {args.context or args.prompt_len + args.new_tokens}, "
               f"cuda graphs {not args.no_cuda_graphs}, decode steps {args.decode_steps}, "
               f"overlap bursts {config.overlap_bursts}, "
-              f"prefill chunk {config.prefill_chunk or 'off'}, embeddings on host {config.embeddings_on_host}. "
+              f"prefill chunk {config.prefill_chunk or 'off'}, prefill graphs {config.prefill_graphs or 'off'}, "
+              f"embeddings on host {config.embeddings_on_host}. "
               f"{datetime.date.today()}, "
               f"{torch.cuda.get_device_name(device)}, "
               f"torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {copy:.0f} GB/s (read + write)\n")

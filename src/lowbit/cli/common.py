@@ -91,6 +91,11 @@ def add_engine_args(parser: argparse.ArgumentParser):
     group.add_argument("--prefill-chunk", type=_tokens, default=chunk, help=(
         f"prompt tokens per forward pass during prefill: bounds the activations of long prompts "
         f"(default {chunk}; 0 = the whole prompt at once, fastest for long prompts, most memory)"))
+    group.add_argument("--prefill-graphs", type=_tokens, default=EngineConfig.prefill_graphs, metavar="TOKENS", help=(
+        "on a GPU, prompts of up to this many tokens prefill by replaying a CUDA graph captured for their length "
+        "padded to a power of two (the first prompt of a length captures it): a short prompt's prefill is bound "
+        "by launching hundreds of kernels from the host, which the graph does at once. Costs GPU memory for the "
+        "graphs' activations (default 0 = off)"))
     return group
 
 
@@ -111,20 +116,21 @@ def show_progress() -> bool:
 
 
 def _tokens(value: str) -> int:
-    """argparse type of --prefill-chunk: a count >= 0, checked before the model loads."""
+    """argparse type of --prefill-chunk and --prefill-graphs: a count >= 0, checked before the model loads."""
     try:
         n = int(value)
     except ValueError:
         n = -1
     if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0 (0 = whole prompt), got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, got {value!r}")
     return n
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """EngineConfig keywords from the flags of `add_engine_args`."""
     return {"decode_steps": args.decode_steps, "overlap_bursts": not args.no_overlap_bursts,
-            "embeddings_on_host": args.embeddings_on_host, "prefill_chunk": args.prefill_chunk or None}
+            "embeddings_on_host": args.embeddings_on_host, "prefill_chunk": args.prefill_chunk or None,
+            "prefill_graphs": args.prefill_graphs}
 
 
 def make_engine(loaded, args, max_seq_len: int):

@@ -49,7 +49,8 @@ class EngineConfig:
     # greedy decode steps per burst: one graph replay and one host sync per this many tokens, so the GPU does
     # not idle while the host handles each token (1 = a step per token). Bursts need graphs or eager_bursts.
     decode_steps: int = 8
-    eager_bursts: bool = False  # run bursts without graphs where graphs are off or unsupported (CPU tests)
+    # run bursts (and padded prefills) without graphs where graphs are off or unsupported (CPU tests)
+    eager_bursts: bool = False
     # launch the next burst before the host applies this one's tokens, so the GPU does not idle while the host
     # detokenizes and checks stops (off: the GPU waits for the host after every burst)
     overlap_bursts: bool = True
@@ -57,6 +58,10 @@ class EngineConfig:
     # smaller chunks save memory (256: 13B in 9 GB) but re-read every weight per chunk (7B 4-bit prefill of 1024
     # tokens: 23k tok/s at once, 8.9k in chunks of 512; H100, benchmarks/results/gpu.md)
     prefill_chunk: int | None = 2048
+    # prompts of up to this many tokens prefill by replaying a captured CUDA graph, the prompt padded to a power of
+    # two (lowbit.engine.cuda_graphs.PrefillGraphs): a short prompt's prefill is bound by the host's launches, not
+    # the GPU; 0: off. With eager_bursts where graphs cannot run, such prompts are padded the same way, eagerly.
+    prefill_graphs: int = 0
     embeddings_on_host: bool = False  # untied token embeddings in pinned host memory (lowbit.model.host_embedding)
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class EngineConfig:
             raise LowbitError(f"decode_steps must be at least 1, got {self.decode_steps}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise LowbitError(f"prefill_chunk must be a positive number of tokens (or None), got {self.prefill_chunk}")
+        if self.prefill_graphs < 0:
+            raise LowbitError(f"prefill_graphs is a number of tokens (0: off), got {self.prefill_graphs}")
 
 
 @dataclass
@@ -99,9 +106,16 @@ class Engine:
         self.live: dict[str, _Live] = {}
         self._ids = itertools.count()
         use_graphs = config.cuda_graphs and cuda_graphs.supported(model, self.device)
-        self.graphs = cuda_graphs.DecodeGraphs(model, self.cache, config.max_batch) if use_graphs else None
+        pool = cuda_graphs.GraphPool()
+        self.graphs = cuda_graphs.DecodeGraphs(model, self.cache, config.max_batch, pool) if use_graphs else None
         eager = cuda_graphs.EagerDecode(model, self.cache) if config.eager_bursts else None
         self.bursts = self.graphs if use_graphs else eager  # what runs a burst of decode_steps (None: no bursts)
+        short = min(config.prefill_graphs, config.prefill_chunk or config.prefill_graphs)  # one chunk
+        self.padded = None  # what prefills short prompts padded (None: `prefill` takes every prompt)
+        if short and use_graphs:
+            self.padded = cuda_graphs.PrefillGraphs(model, self.cache, short, pool)
+        elif short and config.eager_bursts:
+            self.padded = cuda_graphs.PaddedPrefill(model, self.cache, short)
         self._greedy: Tensor | None = None  # the graph's argmax, when the whole step was one replay
         self._pending: _Burst | None = None  # the burst the next step applies, already running (overlap_bursts)
 
@@ -222,7 +236,10 @@ class Engine:
             if r.request_id in order:
                 out.append(decoded[order[r.request_id]])
                 continue
-            out.append(prefill(self.model, self.cache, r.prompt_ids, r.slot, self.config.prefill_chunk, self.device))
+            logits = None if self.padded is None else self.padded.run(r.prompt_ids, r.slot)
+            if logits is None:
+                logits = prefill(self.model, self.cache, r.prompt_ids, r.slot, self.config.prefill_chunk, self.device)
+            out.append(logits)
         return torch.stack(out)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:

@@ -45,6 +45,7 @@ class BenchConfig:
     decode_steps: int = EngineConfig.decode_steps  # greedy tokens per graph replay / host sync
     overlap_bursts: bool = EngineConfig.overlap_bursts  # the next burst runs while the host handles this one
     prefill_chunk: int | None = EngineConfig.prefill_chunk
+    prefill_graphs: int = EngineConfig.prefill_graphs  # prompts up to this many tokens prefill from CUDA graphs
     embeddings_on_host: bool = False
 
 
@@ -165,6 +166,7 @@ def bench_model(name: str, model: Transformer, tokenizer, config: BenchConfig) -
                                                      decode_steps=config.decode_steps,
                                                      overlap_bursts=config.overlap_bursts,
                                                      prefill_chunk=config.prefill_chunk,
+                                                     prefill_graphs=config.prefill_graphs,
                                                      embeddings_on_host=config.embeddings_on_host))
 
     peaks = {"load": _peak(device)}

@@ -273,14 +273,16 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, cache: Cache | None = None,
-                rows: Tensor | None = None, last_only: bool = False) -> Tensor:
+                rows: Tensor | None = None, last_only: bool | Tensor = False) -> Tensor:
         """tokens, input_pos [B, T] -> logits [B, T or 1, vocab].
 
         Without a cache, tokens attend causally among themselves (perplexity, calibration). With a cache,
         row b writes its keys at input_pos[b] of cache slot rows[b] (all slots when rows is None) and
         attends to every cached position <= its own; rows may sit at different lengths. With a cache and
         no input_pos the rows are whole new sequences (positions 0..T-1): they attend causally among
-        themselves only, which lets the cache use flash attention for the prefill.
+        themselves only, which lets the cache use flash attention for the prefill. last_only: logits of the
+        last position only; an int64 tensor [B]: of position last_only[b] of row b only (a prompt padded past
+        its end, whose padding the causal mask keeps out of its own positions).
         """
         B, T = tokens.shape
         fresh = input_pos is None
@@ -293,12 +295,13 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_split(x, residual, rope, fresh, cache, rows, input_pos)
-        if last_only:
-            x, residual = x[:, -1:], residual[:, -1:] if residual is not None else None
+        if last_only is not False:
+            x, residual = _position(x, last_only), None if residual is None else _position(residual, last_only)
         x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
         return self.output(x)
 
-    def _forward_float32_residual(self, x: Tensor, rope, fresh, cache, rows, input_pos, last_only: bool) -> Tensor:
+    def _forward_float32_residual(self, x: Tensor, rope, fresh, cache, rows, input_pos,
+                                  last_only: bool | Tensor) -> Tensor:
         """forward with the residual stream in float32, each block's linears adding into it (`Block.forward_into`):
         one-row decode on the "triton" GEMV, where that saves every launch's split-K finish, a few rows on the mma
         layout's kernel, or one row on the float GEMV (`FloatLinear`); one memset zeroes every layer's q/k/v and
@@ -310,6 +313,13 @@ class Transformer(nn.Module):
         for layer, flat in zip(self.layers, sums):
             layer_sums = tuple(part.view(*lead, w) for part, w in zip(flat.split([n * w for w in widths]), widths))
             h = layer.forward_into(h, x.dtype, layer_sums, rope, fresh, cache, rows, input_pos)
-        if last_only:
-            h = h[:, -1:]
+        if last_only is not False:
+            h = _position(h, last_only)
         return self.output(self.norm(h, dtype=x.dtype))
+
+
+def _position(t: Tensor, last_only: bool | Tensor) -> Tensor:
+    """t [B, T, D] -> [B, 1, D]: the last position (last_only True) or position last_only[b] of each row b."""
+    if isinstance(last_only, Tensor):
+        return t.gather(1, last_only.view(-1, 1, 1).expand(-1, 1, t.shape[-1]))
+    return t[:, -1:]
