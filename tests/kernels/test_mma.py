@@ -376,6 +376,39 @@ for mode in ({"XSW": 1}, {"XSW": 1, "XSTEPS": 4}, merge, {**merge, "XMG_PLACED":
 """
 
 
+X_FIRST_SM90 = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit.kernels import mma_dot
+kernel = mma_dot._x_first_kernel
+params = list(inspect.signature(kernel.fn).parameters)
+types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*i32", "z_ptr": "*i16", "b_ptr": "*fp16", "ws_ptr": "*fp32",
+         "lock_ptr": "*i32", "y_ptr": "*fp16"}
+for bm, ct, warps in ((64, 4, 4), (16, 8, 4)):
+    const = dict(CT=ct, SPR=2, BM=bm, GROUP_M=8, HAS_BIAS=False, SP=4, FENCE=True, CH=2, PDL=True)
+    signature = {p: "constexpr" if p in const else types.get(p, "i32") for p in params}
+    source = ASTSource(kernel, signature, constexprs={(params.index(k),): v for k, v in const.items()})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    print(bm, int("wgmma.mma_async" in ptx), int("mma.sync.aligned" in ptx))
+"""
+
+
+def test_x_first_builds_for_sm90(tmp_path):
+    """`mma_dot(x_first=True)` builds for sm_90 through ptxas (the interpreter accepts what the compiler refuses):
+    64 rows on wgmma, 16 rows on mma.sync."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", X_FIRST_SM90], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["64", "1", "0", "16", "0", "1"]
+
+
 def test_input_modes_build_for_sm90(tmp_path):
     """The modes that compute x as they load it (SwiGLU of gate/up sums, XSW; attention's merge, XMG, also its
     placed partials) build for sm_90 through ptxas, with their mma in the loop: the interpreter runs no compiled
