@@ -295,7 +295,7 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_split(x, residual, rope, fresh, cache, rows, input_pos)
-        if last_only is not False:
+        if isinstance(last_only, Tensor) or last_only:
             x, residual = _position(x, last_only), None if residual is None else _position(residual, last_only)
         x = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
         return self.output(x)
@@ -313,7 +313,7 @@ class Transformer(nn.Module):
         for layer, flat in zip(self.layers, sums):
             layer_sums = tuple(part.view(*lead, w) for part, w in zip(flat.split([n * w for w in widths]), widths))
             h = layer.forward_into(h, x.dtype, layer_sums, rope, fresh, cache, rows, input_pos)
-        if last_only is not False:
+        if isinstance(last_only, Tensor) or last_only:
             h = _position(h, last_only)
         return self.output(self.norm(h, dtype=x.dtype))
 
