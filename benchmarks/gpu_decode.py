@@ -3,7 +3,7 @@ act-order, 8-bit, 3-bit) and torch's int4 tinygemm side by side, through `lowbit
 
 Run from the repository root on a CUDA machine:
     PYTHONPATH=src python benchmarks/gpu_decode.py [--shape llama-7b] [--tuned tuned.json] [`lowbit bench` options]
-(--tuned: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults;
+(--tuned, may repeat: the kernel configs a benchmarks/kernels.py sweep picked, instead of qmatmul's defaults;
 --deterministic: torch.use_deterministic_algorithms(True), so one-row decode keeps its float16 residual and the
 GEMV's split-K finish instead of adding into a float32 residual with atomics, `Block.forward_into`.)
 The table goes to stdout and to $OUT/gpu_decode_<shape>.md when $OUT is set (else benchmarks/results/).
@@ -43,7 +43,7 @@ if __name__ == "__main__":
         import torch
 
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if "--tuned" in args:
+    while "--tuned" in args:  # each file that exists, in order (a later one's rows replace an earlier one's)
         i = args.index("--tuned")
         if Path(args[i + 1]).exists():
             use_tuned(args[i + 1])
