@@ -200,7 +200,7 @@ def mma_dot(x2: Tensor, w: QWeight, bias: Tensor | None, y: Tensor, BM: int | No
     """y [M, N] = x2 [M, K] @ W + bias: tiles of BM rows (default 16/32/64/128 by M) and 16 * CT columns (CT
     halved until it divides the weight's 16-column tiles; 8: each half a 64-row wgmma operand), K split while
     the output tiles alone would leave SMs short of `waves` programs each (one M tile only). x_first: x the
-    dots' first operand, one dot a half and chunk (`_x_first_kernel`). maxnreg: registers a thread at most (so
+    dots' first operand, one dot a 128-row chunk (`_x_first_kernel`). maxnreg: registers a thread at most (so
     that more programs share an SM; the compiler spills past it)."""
     if not supports(x2, w) or x2.shape[1] != w.in_features or y.shape != (x2.shape[0], w.out_features):
         raise ValueError("mma_dot needs an mma-layout weight without perm, contiguous float16 x [M, K] and y [M, N]")
