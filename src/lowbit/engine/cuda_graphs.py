@@ -219,7 +219,11 @@ class PaddedPrefill:
         length = self.padded_length(len(prompt_ids))
         if length is None:
             return None
-        return self.run_inputs(self.model, self.cache, self.inputs(prompt_ids, slot, length).to(self.device))
+        return self._forward(self.inputs(prompt_ids, slot, length))
+
+    def _forward(self, inputs: Tensor) -> Tensor:
+        """The padded prefill of host `inputs` -> logits [vocab]."""
+        return self.run_inputs(self.model, self.cache, inputs.to(self.device))
 
 
 @dataclass
@@ -238,14 +242,11 @@ class PrefillGraphs(PaddedPrefill):
         self.pool = pool
         self.graphs: dict[int, _PrefillGraph] = {}
 
-    @torch.inference_mode()
-    def run(self, prompt_ids, slot: int) -> Tensor | None:
-        """As `PaddedPrefill.run`; the logits are a copy (the next replay overwrites the graph's own)."""
-        length = self.padded_length(len(prompt_ids))
-        if length is None:
-            return None
-        staged = self.inputs(prompt_ids, slot, length).pin_memory().to(self.device, non_blocking=True)
-        g = self.graphs.get(length)
+    def _forward(self, inputs: Tensor) -> Tensor:
+        """Replay (or capture) the graph of the inputs' length; the logits are a copy (the next replay overwrites
+        the graph's own)."""
+        staged = inputs.pin_memory().to(self.device, non_blocking=True)
+        g = self.graphs.get(inputs.shape[0] - 2)
         if g is None:
             return self._capture(staged).logits.clone()
         g.inputs.copy_(staged)
